@@ -1,0 +1,31 @@
+# `make run` and `make test` set everything up themselves on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# torch/torchvision are pinned here (not in pyproject) so that pip takes the
+# builds this machine ships instead of resolving a newer CUDA build.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(PY) -m distcluster.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check distcluster tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs mlflow.db

@@ -1,0 +1,34 @@
+"""What every command shares: one-line errors with exit code 2 for user mistakes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+
+from distcluster.errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a UserError (one line, exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(message)
+
+
+def run_command(prog: str, body: Callable[[], object]) -> int:
+    """Run a command body: 0 on success, 2 on a user mistake, 1 on an internal failure."""
+    try:
+        body()
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"{prog}: internal error (the traceback above is a bug report)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,382 @@
+"""Typed, validated configuration: dataclasses + YAML recipes + `key=value` overrides.
+
+One config system for everything: packaged recipes (distcluster/recipes/*.yaml),
+`--set section.key=value` on the command line and Ray Tune search spaces all
+address the same dotted keys, e.g. `optim.lr` or `imc_swav.temperature`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distcluster.errors import ConfigError, UserError
+
+OBJECTIVES = ("iic", "imc_swav", "crlc")
+BACKBONES = ("small_cnn", "resnet18", "resnet34")
+
+
+def _check(ok: bool, key: str, value: object, reason: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, reason)
+
+
+def _check_range(key: str, pair: tuple[float, float], low: float, high: float) -> None:
+    ok = len(pair) == 2 and low <= pair[0] <= pair[1] <= high
+    _check(ok, key, list(pair), f"must be [min, max] with {low} <= min <= max <= {high}")
+
+
+@dataclass
+class CropGroup:
+    """`count` crops of `size` px covering `scale` of the image area, aspect `ratio`."""
+
+    count: int = 2
+    size: int = 28
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def validate(self, key: str) -> None:
+        _check(self.count >= 1, f"{key}.count", self.count, "must be >= 1")
+        _check(self.size >= 2, f"{key}.size", self.size, "must be >= 2")
+        _check_range(f"{key}.scale", self.scale, 1e-3, 1.0)
+        _check_range(f"{key}.ratio", self.ratio, 1e-2, 1e2)
+
+
+@dataclass
+class AugmentConfig:
+    """Multi-crop augmentation, run as batched tensor ops on the training device."""
+
+    crops: list[CropGroup] = field(
+        default_factory=lambda: [CropGroup(2, 28, (0.2, 1.0)), CropGroup(4, 18, (0.08, 0.4))]
+    )
+    flip: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grey_p: float = 0.25
+    rotate_degrees: float = 0.0
+    shear_degrees: float = 0.0
+
+    def validate(self, image_size: int | None = None) -> None:
+        _check(len(self.crops) >= 1, "augment.crops", self.crops, "needs at least one group")
+        for i, group in enumerate(self.crops):
+            group.validate(f"augment.crops[{i}]")
+            if image_size is not None:
+                _check(group.size <= image_size, f"augment.crops[{i}].size", group.size,
+                       f"crop larger than the {image_size} px images")
+        for name in ("flip", "jitter_p", "grey_p"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"augment.{name}", value, "probability must be in [0, 1]")
+        _check(len(self.jitter) == 4 and all(v >= 0 for v in self.jitter), "augment.jitter",
+               list(self.jitter), "must be 4 non-negative numbers (brightness, contrast, "
+               "saturation, hue)")
+        _check(self.jitter[3] <= 0.5, "augment.jitter", list(self.jitter), "hue must be <= 0.5")
+        _check(0 <= self.rotate_degrees <= 180, "augment.rotate_degrees", self.rotate_degrees,
+               "must be in [0, 180]")
+        _check(0 <= self.shear_degrees < 90, "augment.shear_degrees", self.shear_degrees,
+               "must be in [0, 90)")
+
+    @property
+    def num_crops(self) -> int:
+        return sum(group.count for group in self.crops)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    width: int = 64  # small_cnn only: channels of the first stage
+
+    def validate(self) -> None:
+        _check(self.backbone in BACKBONES, "model.backbone", self.backbone,
+               f"must be one of {', '.join(BACKBONES)}")
+        _check(self.width >= 4, "model.width", self.width, "must be >= 4")
+
+
+@dataclass
+class IICConfig:
+    """IIC (arXiv 1807.06653): over-clustering head + main head, each with sub-heads."""
+
+    overclusters: int = 70
+    subheads: int = 5
+    lamb: float = 1.0  # marginal weight; > 1 pushes towards balanced clusters
+
+    def validate(self) -> None:
+        _check(self.overclusters >= 2, "iic.overclusters", self.overclusters, "must be >= 2")
+        _check(self.subheads >= 1, "iic.subheads", self.subheads, "must be >= 1")
+        _check(self.lamb > 0, "iic.lamb", self.lamb, "must be > 0")
+
+
+@dataclass
+class IMCSwAVConfig:
+    """IMC-SwAV (arXiv 2103.07368): SwAV prototypes + MI(classifier; prototypes)."""
+
+    prototypes: int = 1000
+    projection_hidden: int = 512
+    projection_dim: int = 128
+    classifier_hidden: int = 1024
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    entropy_weight: float = 4.0  # b in H(Y|U) - b H(Y)
+    logit_penalty: float = 0.01
+    logit_bound: float = 5.0
+    freeze_prototypes_steps: int = 313
+
+    def validate(self) -> None:
+        for name in ("prototypes", "projection_hidden", "projection_dim", "classifier_hidden"):
+            value = getattr(self, name)
+            _check(value >= 2, f"imc_swav.{name}", value, "must be >= 2")
+        for name in ("temperature", "epsilon", "entropy_weight", "logit_bound"):
+            value = getattr(self, name)
+            _check(value > 0, f"imc_swav.{name}", value, "must be > 0")
+        _check(self.sinkhorn_iterations >= 1, "imc_swav.sinkhorn_iterations",
+               self.sinkhorn_iterations, "must be >= 1")
+        _check(self.logit_penalty >= 0, "imc_swav.logit_penalty", self.logit_penalty,
+               "must be >= 0")
+        _check(self.freeze_prototypes_steps >= 0, "imc_swav.freeze_prototypes_steps",
+               self.freeze_prototypes_steps, "must be >= 0")
+
+
+@dataclass
+class CRLCConfig:
+    """CRLC (arXiv 2107.11635): feature InfoNCE + probability InfoNCE + marginal entropy."""
+
+    subheads: int = 10
+    hidden: int = 512
+    feature_dim: int = 128
+    temperature: float = 0.1
+    smoothing: float = 0.01
+    entropy_weight: float = 2.0
+    feature_weight: float = 10.0
+    logit_bound: float = 25.0
+
+    def validate(self) -> None:
+        for name in ("subheads", "hidden", "feature_dim"):
+            value = getattr(self, name)
+            _check(value >= 1, f"crlc.{name}", value, "must be >= 1")
+        _check(self.temperature > 0, "crlc.temperature", self.temperature, "must be > 0")
+        _check(0 <= self.smoothing < 1, "crlc.smoothing", self.smoothing, "must be in [0, 1)")
+        for name in ("entropy_weight", "feature_weight", "logit_bound"):
+            value = getattr(self, name)
+            _check(value >= 0, f"crlc.{name}", value, "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.8, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    milestones: list[int] = field(default_factory=list)  # epochs where lr *= gamma
+    gamma: float = 0.4
+    warmup_epochs: int = 0
+
+    def validate(self) -> None:
+        _check(self.name in ("adam", "adamw", "sgd"), "optim.name", self.name,
+               "must be adam, adamw or sgd")
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
+               "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 < self.gamma <= 1, "optim.gamma", self.gamma, "must be in (0, 1]")
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs,
+               "must be >= 0")
+
+
+@dataclass
+class Config:
+    """Everything one training run needs. Dotted keys address nested fields."""
+
+    objective: str = "imc_swav"
+    data: str = "digits"
+    max_samples: int = 0  # use only the first N images (0 = all)
+    clusters: int = 10
+    epochs: int = 40
+    batch_size: int = 256  # global batch, split evenly over workers
+    workers: int = 2  # 0 = in-process, no Ray
+    gpu: bool = False
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast on CPU and GPU)
+    eval_every: int = 1  # epochs between full evaluations (0 = only at the end)
+    cpus_per_worker: float = 0.0  # 0 = fit the workers onto the machine's CPUs
+    output: str = ""  # default: runs/<run_name>
+    experiment: str = "distcluster"
+    run_name: str = ""
+    register: str = ""
+    tracking_uri: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    iic: IICConfig = field(default_factory=IICConfig)
+    imc_swav: IMCSwAVConfig = field(default_factory=IMCSwAVConfig)
+    crlc: CRLCConfig = field(default_factory=CRLCConfig)
+
+    def validate(self, image_size: int | None = None) -> Config:
+        _check(self.objective in OBJECTIVES, "objective", self.objective,
+               f"must be one of {', '.join(OBJECTIVES)}")
+        _check(self.clusters >= 2, "clusters", self.clusters, "K must be >= 2")
+        _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        _check(self.max_samples >= 0, "max_samples", self.max_samples, "must be >= 0")
+        _check(self.workers >= 0, "workers", self.workers, "must be >= 0")
+        _check(self.batch_size >= 2 * max(1, self.workers), "batch_size", self.batch_size,
+               "must be at least 2 per worker")
+        _check(self.batch_size % max(1, self.workers) == 0, "batch_size", self.batch_size,
+               f"must be divisible by the {self.workers} workers")
+        _check(self.precision in ("auto", "bf16", "fp32"), "precision", self.precision,
+               "must be auto, bf16 or fp32")
+        _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        _check(self.cpus_per_worker >= 0, "cpus_per_worker", self.cpus_per_worker,
+               "must be >= 0")
+        if self.objective == "crlc":
+            _check(self.augment.num_crops >= 2, "augment.crops", self.augment.num_crops,
+                   "crlc needs at least 2 crops")
+        if self.objective == "imc_swav":
+            _check(self.augment.crops[0].count >= 2, "augment.crops[0].count",
+                   self.augment.crops[0].count, "imc_swav needs 2 large crops in the first group")
+        for section in (self.model, self.optim, self.iic, self.imc_swav, self.crlc):
+            section.validate()
+        self.augment.validate(image_size)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for logging params (`optim.lr: 0.0005`)."""
+        return dict(_flatten(self.to_dict()))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flatten(tree: dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+# ---------------------------------------------------------------- building
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Convert a YAML value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        _check(isinstance(value, dict), key, value, "must be a mapping")
+        return _build(annotation, value, f"{key}.")
+    if origin in (list, tuple):
+        _check(isinstance(value, (list, tuple)), key, value, "must be a list")
+        if origin is tuple:
+            _check(len(value) == len(args), key, value, f"must have {len(args)} items")
+            return tuple(_coerce(key, a, v) for a, v in zip(args, value, strict=True))
+        return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if origin in (types.UnionType, typing.Union):
+        return value
+    if annotation is bool:
+        _check(isinstance(value, bool), key, value, "must be true or false")
+        return value
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value,
+               "must be an integer")
+        return value
+    if annotation is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value,
+               "must be a number")
+        return float(value)
+    if annotation is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, value,
+               "must be a string")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}", values[key], "unknown config key")
+    kwargs = {k: _coerce(f"{prefix}{k}", hints[k], v) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build a Config from a (possibly partial) nested dict; unknown keys raise."""
+    return _build(Config, _merge(Config().to_dict(), values))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`optim.lr=1e-3` -> {"optim": {"lr": 0.001}}; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
+    return nest(key.strip(), value)
+
+
+def nest(dotted: str, value: Any) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def recipe_names() -> list[str]:
+    folder = resources.files("distcluster") / "recipes"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A packaged recipe by name (`digits-imc-swav`) or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"config file not found: {name_or_path}")
+        text = path.read_text()
+    else:
+        resource = resources.files("distcluster") / "recipes" / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise UserError(f"unknown recipe '{name_or_path}' (packaged recipes: "
+                            f"{', '.join(recipe_names())})")
+        text = resource.read_text()
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config {name_or_path}: invalid YAML ({exc})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {name_or_path}: top level must be a mapping")
+    return values
+
+
+def default_recipe(objective: str, data: str) -> str | None:
+    """The recipe used when --config is not given: tuned settings for the embedded data."""
+    return f"digits-{objective.replace('_', '-')}" if data == "digits" else None

@@ -1,0 +1,57 @@
+"""Clustering metrics: Hungarian-matched accuracy, NMI, ARI, and label-free signals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+
+def contingency(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """counts[c, k] = number of samples of class c put in cluster k."""
+    classes = int(y_true.max()) + 1
+    clusters = int(y_pred.max()) + 1
+    counts = np.zeros((classes, clusters), dtype=np.int64)
+    np.add.at(counts, (y_true, y_pred), 1)
+    return counts
+
+
+def hungarian_match(y_true: np.ndarray, y_pred: np.ndarray) -> dict[int, int]:
+    """The one-to-one cluster -> class map that maximises agreement."""
+    counts = contingency(y_true, y_pred)
+    classes, clusters = linear_sum_assignment(counts, maximize=True)
+    return {int(k): int(c) for c, k in zip(classes, clusters, strict=True)}
+
+
+def cluster_scores(y_true, y_pred) -> dict[str, float]:
+    """ACC (best one-to-one matching, Hungarian), NMI and ARI of a clustering."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-D")
+    matched = sum(contingency(y_true, y_pred)[c, k] for k, c in hungarian_match(y_true, y_pred).items())
+    return {
+        "acc": float(matched / len(y_true)),
+        "nmi": float(normalized_mutual_info_score(y_true, y_pred)),
+        "ari": float(adjusted_rand_score(y_true, y_pred)),
+    }
+
+
+def label_free_scores(probs: np.ndarray) -> dict[str, float]:
+    """Signals of clustering quality that need no labels; probs: (N, K).
+
+    balance: entropy of cluster sizes / log K (1 = all equal); largest_cluster:
+    fraction of samples in the biggest cluster; clusters_used: non-empty
+    clusters; confidence: mean max probability.
+    """
+    n, k = probs.shape
+    sizes = np.bincount(probs.argmax(1), minlength=k) / n
+    nonzero = sizes[sizes > 0]
+    return {
+        "balance": float(-(nonzero * np.log(nonzero)).sum() / math.log(k)),
+        "largest_cluster": float(sizes.max()),
+        "clusters_used": int((sizes > 0).sum()),
+        "confidence": float(probs.max(1).mean()),
+    }

@@ -1,0 +1,94 @@
+"""CRLC (Do et al., arXiv 2107.11635): contrastive representation + probability InfoNCE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distcluster import distributed as dist
+from distcluster.config import CRLCConfig
+from distcluster.models import ClusterHead, mlp
+from distcluster.objectives.base import EPS, ObjectiveResult, entropy, logit_penalty
+
+
+def _two_view_nce(view_a: torch.Tensor, view_b: torch.Tensor, critic) -> torch.Tensor:
+    """InfoNCE over the 2B views of a global batch; the positive is the other view.
+
+    view_a, view_b: (..., b, d) local rows; keys are gathered from every rank with
+    gradient. Returns the mean over this rank's 2b anchors, shape (...).
+    """
+    local = view_a.shape[-2]
+    keys_a = _gather_rows(view_a)
+    keys_b = _gather_rows(view_b)
+    total = keys_a.shape[-2]
+    anchors = torch.cat([view_a, view_b], dim=-2)  # (..., 2b, d)
+    logits = critic(anchors, torch.cat([keys_a, keys_b], dim=-2))  # (..., 2b, 2B)
+    own = dist.global_offset(local) + torch.arange(local, device=view_a.device)
+    self_index = torch.cat([own, own + total])
+    positive = torch.cat([own + total, own])
+    rows = torch.arange(2 * local, device=view_a.device)
+    logits = logits.clone()
+    logits[..., rows, self_index] = float("-inf")
+    log_prob = logits.log_softmax(-1)[..., rows, positive]
+    return -log_prob.mean(-1)
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along the sample axis (-2) with gradient."""
+    moved = x.movedim(-2, 0)
+    return dist.all_gather_cat(moved.contiguous()).movedim(0, -2)
+
+
+def nt_xent(r_a: torch.Tensor, r_b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SimCLR's NT-Xent; r_a, r_b: (B, d) L2-normalised features of two views."""
+    return _two_view_nce(r_a.float(), r_b.float(), lambda q, k: q @ k.transpose(-2, -1) / temperature)
+
+
+def crlc_cluster_nce(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
+    """InfoNCE with the log-of-dot-product critic f(p_i, p_j) = log(p_i^T p_j).
+
+    p_a, p_b: (..., B, K) cluster probabilities of two views (already smoothed).
+    """
+    return _two_view_nce(p_a.float(), p_b.float(),
+                         lambda q, k: (q @ k.transpose(-2, -1)).clamp_min(EPS).log())
+
+
+def global_mean_probs(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over the global batch of probs (..., b, K) -> (..., K), differentiable."""
+    count = dist.all_reduce_(torch.tensor(float(probs.shape[-2]), device=probs.device))
+    return dist.all_reduce_sum(probs.sum(-2)) / count
+
+
+class CRLC(nn.Module):
+    """Representation head (NT-Xent) + S cluster sub-heads (probability InfoNCE + balance)."""
+
+    def __init__(self, feature_dim: int, clusters: int, cfg: CRLCConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.representation = mlp([feature_dim, cfg.hidden, cfg.feature_dim], batch_norm=False)
+        self.cluster = ClusterHead(feature_dim, clusters, cfg.subheads, cfg.hidden)
+
+    def loss(self, features: list[torch.Tensor], step: int = 0) -> ObjectiveResult:
+        f_a, f_b = features[0], features[1]  # CRLC contrasts two views
+        r_a = F.normalize(self.representation(f_a), dim=-1)
+        r_b = F.normalize(self.representation(f_b), dim=-1)
+        feature_nce = nt_xent(r_a, r_b, self.cfg.temperature)
+
+        logits_a, logits_b = self.cluster(f_a), self.cluster(f_b)  # (S, b, K)
+        p_a, p_b = self._smooth(logits_a.softmax(-1)), self._smooth(logits_b.softmax(-1))
+        cluster_nce = crlc_cluster_nce(p_a, p_b)  # (S,)
+        marginal = global_mean_probs(torch.cat([p_a, p_b], dim=-2))  # (S, K)
+        per_head = cluster_nce - self.cfg.entropy_weight * entropy(marginal)
+        penalty = logit_penalty(torch.cat([logits_a, logits_b], dim=-2), self.cfg.logit_bound)
+        loss = self.cfg.feature_weight * feature_nce + per_head.mean() + penalty
+        logs = {"feature_nce": feature_nce.detach(), "cluster_nce": cluster_nce.mean().detach(),
+                "marginal_entropy": entropy(marginal).mean().detach()}
+        return ObjectiveResult(loss, logs, per_head.detach())
+
+    def _smooth(self, probs: torch.Tensor) -> torch.Tensor:
+        a = self.cfg.smoothing
+        return (1 - a) * probs + a / probs.shape[-1]
+
+    def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
+        return self.cluster(features).softmax(-1)

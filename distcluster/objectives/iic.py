@@ -1,0 +1,61 @@
+"""IIC: Invariant Information Clustering (Ji et al., arXiv 1807.06653, eq. 3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distcluster import distributed as dist
+from distcluster.config import IICConfig
+from distcluster.models import ClusterHead
+from distcluster.objectives.base import EPS, ObjectiveResult, pairs
+
+
+def iic_loss(z_a: torch.Tensor, z_b: torch.Tensor, lamb: float = 1.0) -> torch.Tensor:
+    """-I(z_a; z_b) with marginal weight `lamb`; z_a, z_b: (B, K) probabilities.
+
+    P = (1/B) sum_i z_a_i z_b_i^T, symmetrised; L = -sum P (log P - lamb log P_r - lamb log P_c).
+    Under a process group P is the joint over the global batch.
+    """
+    batch = dist.all_reduce_(torch.tensor(float(z_a.shape[0]), device=z_a.device))
+    joint = dist.all_reduce_sum(z_a.float().t() @ z_b.float()) / batch  # (K, K)
+    joint = ((joint + joint.t()) / 2).clamp_min(EPS)
+    rows = joint.sum(dim=1, keepdim=True)
+    cols = joint.sum(dim=0, keepdim=True)
+    return -(joint * (joint.log() - lamb * rows.log() - lamb * cols.log())).sum()
+
+
+class IIC(nn.Module):
+    """Main head (K clusters) + over-clustering head, each with `subheads` linear heads.
+
+    Both heads are trained every step (the paper alternates by epoch; summing is
+    the same objective in expectation and keeps every rank's graph identical).
+    The loss is averaged over all ordered pairs of crops.
+    """
+
+    def __init__(self, feature_dim: int, clusters: int, cfg: IICConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.main = ClusterHead(feature_dim, clusters, cfg.subheads)
+        self.over = ClusterHead(feature_dim, cfg.overclusters, cfg.subheads)
+
+    def loss(self, features: list[torch.Tensor], step: int = 0) -> ObjectiveResult:
+        main = [self.main(f).float().softmax(-1) for f in features]  # each (S, B, K)
+        over = [self.over(f).float().softmax(-1) for f in features]
+        view_pairs = pairs(len(features))
+        per_head_main = self._pair_mean(main, view_pairs)  # (S,)
+        per_head_over = self._pair_mean(over, view_pairs)
+        loss = per_head_main.mean() + per_head_over.mean()
+        logs = {"iic_main": per_head_main.mean().detach(), "iic_over": per_head_over.mean().detach()}
+        return ObjectiveResult(loss, logs, per_head_main.detach())
+
+    def _pair_mean(self, probs: list[torch.Tensor], view_pairs: list[tuple[int, int]]) -> torch.Tensor:
+        losses = [
+            torch.stack([iic_loss(probs[i][s], probs[j][s], self.cfg.lamb)
+                         for s in range(probs[i].shape[0])])
+            for i, j in view_pairs if i < j  # the loss is symmetric in its two views
+        ]
+        return torch.stack(losses).mean(0)
+
+    def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
+        return self.main(features).float().softmax(-1)

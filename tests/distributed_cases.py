@@ -1,0 +1,68 @@
+"""Objective computations run both in one process on the whole batch and on a
+2-process gloo group with half the batch per rank (see test_distributed.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distcluster.config import CRLCConfig, IICConfig, IMCSwAVConfig
+from distcluster.objectives import CRLC, IIC, IMCSwAV, iic_loss, sinkhorn
+
+BATCH, FEATURES, CLUSTERS, VIEWS = 16, 12, 4, 4
+
+
+def _objectives() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {
+        "iic": IIC(FEATURES, CLUSTERS, IICConfig(overclusters=7, subheads=3, lamb=1.2)),
+        "imc_swav": IMCSwAV(FEATURES, CLUSTERS, IMCSwAVConfig(
+            prototypes=16, projection_hidden=32, projection_dim=8, classifier_hidden=32,
+            freeze_prototypes_steps=0)),
+        "crlc": CRLC(FEATURES, CLUSTERS, CRLCConfig(subheads=3, hidden=32, feature_dim=8)),
+    }
+
+
+def _average_like_ddp(grads: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
+    if world > 1:
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= world
+    return grads
+
+
+def run_cases(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Losses, gradients (averaged over ranks as DDP does) and codes for this rank's share."""
+    local = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    gen = torch.Generator().manual_seed(1)
+    features = [torch.randn(BATCH, FEATURES, generator=gen) for _ in range(VIEWS)]
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    for name, objective in _objectives().items():
+        objective.eval()  # BatchNorm statistics are per worker; the objective's are global
+        result = objective.loss([f[local] for f in features])
+        result.loss.backward()
+        loss = result.loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+        results[name] = {"loss": loss, **_average_like_ddp(grads, world)}
+
+    logits = torch.randn(BATCH, CLUSTERS, generator=gen, requires_grad=True)
+    other = torch.randn(BATCH, CLUSTERS, generator=gen)
+    loss = iic_loss(logits[local].softmax(-1), other[local].softmax(-1), lamb=1.0)
+    loss.backward()
+    results["iic_loss"] = {"loss": loss.detach(), **_average_like_ddp({"x": logits.grad}, world)}
+
+    scores = torch.randn(BATCH, 10, generator=gen)
+    results["sinkhorn"] = {"codes": sinkhorn(scores[local], epsilon=0.05, iterations=3)}
+    return results
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(run_cases(rank, world), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,81 @@
+"""Every config mistake is one line naming the key and the value, exit code 2."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from distcluster import config
+from distcluster.errors import ConfigError
+from distcluster.train import config_from_args, main
+
+
+def test_every_packaged_recipe_loads_and_validates():
+    for name in config.recipe_names():
+        config.from_dict(config.load_recipe(name)).validate()
+
+
+def test_flags_and_overrides_apply_in_order():
+    cfg = config_from_args(["--objective", "crlc", "--epochs", "3", "--set", "epochs=5",
+                            "--set", "optim.lr=0.01", "--set", "crlc.temperature=0.2"])
+    assert (cfg.objective, cfg.epochs, cfg.optim.lr, cfg.crlc.temperature) == ("crlc", 5, 0.01, 0.2)
+    assert cfg.model.backbone == "small_cnn"  # the digits-crlc recipe
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("bogus=1", "bogus"),
+    ("augment.crops=[{count: 2, size: 8, scales: [0.5, 1]}]", "augment.crops[0].scales"),
+])
+def test_unknown_keys_are_named(override, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*unknown"):
+        config_from_args(["--set", override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("clusters=1", "clusters"),
+    ("imc_swav.temperature=0", "imc_swav.temperature"),
+    ("crlc.temperature=-1", "crlc.temperature"),
+    ("optim.lr=0", "optim.lr"),
+    ("augment.flip=1.5", "augment.flip"),
+    ("augment.crops=[{count: 2, size: 8, scale: [0.9, 0.1]}]", "augment.crops[0].scale"),
+    ("epochs=ten", "epochs"),
+    ("objective=kmeans", "objective"),
+])
+def test_impossible_values_are_named(override, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+        config_from_args(["--set", override]).validate()
+
+
+def test_crop_larger_than_the_image_is_refused():
+    cfg = config_from_args(["--set", "augment.crops=[{count: 2, size: 12}]"])
+    with pytest.raises(ConfigError, match=r"augment.crops\[0\].size.*larger than the 8 px"):
+        cfg.validate(image_size=8)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--set", "clusters=1"], "clusters"),
+    (["--set", "nope=3"], "nope"),
+    (["--config", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    (["--config", "/no/such/file.yaml"], "config file not found"),
+    (["--data", "/no/such/data.npz"], "data file not found"),
+    (["--data", "images/"], "unsupported data spec"),
+    (["--epochs", "many"], "invalid int value"),
+    (["--set", "epochs"], "KEY=VALUE"),
+    (["--batch-size", "5000", "--workers", "0"], "batch_size"),
+])
+def test_command_line_mistakes_exit_2_with_one_line(argv, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_real_process_exits_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "distcluster.train", "--set", "clusters=1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("distcluster.train: error: config key 'clusters': "
+                                   "K must be >= 2 (got 1)")

@@ -1,0 +1,41 @@
+"""N workers compute exactly what one process on the global batch would."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from distributed_cases import BATCH, run_cases, worker
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gloo")
+    mp.spawn(worker, args=(WORLD, str(folder / "init"), str(folder)), nprocs=WORLD, join=True)
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_cases(0, 1), ranks
+
+
+@pytest.mark.parametrize("objective", ["iic", "imc_swav", "crlc"])
+def test_objective_loss_and_gradients_match_single_process(both, objective):
+    single, ranks = both
+    for rank in ranks:
+        assert set(rank[objective]) == set(single[objective])
+        for name, expected in single[objective].items():
+            torch.testing.assert_close(rank[objective][name], expected, atol=1e-5, rtol=1e-4,
+                                       msg=f"{objective}: {name} differs")
+
+
+def test_iic_loss_gradient_wrt_inputs_matches(both):
+    single, ranks = both
+    for rank in ranks:
+        torch.testing.assert_close(rank["iic_loss"]["loss"], single["iic_loss"]["loss"])
+        torch.testing.assert_close(rank["iic_loss"]["x"], single["iic_loss"]["x"])
+
+
+def test_sinkhorn_codes_match_single_process(both):
+    single, ranks = both
+    half = BATCH // WORLD
+    for r, rank in enumerate(ranks):
+        torch.testing.assert_close(rank["sinkhorn"]["codes"],
+                                   single["sinkhorn"]["codes"][r * half:(r + 1) * half])

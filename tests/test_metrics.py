@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+
+from distcluster.metrics import cluster_scores, label_free_scores
+
+
+def test_relabelled_labels_score_perfectly():
+    y = np.array([0, 0, 1, 1, 2, 2, 2])
+    permuted = np.array([2, 0, 1])[y]
+    assert cluster_scores(y, permuted) == pytest.approx({"acc": 1.0, "nmi": 1.0, "ari": 1.0})
+
+
+def test_hungarian_accuracy_on_a_known_confusion():
+    # cluster 0 = mostly class 1, cluster 1 = mostly class 0; one sample off each.
+    y_true = np.array([0, 0, 0, 1, 1, 1])
+    y_pred = np.array([1, 1, 0, 0, 0, 1])
+    assert cluster_scores(y_true, y_pred)["acc"] == pytest.approx(4 / 6)
+
+
+def test_more_clusters_than_classes_matches_one_cluster_per_class():
+    y_true = np.array([0, 0, 1, 1])
+    y_pred = np.array([0, 1, 2, 2])
+    assert cluster_scores(y_true, y_pred)["acc"] == pytest.approx(3 / 4)
+
+
+def test_label_free_scores_of_balanced_and_collapsed_outputs():
+    balanced = np.eye(4)[np.arange(8) % 4]
+    assert label_free_scores(balanced) == pytest.approx(
+        {"balance": 1.0, "largest_cluster": 0.25, "clusters_used": 4, "confidence": 1.0})
+    collapsed = np.tile([0.7, 0.1, 0.1, 0.1], (8, 1))
+    scores = label_free_scores(collapsed)
+    assert scores["balance"] == pytest.approx(0.0)
+    assert scores["largest_cluster"] == 1.0

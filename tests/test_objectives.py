@@ -1,0 +1,116 @@
+"""Known answers and from-the-equation references for the objectives."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distcluster.objectives import crlc_cluster_nce, iic_loss, imc_mi_loss, nt_xent, sinkhorn
+
+
+def reference_iic(z_a: np.ndarray, z_b: np.ndarray, lamb: float) -> float:
+    """IIC eq. (3) written out with loops, straight from methods.md."""
+    batch, k = z_a.shape
+    joint = np.zeros((k, k))
+    for i in range(batch):
+        joint += np.outer(z_a[i], z_b[i]) / batch
+    joint = np.maximum((joint + joint.T) / 2, 1e-8)
+    rows, cols = joint.sum(1), joint.sum(0)
+    return -sum(joint[c, d] * (math.log(joint[c, d]) - lamb * math.log(rows[c])
+                               - lamb * math.log(cols[d])) for c in range(k) for d in range(k))
+
+
+@pytest.mark.parametrize("k", [2, 5, 10])
+def test_iic_of_identical_balanced_one_hot_pairs_is_minus_log_k(k):
+    z = torch.eye(k).repeat(3, 1)
+    # The K^2 - K empty cells are clamped at 1e-8 before the log, worth < 1e-4 in total.
+    assert iic_loss(z, z).item() == pytest.approx(-math.log(k), abs=1e-4)
+
+
+@pytest.mark.parametrize("lamb", [1.0, 1.5])
+def test_iic_matches_reference_on_random_inputs(lamb):
+    gen = torch.Generator().manual_seed(0)
+    z_a = torch.randn(37, 6, generator=gen).softmax(-1)
+    z_b = torch.randn(37, 6, generator=gen).softmax(-1)
+    expected = reference_iic(z_a.double().numpy(), z_b.double().numpy(), lamb)
+    assert iic_loss(z_a, z_b, lamb).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_iic_of_independent_uniform_outputs_is_zero_at_lambda_one():
+    z = torch.full((8, 4), 0.25)
+    assert iic_loss(z, z).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sinkhorn_rows_sum_to_one_and_prototypes_share_the_batch():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 8, generator=gen)
+    codes = sinkhorn(scores, epsilon=0.5, iterations=200)
+    torch.testing.assert_close(codes.sum(1), torch.ones(64))
+    torch.testing.assert_close(codes.sum(0), torch.full((8,), 64 / 8), atol=1e-3, rtol=1e-3)
+
+
+def test_sinkhorn_has_no_gradient_and_handles_large_scores():
+    scores = (torch.randn(16, 4) * 100).requires_grad_()
+    codes = sinkhorn(scores)
+    assert not codes.requires_grad
+    assert torch.isfinite(codes).all()
+
+
+def test_imc_mi_of_perfectly_matched_balanced_assignments():
+    k = 4
+    one_hot = torch.eye(k).repeat(5, 1)
+    # Y determined by U (H(Y|U) = 0), H(Y) = log K: loss = -b log K.
+    assert imc_mi_loss(one_hot, one_hot, 4.0).item() == pytest.approx(-4 * math.log(k), abs=1e-5)
+
+
+def test_imc_mi_matches_reference_on_random_inputs():
+    gen = torch.Generator().manual_seed(3)
+    p_y = torch.randn(20, 3, generator=gen).softmax(-1).double()
+    p_u = torch.randn(20, 7, generator=gen).softmax(-1).double()
+    joint = (p_y.T @ p_u).numpy()
+    joint /= joint.sum()
+    marg_u, marg_y = joint.sum(0), joint.sum(1)
+    h_y_given_u = -sum(joint[y, u] * math.log(joint[y, u] / marg_u[u])
+                       for y in range(3) for u in range(7))
+    h_y = -sum(p * math.log(p) for p in marg_y)
+    assert imc_mi_loss(p_y, p_u, 4.0).item() == pytest.approx(h_y_given_u - 4 * h_y, rel=1e-5)
+
+
+def reference_two_view_nce(a: np.ndarray, b: np.ndarray, critic) -> float:
+    views = np.concatenate([a, b])
+    n = len(a)
+    total = 0.0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        logits = [critic(views[i], views[j]) for j in range(2 * n) if j != i]
+        kept = [j for j in range(2 * n) if j != i]
+        log_norm = np.log(np.sum(np.exp(logits)))
+        total += -(logits[kept.index(positive)] - log_norm)
+    return total / (2 * n)
+
+
+def test_nt_xent_matches_reference():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.nn.functional.normalize(torch.randn(6, 5, generator=gen), dim=1).double()
+    b = torch.nn.functional.normalize(torch.randn(6, 5, generator=gen), dim=1).double()
+    expected = reference_two_view_nce(a.numpy(), b.numpy(), lambda x, y: x @ y / 0.1)
+    assert nt_xent(a, b, 0.1).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_crlc_cluster_nce_matches_reference_log_dot_critic():
+    gen = torch.Generator().manual_seed(2)
+    p_a = torch.randn(5, 4, generator=gen).softmax(-1).double()
+    p_b = torch.randn(5, 4, generator=gen).softmax(-1).double()
+    expected = reference_two_view_nce(p_a.numpy(), p_b.numpy(), lambda x, y: np.log(x @ y))
+    assert crlc_cluster_nce(p_a, p_b).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_crlc_cluster_nce_handles_subhead_axis():
+    gen = torch.Generator().manual_seed(4)
+    p_a = torch.randn(3, 5, 4, generator=gen).softmax(-1)
+    p_b = torch.randn(3, 5, 4, generator=gen).softmax(-1)
+    stacked = crlc_cluster_nce(p_a, p_b)
+    assert stacked.shape == (3,)
+    for s in range(3):
+        assert stacked[s].item() == pytest.approx(crlc_cluster_nce(p_a[s], p_b[s]).item(), rel=1e-6)

@@ -1,0 +1,60 @@
+"""A real 2-worker Ray Train run of `python -m distcluster.train` on a digits subset."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("e2e")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    argv = [sys.executable, "-m", "distcluster.train", "--workers", "2", "--epochs", str(EPOCHS),
+            "--batch-size", "128", "--set", "max_samples=512", "--output", str(folder / "out"),
+            "--tracking-uri", uri, "--experiment", "e2e", "--run-name", "two-workers"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=folder, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return folder, uri, done
+
+
+def test_summary_json_has_the_contracted_fields(ray_run):
+    folder, uri, _ = ray_run
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    assert summary["objective"] == "imc_swav" and summary["data"] == "digits"
+    assert (summary["num_samples"], summary["workers"], summary["epochs"]) == (512, 2, EPOCHS)
+    assert summary["restarts"] == 0 and summary["device"] == "cpu"
+    assert set(summary["metrics"]) == {"acc", "nmi", "ari"}
+    assert 0.1 <= summary["metrics"]["acc"] <= 1.0
+    assert summary["train_images_per_second"] > 0 and summary["wall_seconds"] > 0
+    assert (folder / "out" / "checkpoint" / "checkpoint.pt").is_file()
+    assert summary["mlflow"]["tracking_uri"] == uri
+    assert summary["mlflow"]["model_uri"] == f"runs:/{summary['mlflow']['run_id']}/model"
+
+
+def test_rank_zero_logged_every_epoch_to_the_mlflow_run(ray_run):
+    folder, uri, _ = ray_run
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    client = MlflowClient(uri)
+    run = client.get_run(summary["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "two-workers"
+    assert run.data.params["workers"] == "2" and run.data.params["objective"] == "imc_swav"
+    for key in ("train/loss", "train/swav", "train/mi", "eval/acc", "eval/nmi", "eval/balance",
+                "eval/largest_cluster", "train/images_per_second"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == list(range(1, EPOCHS + 1)), key
+    final_acc = client.get_metric_history(run.info.run_id, "final/acc")[0].value
+    assert final_acc == pytest.approx(summary["metrics"]["acc"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert artifacts == {"model/weights.pt", "model/config.json"}
+
+
+def test_both_workers_trained_and_output_is_readable(ray_run):
+    _, _, done = ray_run
+    assert done.stdout.count("epoch 3/3") >= 1
+    assert "Reporting training result" not in done.stdout + done.stderr
+    assert "ACC" in done.stdout.splitlines()[-2]
