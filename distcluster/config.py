@@ -313,11 +313,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -325,7 +325,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def from_dict(values: dict[str, Any]) -> Config:
     """Build a Config from a (possibly partial) nested dict; unknown keys raise."""
-    return _build(Config, _merge(Config().to_dict(), values))
+    return _build(Config, merge(Config().to_dict(), values))
 
 
 def parse_override(text: str) -> dict[str, Any]:

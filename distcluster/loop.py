@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -124,6 +123,7 @@ class _EpochLogs:
 
 
 def check_fits(cfg: Config, source: ArraySource) -> None:
+    """Refuse, before any work starts, a config that cannot run on this data."""
     cfg.validate(source.image_size)
     if cfg.batch_size > len(source):
         raise ConfigError("batch_size", cfg.batch_size,
@@ -141,6 +141,8 @@ def train_loop(cfg: Config, source: ArraySource, ctx: WorkerContext, reporter: R
     optimizer, scheduler = build_optimizer(cfg, model)
     trained = model
     if dist.is_distributed():
+        if ctx.device.type == "cuda":  # SyncBatchNorm runs on GPUs only; on CPU BN stays per worker
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000 + ctx.rank)  # augmentation draws
@@ -196,7 +198,3 @@ def input_spec(source: ArraySource, mean: list[float], std: list[float]) -> dict
 def set_cpu_speedups() -> None:
     # Sharpening cluster probabilities produce denormals that slow CPU math ~2x.
     torch.set_flush_denormal(True)
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

@@ -18,12 +18,25 @@ import torch
 
 from distcluster import config as configuration
 from distcluster.augment import MultiCrop
-from distcluster.checkpoint import (export_model, load_checkpoint, save_checkpoint,
-                                    write_atomic_dir, write_json_atomic)
+from distcluster.checkpoint import (
+    export_model,
+    load_checkpoint,
+    save_checkpoint,
+    write_atomic_dir,
+    write_json_atomic,
+)
 from distcluster.cli import ArgumentParser, run_command
 from distcluster.config import Config
 from distcluster.data import ArraySource, load_source
-from distcluster.loop import WorkerContext, build_model, check_fits, evaluate, set_cpu_speedups, train_loop
+from distcluster.errors import ConfigError
+from distcluster.loop import (
+    WorkerContext,
+    build_model,
+    check_fits,
+    evaluate,
+    set_cpu_speedups,
+    train_loop,
+)
 from distcluster.tracking import RunTracker, resolve_tracking_uri
 
 PROG = "distcluster.train"
@@ -64,9 +77,9 @@ def config_from_args(argv: list[str] | None) -> Config:
                                                          args.data or "digits")
     values = configuration.load_recipe(recipe) if recipe else {}
     flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
-    values = configuration._merge(values, flags)
+    values = configuration.merge(values, flags)
     for override in args.set:
-        values = configuration._merge(values, configuration.parse_override(override))
+        values = configuration.merge(values, configuration.parse_override(override))
     return configuration.from_dict(values)
 
 
@@ -114,6 +127,9 @@ def train(cfg: Config) -> dict[str, Any]:
     set_cpu_speedups()
     source = load_source(cfg.data, cfg.max_samples)
     check_fits(cfg, source)
+    if cfg.gpu and cfg.workers == 0 and not torch.cuda.is_available():
+        # With Ray workers the GPUs may live on other nodes: Ray then waits for them.
+        raise ConfigError("gpu", True, "no CUDA GPU is visible to this process (use --no-gpu)")
     name = cfg.run_name or f"{cfg.objective}-{Path(cfg.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(cfg.output) if cfg.output else Path("runs") / name
     tracker = RunTracker.start(resolve_tracking_uri(cfg.tracking_uri), cfg.experiment, name,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from distcluster import config
 from distcluster.errors import ConfigError
@@ -64,6 +65,8 @@ def test_crop_larger_than_the_image_is_refused():
     (["--epochs", "many"], "invalid int value"),
     (["--set", "epochs"], "KEY=VALUE"),
     (["--batch-size", "5000", "--workers", "0"], "batch_size"),
+    pytest.param(["--gpu", "--workers", "0"], "no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])
 def test_command_line_mistakes_exit_2_with_one_line(argv, fragment, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
