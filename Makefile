@@ -6,12 +6,22 @@ STAMP  := $(VENV)/.installed-stamp
 # torch/torchvision are pinned here (not in pyproject) so that pip takes the
 # builds this machine ships instead of resolving a newer CUDA build.
 TORCH  := torch==2.14.1 torchvision==0.29.1
+# FFCV 1.0.2 builds from source against these (Debian/Ubuntu package names).
+SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev
 
 .PHONY: setup run test lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:" $$missing; \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$sudo apt-get install -y -q $$missing || \
+	    { $$sudo apt-get update -q && $$sudo apt-get install -y -q $$missing; }; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)

@@ -1,7 +1,7 @@
 """Multi-crop augmentation as batched tensor operations on the training device.
 
 Every sample draws its own parameters (crop box, flip, rotation, colour
-factors) from a seeded generator; the work itself is one affine_grid +
+factors, greyscale, blur, solarize) from a seeded generator; the work itself is one affine_grid +
 grid_sample per crop group and a few element-wise ops, with no Python loop
 over samples.
 """
@@ -9,6 +9,7 @@ over samples.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,35 +70,91 @@ def _rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nij,njhw->nihw", matrix, x)
 
 
-def colour_jitter(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast, saturation, hue with probability jitter_p, then greyscale
-    with probability grey_p; x: (N, C, H, W) in [0, 1]. Greyscale images skip the colour parts."""
-    n, channels = x.shape[:2]
+@dataclass
+class ColourParams:
+    """Per-sample colour draws; factors are multiplicative, hue is in turns."""
+
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor
+    jitter: torch.Tensor  # bool: apply the four jitters
+    grey: torch.Tensor  # bool
+    blur_sigma: torch.Tensor  # pixels; 0 = no blur
+    solarize: torch.Tensor  # bool
+
+
+def draw_colour_params(n: int, aug: AugmentConfig, gen: torch.Generator) -> ColourParams:
     brightness, contrast, saturation, hue = aug.jitter
 
     def factor(strength: float) -> torch.Tensor:
-        return _uniform(n, max(0.0, 1 - strength), 1 + strength, gen).to(x).view(n, 1, 1, 1)
+        return _uniform(n, max(0.0, 1 - strength), 1 + strength, gen)
 
-    jittered = x * factor(brightness)
-    grey = _grey(jittered) if channels == 3 else jittered
-    jittered = (jittered - grey.mean((1, 2, 3), keepdim=True)) * factor(contrast) \
-        + grey.mean((1, 2, 3), keepdim=True)
-    if channels == 3:
-        grey = _grey(jittered)
-        jittered = (jittered - grey) * factor(saturation) + grey
-        jittered = _rotate_hue(jittered, _uniform(n, -hue, hue, gen).to(x))
-    apply = (torch.rand(n, generator=gen) < aug.jitter_p).to(x.device).view(n, 1, 1, 1)
-    x = torch.where(apply, jittered, x).clamp(0, 1)
-    if channels == 3:
-        to_grey = (torch.rand(n, generator=gen) < aug.grey_p).to(x.device).view(n, 1, 1, 1)
-        x = torch.where(to_grey, _grey(x).expand_as(x), x)
+    def chance(p: float) -> torch.Tensor:
+        return torch.rand(n, generator=gen) < p
+
+    blurred = chance(aug.blur_p)
+    return ColourParams(
+        brightness=factor(brightness), contrast=factor(contrast), saturation=factor(saturation),
+        hue=_uniform(n, -hue, hue, gen), jitter=chance(aug.jitter_p), grey=chance(aug.grey_p),
+        blur_sigma=torch.where(blurred, _uniform(n, *aug.blur_sigma, gen), 0.0),
+        solarize=chance(aug.solarize_p))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample sigma in pixels (N,); sigma 0 leaves a sample as it is."""
+    n, channels, height, width = x.shape
+    radius = min(math.ceil(3 * float(sigma.max())), height - 1, width - 1)
+    if radius < 1:
+        return x
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    spread = sigma.to(x).clamp_min(1e-3).view(n, 1)
+    kernel = torch.exp(-offsets.square() / (2 * spread.square()))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # (N * C, 2r + 1)
+    y = x.reshape(1, n * channels, height, width)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * channels, 1, 1, -1),
+                 groups=n * channels)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel.view(n * channels, 1, -1, 1),
+                 groups=n * channels)
+    return y.view(n, channels, height, width)
+
+
+def _per_sample(mask_or_values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return mask_or_values.to(x.device).view(-1, 1, 1, 1)
+
+
+def apply_colour(x: torch.Tensor, p: ColourParams, aug: AugmentConfig) -> torch.Tensor:
+    """Jitter (brightness, contrast, saturation, hue), greyscale, blur, solarize; x (N, C, H, W)
+    in [0, 1]. One-channel images skip saturation, hue and greyscale."""
+    colour = x.shape[1] == 3
+    jittered = x * _per_sample(p.brightness, x).to(x)
+    luma = _grey(jittered) if colour else jittered
+    mean = luma.mean((1, 2, 3), keepdim=True)
+    jittered = (jittered - mean) * _per_sample(p.contrast, x).to(x) + mean
+    if colour:
+        luma = _grey(jittered)
+        jittered = (jittered - luma) * _per_sample(p.saturation, x).to(x) + luma
+        jittered = _rotate_hue(jittered, p.hue.to(x))
+    x = torch.where(_per_sample(p.jitter, x), jittered, x).clamp(0, 1)
+    if colour:
+        x = torch.where(_per_sample(p.grey, x), _grey(x).expand_as(x), x)
+    if aug.blur_p > 0:
+        x = gaussian_blur(x, p.blur_sigma.to(x.device))
+    if aug.solarize_p > 0:
+        x = torch.where(_per_sample(p.solarize, x) & (x >= aug.solarize_threshold), 1 - x, x)
     return x
 
 
-class MultiCrop:
-    """uint8 images (B, C, H, W) -> one normalised float tensor (count * B, C, s, s) per crop group.
+def colour_jitter(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Draw per-sample colour parameters and apply them."""
+    return apply_colour(x, draw_colour_params(x.shape[0], aug, gen), aug)
 
-    Crops are laid out crop-major: rows [c * B, (c + 1) * B) are crop c of every image.
+
+class MultiCrop:
+    """uint8 images (B, C, H, W) -> one normalised float tensor (count * B, C, s, s) per crop size.
+
+    Crops are laid out crop-major: rows [c * B, (c + 1) * B) are crop c of every image;
+    adjacent crop groups of one size are joined so that they pass the backbone together.
     """
 
     def __init__(self, aug: AugmentConfig, mean: list[float], std: list[float]) -> None:
@@ -115,7 +172,11 @@ class MultiCrop:
             grid = F.affine_grid(theta, [n, x.shape[1], group.size, group.size], align_corners=False)
             crops = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros",
                                   align_corners=False)
-            groups.append(self.normalize(colour_jitter(crops, self.aug, gen)))
+            crops = self.normalize(colour_jitter(crops, self.aug, gen))
+            if groups and groups[-1].shape[-1] == group.size:  # one backbone pass per crop size
+                groups[-1] = torch.cat([groups[-1], crops])
+            else:
+                groups.append(crops)
         return groups
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

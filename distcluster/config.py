@@ -62,6 +62,10 @@ class AugmentConfig:
     grey_p: float = 0.25
     rotate_degrees: float = 0.0
     shear_degrees: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels of the crop
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5  # in [0, 1] pixel units
 
     def validate(self, image_size: int | None = None) -> None:
         _check(len(self.crops) >= 1, "augment.crops", self.crops, "needs at least one group")
@@ -70,7 +74,7 @@ class AugmentConfig:
             if image_size is not None:
                 _check(group.size <= image_size, f"augment.crops[{i}].size", group.size,
                        f"crop larger than the {image_size} px images")
-        for name in ("flip", "jitter_p", "grey_p"):
+        for name in ("flip", "jitter_p", "grey_p", "blur_p", "solarize_p", "solarize_threshold"):
             value = getattr(self, name)
             _check(0.0 <= value <= 1.0, f"augment.{name}", value, "probability must be in [0, 1]")
         _check(len(self.jitter) == 4 and all(v >= 0 for v in self.jitter), "augment.jitter",
@@ -81,6 +85,7 @@ class AugmentConfig:
                "must be in [0, 180]")
         _check(0 <= self.shear_degrees < 90, "augment.shear_degrees", self.shear_degrees,
                "must be in [0, 90)")
+        _check_range("augment.blur_sigma", self.blur_sigma, 0.0, 100.0)
 
     @property
     def num_crops(self) -> int:

@@ -1,19 +1,65 @@
-"""In-memory image sources and per-rank sharding.
+"""Image sources and per-rank sharding.
 
-A source is uint8 images (N, C, H, W) with optional labels (used only for
-evaluation). Every rank builds the same source and takes its own shard of
-each global batch.
+A source yields uint8 image batches (B, C, H, W) and may carry labels (used
+only for evaluation). Training batches come from `epoch_batches`: one seeded
+permutation per epoch, cut into global batches, each rank taking its own
+rows (see `shard_batches`). The in-memory ArraySource lives here; the FFCV
+source (distcluster.ffcv_io) follows the same protocol and the same order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from distcluster.errors import UserError
+from distcluster.images import digits_arrays, read_npz, to_rgb_array
+
+
+class ImageSource(Protocol):
+    name: str
+    class_names: list[str] | None
+    labels: torch.Tensor | None  # (N,) int64, evaluation only
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int]: ...
+
+    def __len__(self) -> int: ...
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std in [0, 1] units, for input normalisation."""
+
+    def epoch_batches(self, epoch: int, global_batch: int, world_size: int, rank: int,
+                      seed: int) -> Iterator[torch.Tensor]:
+        """This rank's uint8 batches for one epoch, in the order of `shard_batches`."""
+
+    def batches(self, size: int) -> Iterator[torch.Tensor]:
+        """Every image once, in index order."""
+
+
+def image_size(source: ImageSource) -> int:
+    return min(source.image_shape)
+
+
+def channel_stats_of(batches: Iterator[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units over uint8 batches."""
+    total = total_sq = count = 0
+    for batch in batches:
+        x = batch.double().div(255)
+        total = total + x.sum(dim=(0, 2, 3))
+        total_sq = total_sq + x.square().sum(dim=(0, 2, 3))
+        count += x.numel() // x.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
 
 
 @dataclass
@@ -28,18 +74,33 @@ class ArraySource:
         return self.images.shape[1]
 
     @property
-    def image_size(self) -> int:
-        return min(self.images.shape[2:])
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.images.shape[2:])
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @classmethod
+    def from_hwc(cls, images: np.ndarray, labels: np.ndarray | None, name: str,
+                 class_names: list[str] | None = None) -> ArraySource:
+        """From (N, H, W, C) uint8; RGBA is composited on white, greyscale stays one channel."""
+        if images.shape[-1] == 4:
+            images = to_rgb_array(images)
+        tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        return cls(tensor, None if labels is None else torch.from_numpy(labels).long(), name, class_names)
+
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std in [0, 1] units, for input normalisation."""
-        sample = self.images[:10_000].float().div(255)
-        mean = sample.mean(dim=(0, 2, 3))
-        std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
-        return mean.tolist(), std.tolist()
+        return channel_stats_of(self.batches(1024, limit=10_000))
+
+    def epoch_batches(self, epoch: int, global_batch: int, world_size: int, rank: int,
+                      seed: int) -> Iterator[torch.Tensor]:
+        for indices in shard_batches(len(self), global_batch, world_size, rank, epoch, seed):
+            yield self.images[indices]
+
+    def batches(self, size: int, limit: int = 0) -> Iterator[torch.Tensor]:
+        end = min(limit, len(self)) if limit else len(self)
+        for start in range(0, end, size):
+            yield self.images[start:min(start + size, end)]
 
     def subset(self, count: int) -> ArraySource:
         labels = None if self.labels is None else self.labels[:count]
@@ -47,49 +108,21 @@ class ArraySource:
 
 
 def load_digits_source() -> ArraySource:
-    """sklearn's 1,797 8x8 digits (values 0-16) as uint8 greyscale images."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.clip(np.round(digits.images * (255 / 16)), 0, 255).astype(np.uint8)
-    return ArraySource(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(digits.target).long(),
-                       "digits", [str(d) for d in range(10)])
-
-
-def load_npz_source(path: Path) -> ArraySource:
-    """`.npz` with `x` (N, H, W, C) or (N, H, W) uint8 and optional integer `y`."""
-    try:
-        arrays = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable .npz file ({exc})") from None
-    if "x" not in arrays:
-        raise UserError(f"{path}: .npz has no array 'x' (found: {', '.join(arrays.files) or 'none'})")
-    x = arrays["x"]
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.dtype != np.uint8 or len(x) == 0:
-        raise UserError(f"{path}: 'x' must be non-empty uint8 (N, H, W, C), got {x.dtype} {x.shape}")
-    labels = None
-    if "y" in arrays:
-        y = arrays["y"]
-        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
-            raise UserError(f"{path}: 'y' must be integers of shape ({len(x)},), got {y.shape}")
-        labels = torch.from_numpy(y.astype(np.int64))
-    images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    return ArraySource(images, labels, str(path))
+    images, labels = digits_arrays()
+    return ArraySource.from_hwc(images, labels, "digits", [str(d) for d in range(10)])
 
 
 def load_source(spec: str, max_samples: int = 0) -> ArraySource:
-    """Resolve a data SPEC (architecture.md) that fits in memory."""
+    """An in-memory source for `digits` or a `.npz` file (other SPECs go through FFCV)."""
     if spec == "digits":
         source = load_digits_source()
     elif spec.endswith(".npz"):
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"data file not found: {spec}")
-        source = load_npz_source(path)
+        source = ArraySource.from_hwc(*read_npz(path), str(path))
     else:
-        raise UserError(f"unsupported data spec '{spec}': this version reads 'digits' and .npz files")
+        raise UserError(f"'{spec}' is not an in-memory source (digits or .npz)")
     return source.subset(max_samples) if max_samples else source
 
 

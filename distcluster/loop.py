@@ -20,7 +20,7 @@ from torch import nn
 from distcluster import distributed as dist
 from distcluster.augment import MultiCrop
 from distcluster.config import Config
-from distcluster.data import ArraySource, shard_batches
+from distcluster.data import ImageSource, image_size
 from distcluster.errors import ConfigError
 from distcluster.metrics import cluster_scores, label_free_scores
 from distcluster.models import ClusterModel, build_backbone
@@ -75,17 +75,17 @@ def autocast_for(cfg: Config, device: torch.device):
 
 
 @torch.no_grad()
-def predict_probs(model: ClusterModel, source: ArraySource, augment: MultiCrop,
+def predict_probs(model: ClusterModel, source: ImageSource, augment: MultiCrop,
                   device: torch.device, batch: int = 1024) -> torch.Tensor:
     """(S, N, K) cluster probabilities of every sub-head on whole images."""
     model.eval()
-    parts = [model.cluster_probs(augment.whole(source.images[i:i + batch].to(device))).cpu()
-             for i in range(0, len(source), batch)]
+    parts = [model.cluster_probs(augment.whole(images.to(device))).cpu()
+             for images in source.batches(batch)]
     model.train()
     return torch.cat(parts, dim=1)
 
 
-def evaluate(model: ClusterModel, source: ArraySource, augment: MultiCrop,
+def evaluate(model: ClusterModel, source: ImageSource, augment: MultiCrop,
              device: torch.device, head: int) -> dict[str, float]:
     """Label-free signals, plus ACC/NMI/ARI when the source has labels, for sub-head `head`."""
     probs = predict_probs(model, source, augment, device)[head].numpy()
@@ -122,15 +122,15 @@ class _EpochLogs:
         return {f"train/{k}": float(v) for k, v in zip(keys, packed, strict=True)}, heads
 
 
-def check_fits(cfg: Config, source: ArraySource) -> None:
+def check_fits(cfg: Config, source: ImageSource) -> None:
     """Refuse, before any work starts, a config that cannot run on this data."""
-    cfg.validate(source.image_size)
+    cfg.validate(image_size(source))
     if cfg.batch_size > len(source):
         raise ConfigError("batch_size", cfg.batch_size,
                           f"larger than the {len(source)} images of '{cfg.data}'")
 
 
-def train_loop(cfg: Config, source: ArraySource, ctx: WorkerContext, reporter: Reporter,
+def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: Reporter,
                log: Callable[[str], None] = print) -> None:
     """Train for cfg.epochs on this rank's shards; report every epoch."""
     check_fits(cfg, source)
@@ -152,9 +152,8 @@ def train_loop(cfg: Config, source: ArraySource, ctx: WorkerContext, reporter: R
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
         logs = _EpochLogs()
-        for indices in shard_batches(len(source), cfg.batch_size, ctx.world_size, ctx.rank,
-                                     epoch, cfg.seed):
-            crops = augment(source.images[indices].to(ctx.device, non_blocking=True), gen)
+        for images in source.epoch_batches(epoch, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed):
+            crops = augment(images.to(ctx.device, non_blocking=True), gen)
             model.objective_hook("on_step_start")
             with autocast_for(cfg, ctx.device):
                 result = trained(crops, local_batch, step)
@@ -189,9 +188,9 @@ def train_loop(cfg: Config, source: ArraySource, ctx: WorkerContext, reporter: R
         reporter.epoch_end(epoch, metrics, checkpoint if ctx.rank == 0 else None)
 
 
-def input_spec(source: ArraySource, mean: list[float], std: list[float]) -> dict[str, Any]:
+def input_spec(source: ImageSource, mean: list[float], std: list[float]) -> dict[str, Any]:
     """What predict needs to prepare images for this model."""
-    return {"channels": source.channels, "size": list(source.images.shape[2:]),
+    return {"channels": source.channels, "size": list(source.image_shape),
             "mean": mean, "std": std, "class_names": source.class_names}
 
 

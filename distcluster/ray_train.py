@@ -20,8 +20,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from distcluster.checkpoint import save_checkpoint
 from distcluster.config import Config, from_dict
-from distcluster.data import load_source
 from distcluster.loop import WorkerContext, set_cpu_speedups, train_loop
+from distcluster.sources import open_source
 from distcluster.tracking import RunTracker
 
 
@@ -73,18 +73,19 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(loop_config["threads"])
     set_cpu_speedups()
     cfg = from_dict(loop_config["config"])
-    source = load_source(cfg.data, cfg.max_samples)
+    source = open_source(loop_config["data"], cfg.max_samples, loop_config["threads"])
     ctx = WorkerContext(context.get_world_rank(), context.get_world_size(),
                         ray.train.torch.get_device())
     train_loop(cfg, source, ctx, _RayReporter(ctx.rank, loop_config["tracking"]))
 
 
-def fit(cfg: Config, tracking: dict[str, str], storage: Path, name: str) -> FitOutcome:
+def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: str) -> FitOutcome:
+    """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data."""
     init_ray()
     cpus = cpus_per_worker(cfg)
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking": tracking,
+        train_loop_config={"config": cfg.to_dict(), "data": data, "tracking": tracking,
                            "threads": max(1, int(cpus))},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"CPU": cpus}),

@@ -27,7 +27,7 @@ from distcluster.checkpoint import (
 )
 from distcluster.cli import ArgumentParser, run_command
 from distcluster.config import Config
-from distcluster.data import ArraySource, load_source
+from distcluster.data import ImageSource
 from distcluster.errors import ConfigError
 from distcluster.loop import (
     WorkerContext,
@@ -37,6 +37,7 @@ from distcluster.loop import (
     set_cpu_speedups,
     train_loop,
 )
+from distcluster.sources import open_source, resolve_data
 from distcluster.tracking import RunTracker, resolve_tracking_uri
 
 PROG = "distcluster.train"
@@ -47,7 +48,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--config", help="packaged recipe name or YAML file "
                    f"(recipes: {', '.join(configuration.recipe_names())})")
-    p.add_argument("--data", help="digits | FILE.npz (default: digits)")
+    p.add_argument("--data", help="digits | FILE.beton | folder | FILE.zip | FILE.npz | cifar10:ROOT | "
+                   "cifar100-20:ROOT (default: digits)")
     p.add_argument("--objective", choices=configuration.OBJECTIVES)
     p.add_argument("--clusters", type=int, help="number of clusters K")
     p.add_argument("--epochs", type=int)
@@ -100,7 +102,8 @@ class _LocalReporter:
             shutil.rmtree(old)
 
 
-def fit(cfg: Config, source: ArraySource, tracker: RunTracker, out: Path, name: str) -> tuple[Path, int]:
+def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: Path,
+        name: str) -> tuple[Path, int]:
     """Train with Ray workers, or in-process for --workers 0; the last checkpoint folder."""
     if cfg.workers == 0:
         reporter = _LocalReporter(tracker, out / "checkpoints")
@@ -109,12 +112,12 @@ def fit(cfg: Config, source: ArraySource, tracker: RunTracker, out: Path, name: 
         return reporter.latest, 0
     from distcluster import ray_train
 
-    outcome = ray_train.fit(cfg, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
+    outcome = ray_train.fit(cfg, data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
                             out / "ray", name)
     return outcome.checkpoint_dir, outcome.restarts
 
 
-def final_scores(state: dict[str, Any], source: ArraySource) -> dict[str, Any]:
+def final_scores(state: dict[str, Any], source: ImageSource) -> dict[str, Any]:
     cfg = configuration.from_dict(state["config"])
     model = build_model(cfg, source.channels)
     model.load_state_dict(state["model"])
@@ -125,7 +128,8 @@ def final_scores(state: dict[str, Any], source: ArraySource) -> dict[str, Any]:
 def train(cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     set_cpu_speedups()
-    source = load_source(cfg.data, cfg.max_samples)
+    data = resolve_data(cfg.data)
+    source = open_source(data, cfg.max_samples)
     check_fits(cfg, source)
     if cfg.gpu and cfg.workers == 0 and not torch.cuda.is_available():
         # With Ray workers the GPUs may live on other nodes: Ray then waits for them.
@@ -137,7 +141,7 @@ def train(cfg: Config) -> dict[str, Any]:
     tracker.log_params(cfg.flat())
     try:
         fit_started = time.perf_counter()
-        checkpoint_dir, restarts = fit(cfg, source, tracker, out, name)
+        checkpoint_dir, restarts = fit(cfg, source, data, tracker, out, name)
         fit_seconds = time.perf_counter() - fit_started
         state = load_checkpoint(checkpoint_dir)
         write_atomic_dir(out / "checkpoint", lambda d: save_checkpoint(state, d))
@@ -157,7 +161,7 @@ def train(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def _summary(cfg: Config, source: ArraySource, state: dict[str, Any], scores: dict[str, Any],
+def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: dict[str, Any],
              tracker: RunTracker, out: Path, restarts: int, wall: float,
              fit_seconds: float) -> dict[str, Any]:
     labelled = source.labels is not None

@@ -1,0 +1,59 @@
+"""From a data SPEC to an ImageSource: in memory, a .beton, or prepared into a cache.
+
+`digits` and `.npz` files are small and stay in memory. A `.beton` is read
+through FFCV. Any other SPEC (an ImageFolder directory or .zip, `cifar10:ROOT`,
+`cifar100-20:ROOT`) is prepared once into the cache ($DISTCLUSTER_CACHE, else
+~/.cache/distcluster) under a key made of its format, path, and the sizes and
+modification times of its files, and read from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from distcluster.data import ImageSource, load_source
+from distcluster.images import detect_format, open_collection
+
+IN_MEMORY = ("digits", "npz")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTCLUSTER_CACHE") or Path.home() / ".cache" / "distcluster")
+
+
+def fingerprint(path: Path) -> str:
+    """Changes when any file under `path` is added, removed, resized or touched."""
+    digest = hashlib.sha256(str(path.resolve()).encode())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}:{stat.st_size}:{stat.st_mtime_ns}"
+                      .encode())
+    return digest.hexdigest()[:16]
+
+
+def resolve_data(spec: str, progress: bool = True) -> str:
+    """`spec` itself when it can be read directly, else the path of its cached .beton."""
+    if spec.endswith(".beton"):
+        return spec
+    fmt, path = detect_format(spec)
+    if fmt in IN_MEMORY:
+        return spec
+    from distcluster.ffcv_io import metadata_path, write_beton
+
+    beton = cache_dir() / f"{fmt}-{path.name}-{fingerprint(path)}.beton"
+    if not metadata_path(beton).is_file():
+        print(f"preparing {spec} into {beton} (once)")
+        write_beton(open_collection(spec, fmt), beton, progress=progress)
+    return str(beton)
+
+
+def open_source(resolved: str, max_samples: int = 0, threads: int = 1) -> ImageSource:
+    """Open what `resolve_data` returned."""
+    if not resolved.endswith(".beton"):
+        return load_source(resolved, max_samples)
+    from distcluster.ffcv_io import BetonSource
+
+    return BetonSource(Path(resolved), max_samples, threads)

@@ -1,0 +1,256 @@
+"""`distcluster.prepare`: every format round-trips through a real FFCV file; bad input exits 2."""
+
+import json
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distcluster.ffcv_io import BetonSource, read_metadata
+from distcluster.images import digits_arrays
+from distcluster.prepare import main as prepare_main
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.zip"
+
+
+def prepare(src, out, *flags) -> dict:
+    assert prepare_main([str(src), "--out", str(out), "--workers", "1", "--quiet", *flags]) == 0
+    return read_metadata(out)
+
+
+def read_back(beton: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """All images as (N, H, W, C) uint8 and the labels, through the FFCV loader."""
+    source = BetonSource(beton)
+    images = torch.cat([b.clone() for b in source.batches(7)]).permute(0, 2, 3, 1).numpy()
+    return images, None if source.labels is None else source.labels.numpy()
+
+
+def rng_images(n: int, size=(12, 10), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *size, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def class_folder(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    """Two classes of lossless PNGs, one wrapper folder, one greyscale and one RGBA image."""
+    root = tmp_path / "pets"
+    expected = {}
+    for label, name in enumerate(["cat", "dog"]):
+        (root / "wrapper" / name).mkdir(parents=True)
+        for i, pixels in enumerate(rng_images(3, seed=label)):
+            path = f"wrapper/{name}/{i}.png"
+            Image.fromarray(pixels).save(root / path)
+            expected[path] = pixels
+    grey = np.arange(120, dtype=np.uint8).reshape(12, 10)
+    Image.fromarray(grey, "L").save(root / "wrapper/cat/grey.png")
+    expected["wrapper/cat/grey.png"] = np.repeat(grey[..., None], 3, -1)
+    rgba = np.zeros((12, 10, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0  # fully transparent red -> white
+    Image.fromarray(rgba, "RGBA").save(root / "wrapper/dog/clear.png")
+    expected["wrapper/dog/clear.png"] = np.full((12, 10, 3), 255, np.uint8)
+    return root, expected
+
+
+def test_imagefolder_directory_round_trips_pixels_labels_and_class_names(class_folder, tmp_path):
+    root, expected = class_folder
+    meta = prepare(root, tmp_path / "pets.beton")
+    images, labels = read_back(tmp_path / "pets.beton")
+    order = sorted(expected)  # members are stored in sorted path order
+    assert meta["count"] == 8 and meta["image_shape"] == [12, 10, 3] and meta["channels"] == 3
+    assert meta["labelled"] and meta["label_names"] == ["cat", "dog"] and meta["skipped_count"] == 0
+    np.testing.assert_array_equal(images, np.stack([expected[p] for p in order]))
+    assert labels.tolist() == [0 if "/cat/" in p else 1 for p in order]
+
+
+def test_zip_archive_gives_the_same_data_as_the_folder(class_folder, tmp_path):
+    root, _ = class_folder
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        for path in sorted(root.rglob("*.png")):
+            out.write(path, path.relative_to(root).as_posix())
+    prepare(root, tmp_path / "dir.beton")
+    prepare(archive, tmp_path / "zip.beton")
+    for a, b in zip(read_back(tmp_path / "dir.beton"), read_back(tmp_path / "zip.beton"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_flat_folder_is_unlabelled_and_mixed_sizes_follow_the_size_rule(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(40, 60), (30, 30), (50, 20), (64, 64), (24, 80)]):
+        Image.fromarray(rng_images(1, (h, w), seed=i)[0]).save(folder / f"{i}.png")
+    meta = prepare(folder, tmp_path / "flat.beton", "--max-resolution", "28")
+    images, labels = read_back(tmp_path / "flat.beton")
+    # shorter sides 40, 30, 20, 64, 24: median 30, capped at 28
+    assert meta["resized_to"] == 28 and images.shape == (5, 28, 28, 3)
+    assert labels is None and not meta["labelled"] and meta["label_names"] is None
+    wide = np.asarray(Image.open(folder / "0.png").resize((42, 28), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(images[0], wide[:, 7:35])  # centre crop of the 42x28 resize
+
+
+def write_cifar(root: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR root in torchvision's python format, written here (two tiny batches)."""
+    rows = rng_images(6, (32, 32), seed=3)
+    if fmt == "cifar10":
+        base, key, names = root / "cifar-10-batches-py", "labels", ("batches.meta", "label_names")
+        parts = {"data_batch_1": slice(0, 4), "data_batch_2": slice(4, 6)}
+        labels = np.array([3, 1, 4, 1, 5, 9])
+        files = [f"data_batch_{i}" for i in range(3, 6)]  # present but empty
+    else:
+        base, key, names = root / "cifar-100-python", "coarse_labels", ("meta", "coarse_label_names")
+        parts, labels, files = {"train": slice(0, 6)}, np.array([19, 0, 7, 7, 2, 11]), []
+    base.mkdir(parents=True)
+    flat = rows.transpose(0, 3, 1, 2).reshape(6, -1)
+    for name, part in {**parts, **{f: slice(0, 0) for f in files}}.items():
+        batch = {"data": flat[part], key: labels[part].tolist(), "fine_labels": [0] * len(flat[part])}
+        (base / name).write_bytes(pickle.dumps(batch))
+    count = 10 if fmt == "cifar10" else 20
+    (base / names[0]).write_bytes(pickle.dumps({names[1]: [f"class{i}" for i in range(count)]}))
+    return rows, labels
+
+
+@pytest.mark.parametrize("fmt", ["cifar10", "cifar100-20"])
+def test_cifar_python_format_round_trips(tmp_path, fmt):
+    rows, labels = write_cifar(tmp_path / "root", fmt)
+    meta = prepare(f"{fmt}:{tmp_path / 'root'}", tmp_path / "c.beton")
+    images, read_labels = read_back(tmp_path / "c.beton")
+    np.testing.assert_array_equal(images, rows)
+    assert read_labels.tolist() == labels.tolist()
+    assert meta["format"] == fmt and len(meta["label_names"]) == (10 if fmt == "cifar10" else 20)
+
+
+def test_npz_and_digits_round_trip_with_greyscale_kept_as_one_channel(tmp_path):
+    x = rng_images(5, (9, 9))
+    np.savez(tmp_path / "a.npz", x=x, y=np.arange(5))
+    prepare(tmp_path / "a.npz", tmp_path / "a.beton")
+    images, labels = read_back(tmp_path / "a.beton")
+    np.testing.assert_array_equal(images, x)
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+    meta = prepare("digits", tmp_path / "d.beton")
+    images, labels = read_back(tmp_path / "d.beton")
+    digits, targets = digits_arrays()
+    assert meta["channels"] == 1 and images.shape == (1797, 8, 8, 1)
+    np.testing.assert_array_equal(images, digits)
+    np.testing.assert_array_equal(labels, targets)
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="needs ../shared/data/cifar10-train-jpg.zip")
+def test_subset_of_the_shared_cifar10_jpegs(tmp_path):
+    with zipfile.ZipFile(SHARED_CIFAR) as shared, zipfile.ZipFile(tmp_path / "sub.zip", "w") as out:
+        names = [n for n in shared.namelist() if n.endswith(".jpg")]
+        picked = [n for n in names if "/cat/" in n][:20] + [n for n in names if "/ship/" in n][:20]
+        for name in picked:
+            out.writestr(name, shared.read(name))
+        decoded = {n: np.asarray(Image.open(shared.open(n)).convert("RGB")) for n in picked}
+    meta = prepare(tmp_path / "sub.zip", tmp_path / "sub.beton")
+    images, labels = read_back(tmp_path / "sub.beton")
+    assert meta["count"] == 40 and meta["image_shape"] == [32, 32, 3]
+    assert meta["label_names"] == ["cat", "ship"]
+    np.testing.assert_array_equal(images, np.stack([decoded[n] for n in sorted(picked)]))
+    assert labels.tolist() == [0] * 20 + [1] * 20
+
+
+# ---- bad input: one line on stderr, exit code 2, nothing left behind -------------------------
+
+
+def truncated_jpeg(path: Path) -> None:
+    buffer = path.with_suffix(".full.jpg")
+    Image.fromarray(rng_images(1, (32, 32))[0]).save(buffer, quality=90)
+    path.write_bytes(buffer.read_bytes()[:300])
+    buffer.unlink()
+
+
+@pytest.fixture
+def folder_with_corrupt_image(tmp_path) -> Path:
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng_images(1, (16, 16), seed=i)[0]).save(root / "a" / f"{i}.png")
+    truncated_jpeg(root / "a" / "broken.jpg")
+    return root
+
+
+def run_prepare(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distcluster.prepare", *argv], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_corrupt_image_fails_by_default_naming_the_file(folder_with_corrupt_image, tmp_path):
+    done = run_prepare(str(folder_with_corrupt_image), "--out", "x.beton", "--quiet", cwd=tmp_path)
+    assert done.returncode == 2
+    message = done.stderr.strip().splitlines()
+    assert len(message) == 1 and "broken.jpg" in message[0] and "--on-error skip" in message[0]
+    assert not list(tmp_path.glob("x.beton*")) and not list(tmp_path.glob(".x.beton*"))
+
+
+def test_corrupt_image_is_skipped_counted_and_listed_on_request(folder_with_corrupt_image, tmp_path):
+    meta = prepare(folder_with_corrupt_image, tmp_path / "x.beton", "--on-error", "skip")
+    assert meta["count"] == 3 and meta["skipped_count"] == 1
+    assert meta["skipped"][0]["path"].endswith("a/broken.jpg")
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "not found"),
+    ("empty", "no images found"),
+    ("text-file", "unknown data format"),
+    ("cifar-without-files", "missing cifar-10-batches-py/batches.meta"),
+    ("npz-without-x", "no array 'x'"),
+    ("bad-format-flag", "invalid choice"),
+    ("bad-resolution", "--max-resolution"),
+    ("bad-out", "must end in .beton"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, needle):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    np.savez(tmp_path / "no_x.npz", images=np.zeros((2, 4, 4), np.uint8))
+    src, extra, out = {
+        "missing": (tmp_path / "nowhere", [], "o.beton"),
+        "empty": (tmp_path / "empty", [], "o.beton"),
+        "text-file": (tmp_path / "notes.txt", [], "o.beton"),
+        "cifar-without-files": (f"cifar10:{tmp_path / 'empty'}", [], "o.beton"),
+        "npz-without-x": (tmp_path / "no_x.npz", [], "o.beton"),
+        "bad-format-flag": ("digits", ["--format", "tiff-stack"], "o.beton"),
+        "bad-resolution": ("digits", ["--max-resolution", "1"], "o.beton"),
+        "bad-out": ("digits", [], "o.npy"),
+    }[case]
+    code = prepare_main([str(src), "--out", str(tmp_path / out), "--quiet", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not list(tmp_path.glob("*.beton*")) and not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_image_failing_during_the_write_leaves_no_file_that_looks_complete(class_folder, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The scan passes, then a file breaks before the writer reads it (a file changing under us)."""
+    from distcluster import ffcv_io
+
+    root, _ = class_folder
+    real_scan = ffcv_io.scan
+
+    def scan_then_break(collection, on_error, progress=True):
+        found = real_scan(collection, on_error, progress)
+        truncated_jpeg(root / "wrapper" / "dog" / "1.png")
+        return found
+
+    monkeypatch.setattr(ffcv_io, "scan", scan_then_break)
+    code = prepare_main([str(root), "--out", str(tmp_path / "p.beton"), "--quiet", "--workers", "1"])
+    assert code == 2 and "dog/1.png" in capsys.readouterr().err
+    assert not list(tmp_path.glob("p.beton*")) and not list(tmp_path.glob(".p.beton*"))
+
+
+def test_a_beton_without_its_metadata_is_refused(tmp_path):
+    prepare("digits", tmp_path / "d.beton")
+    (tmp_path / "d.beton.json").unlink()
+    with pytest.raises(Exception, match="interrupted prepare"):
+        BetonSource(tmp_path / "d.beton")
+
+
+def test_metadata_json_is_plain_json(tmp_path):
+    prepare("digits", tmp_path / "d.beton")
+    meta = json.loads((tmp_path / "d.beton.json").read_text())
+    assert {"count", "image_shape", "label_names", "labelled", "skipped", "source"} <= set(meta)
