@@ -210,6 +210,7 @@ class Config:
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast on CPU and GPU)
     eval_every: int = 1  # epochs between full evaluations (0 = only at the end)
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always has one)
     cpus_per_worker: float = 0.0  # 0 = fit the workers onto the machine's CPUs
     output: str = ""  # default: runs/<run_name>
     experiment: str = "distcluster"
@@ -237,6 +238,7 @@ class Config:
         _check(self.precision in ("auto", "bf16", "fp32"), "precision", self.precision,
                "must be auto, bf16 or fp32")
         _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be >= 1")
         _check(self.cpus_per_worker >= 0, "cpus_per_worker", self.cpus_per_worker,
                "must be >= 0")
         if self.objective == "crlc":

@@ -35,9 +35,10 @@ class WorkerContext:
 
 
 class Reporter(Protocol):
-    def epoch_end(self, epoch: int, metrics: dict[str, float],
+    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool,
                   checkpoint: Callable[[], dict[str, Any]] | None) -> None:
-        """Called on every rank after every epoch; `checkpoint` is given on rank 0 only."""
+        """Called on every rank after every epoch. `save` (the same on every rank) says
+        whether this epoch keeps a checkpoint; `checkpoint` is given on rank 0 only."""
 
 
 def build_model(cfg: Config, channels: int) -> ClusterModel:
@@ -172,7 +173,7 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
                         "train/epoch_seconds": elapsed, "train/lr": scheduler.get_last_lr()[0],
                         "train/head": head})
         last = epoch == cfg.epochs - 1
-        if ctx.rank == 0 and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+        if ctx.rank == 0 and (last or _every(cfg.eval_every, epoch)):
             metrics.update({f"eval/{k}": v for k, v in
                             evaluate(model, source, augment, ctx.device, head).items()})
         if ctx.rank == 0:
@@ -185,7 +186,12 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "head": head,
                     "config": cfg.to_dict(), "input": input_spec(source, mean, std)}
 
-        reporter.epoch_end(epoch, metrics, checkpoint if ctx.rank == 0 else None)
+        reporter.epoch_end(epoch, metrics, last or _every(cfg.checkpoint_every, epoch),
+                           checkpoint if ctx.rank == 0 else None)
+
+
+def _every(period: int, epoch: int) -> bool:
+    return period > 0 and (epoch + 1) % period == 0
 
 
 def input_spec(source: ImageSource, mean: list[float], std: list[float]) -> dict[str, Any]:

@@ -54,11 +54,14 @@ class _RayReporter:
     def __init__(self, rank: int, tracking: dict[str, str]) -> None:
         self.tracker = RunTracker(tracking["uri"], tracking["run_id"]) if rank == 0 else None
 
-    def epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint) -> None:
+    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool, checkpoint) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=epoch + 1)
+        if not save:  # every rank skips the same epochs, so reports stay in step
+            return
         if checkpoint is None:
             ray.train.report(metrics, checkpoint=None)
             return
-        self.tracker.log_metrics(metrics, step=epoch + 1)
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(checkpoint(), Path(folder))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))

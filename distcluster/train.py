@@ -93,8 +93,10 @@ class _LocalReporter:
         self.folder = folder
         self.latest: Path | None = None
 
-    def epoch_end(self, epoch: int, metrics: dict[str, float], checkpoint) -> None:
+    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool, checkpoint) -> None:
         self.tracker.log_metrics(metrics, step=epoch + 1)
+        if not save:
+            return
         state = checkpoint()
         self.latest = write_atomic_dir(self.folder / f"epoch-{epoch + 1:05d}",
                                        lambda d: save_checkpoint(state, d))

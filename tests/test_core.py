@@ -14,6 +14,7 @@ import sys
 for name in ("ray", "mlflow", "ffcv"):
     sys.modules[name] = None  # any import of them now raises ImportError
 import distcluster.augment, distcluster.checkpoint, distcluster.config, distcluster.data
+import distcluster.images
 import distcluster.distributed, distcluster.loop, distcluster.metrics, distcluster.models
 import distcluster.objectives
 from distcluster.config import from_dict, load_recipe
@@ -21,7 +22,7 @@ from distcluster.data import load_source
 from distcluster.loop import WorkerContext, train_loop
 
 class Quiet:
-    def epoch_end(self, epoch, metrics, checkpoint): pass
+    def epoch_end(self, epoch, metrics, save, checkpoint): pass
 
 cfg = from_dict({**load_recipe("digits-imc-swav"), "epochs": 1, "max_samples": 300,
                  "batch_size": 100})
@@ -40,9 +41,11 @@ def test_core_runs_without_ray_mlflow_ffcv():
 class Recorder:
     def __init__(self):
         self.epochs = []
+        self.saved = []
 
-    def epoch_end(self, epoch, metrics, checkpoint):
+    def epoch_end(self, epoch, metrics, save, checkpoint):
         self.epochs.append(metrics)
+        self.saved.append(save and checkpoint()["epoch"])
 
 
 def test_every_objective_lowers_its_loss_on_digits():
@@ -55,6 +58,14 @@ def test_every_objective_lowers_its_loss_on_digits():
         train_loop(cfg, load_source("digits", 768), WorkerContext(), recorder, log=lambda s: None)
         losses = [m["train/loss"] for m in recorder.epochs]
         assert losses[-1] < losses[0], (objective, losses)
+
+
+def test_checkpoints_every_n_epochs_and_always_at_the_end():
+    values = {**load_recipe("digits-iic"), "epochs": 5, "batch_size": 128, "eval_every": 0,
+              "checkpoint_every": 2}
+    recorder = Recorder()
+    train_loop(from_dict(values), load_source("digits", 256), WorkerContext(), recorder, log=lambda s: None)
+    assert recorder.saved == [False, 2, False, 4, 5]
 
 
 def test_short_default_run_beats_kmeans_on_raw_pixels():

@@ -17,12 +17,24 @@ def iic_loss(z_a: torch.Tensor, z_b: torch.Tensor, lamb: float = 1.0) -> torch.T
     P = (1/B) sum_i z_a_i z_b_i^T, symmetrised; L = -sum P (log P - lamb log P_r - lamb log P_c).
     Under a process group P is the joint over the global batch.
     """
-    batch = dist.all_reduce_(torch.tensor(float(z_a.shape[0]), device=z_a.device))
-    joint = dist.all_reduce_sum(z_a.float().t() @ z_b.float()) / batch  # (K, K)
-    joint = ((joint + joint.t()) / 2).clamp_min(EPS)
-    rows = joint.sum(dim=1, keepdim=True)
-    cols = joint.sum(dim=0, keepdim=True)
-    return -(joint * (joint.log() - lamb * rows.log() - lamb * cols.log())).sum()
+    return iic_from_joints(global_joints(z_a.unsqueeze(0), z_b.unsqueeze(0)), lamb)[0]
+
+
+def global_joints(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+    """(..., B, K) pairs of probabilities -> (..., K, K) joints over the global batch.
+
+    One all-reduce for every pair and sub-head together (gradient-carrying).
+    """
+    batch = dist.all_reduce_(torch.tensor(float(z_a.shape[-2]), device=z_a.device))
+    return dist.all_reduce_sum(z_a.float().transpose(-1, -2) @ z_b.float()) / batch
+
+
+def iic_from_joints(joint: torch.Tensor, lamb: float) -> torch.Tensor:
+    """(..., K, K) unsymmetrised joints -> (...) IIC losses."""
+    joint = ((joint + joint.transpose(-1, -2)) / 2).clamp_min(EPS)
+    rows = joint.sum(dim=-1, keepdim=True)
+    cols = joint.sum(dim=-2, keepdim=True)
+    return -(joint * (joint.log() - lamb * rows.log() - lamb * cols.log())).sum((-1, -2))
 
 
 class IIC(nn.Module):
@@ -50,12 +62,10 @@ class IIC(nn.Module):
         return ObjectiveResult(loss, logs, per_head_main.detach())
 
     def _pair_mean(self, probs: list[torch.Tensor], view_pairs: list[tuple[int, int]]) -> torch.Tensor:
-        losses = [
-            torch.stack([iic_loss(probs[i][s], probs[j][s], self.cfg.lamb)
-                         for s in range(probs[i].shape[0])])
-            for i, j in view_pairs if i < j  # the loss is symmetric in its two views
-        ]
-        return torch.stack(losses).mean(0)
+        """(S,) loss of each sub-head, averaged over view pairs (symmetric, so i < j only)."""
+        firsts = torch.stack([probs[i] for i, j in view_pairs if i < j])  # (P, S, B, K)
+        seconds = torch.stack([probs[j] for i, j in view_pairs if i < j])
+        return iic_from_joints(global_joints(firsts, seconds), self.cfg.lamb).mean(0)
 
     def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
         return self.main(features).float().softmax(-1)
