@@ -1,7 +1,10 @@
 """Checkpoints and exported models on disk, written atomically and loaded without pickle.
 
 A checkpoint is a folder holding `checkpoint.pt` (model, optimiser and
-scheduler state, epoch, chosen head, config, input spec). An exported model
+scheduler state, epoch, step, chosen head, config, input spec) and, written
+after it, `checkpoint.json` (epoch, size, SHA-256): a folder whose file is
+missing, truncated or altered fails verification and is passed over in
+favour of an older one. An exported model
 is a folder holding `weights.pt` (state dict only) and `config.json`.
 Everything is read back with `torch.load(weights_only=True)`, which refuses
 to unpickle arbitrary objects.
@@ -9,6 +12,7 @@ to unpickle arbitrary objects.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +25,7 @@ import torch
 from distcluster.errors import UserError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_META = "checkpoint.json"
 WEIGHTS_FILE = "weights.pt"
 MODEL_CONFIG_FILE = "config.json"
 
@@ -54,8 +59,55 @@ def write_json_atomic(path: Path, value: Any) -> None:
     os.replace(staging, path)
 
 
+class CorruptCheckpoint(Exception):
+    """A checkpoint folder that fails verification."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(state: dict[str, Any], folder: Path) -> None:
-    torch.save(state, folder / CHECKPOINT_FILE)
+    path = Path(folder) / CHECKPOINT_FILE
+    torch.save(state, path)
+    meta = {"epoch": state.get("epoch"), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    (Path(folder) / CHECKPOINT_META).write_text(json.dumps(meta) + "\n")
+
+
+def checkpoint_epoch(folder: Path) -> int | None:
+    """The epoch a checkpoint folder claims, or None when it has no readable metadata."""
+    try:
+        return int(json.loads((Path(folder) / CHECKPOINT_META).read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def verified_checkpoint(folder: Path) -> dict[str, Any]:
+    """Load a checkpoint whose file matches its recorded size and hash; else CorruptCheckpoint."""
+    path = Path(folder) / CHECKPOINT_FILE
+    try:
+        meta = json.loads((Path(folder) / CHECKPOINT_META).read_text())
+        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            raise CorruptCheckpoint(f"{path}: size or hash differs from {CHECKPOINT_META}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CorruptCheckpoint(f"{folder}: {exc}") from None
+
+
+def newest_valid_checkpoint(folders: list[Path], warn=print) -> tuple[dict[str, Any], Path] | None:
+    """The newest (by recorded epoch) checkpoint that verifies, warning about the ones that don't."""
+    ranked = sorted((f for f in folders if checkpoint_epoch(f) is not None), key=checkpoint_epoch,
+                    reverse=True)
+    for folder in ranked:
+        try:
+            return verified_checkpoint(folder), folder
+        except CorruptCheckpoint as exc:
+            warn(f"warning: skipping damaged checkpoint {exc}")
+    return None
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from distcluster.errors import UserError
+from distcluster.errors import RunFailed, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -18,12 +18,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_command(prog: str, body: Callable[[], object]) -> int:
-    """Run a command body: 0 on success, 2 on a user mistake, 1 on an internal failure."""
+    """Run a command body: 0 on success, 2 on a user mistake, 1 on a failed run or an internal error."""
     try:
         body()
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"{prog}: failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

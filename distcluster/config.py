@@ -211,6 +211,10 @@ class Config:
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast on CPU and GPU)
     eval_every: int = 1  # epochs between full evaluations (0 = only at the end)
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always has one)
+    max_bad_steps: int = 20  # consecutive non-finite losses (each step skipped) before giving up
+    collapse_threshold: float = 0.0  # largest-cluster fraction called collapse; 0 = min(0.9, 3/K)
+    collapse_after_epochs: int = 5  # no collapse warnings during the first epochs
+    max_failures: int = 3  # Ray worker-group restarts before the run fails
     cpus_per_worker: float = 0.0  # 0 = fit the workers onto the machine's CPUs
     output: str = ""  # default: runs/<run_name>
     experiment: str = "distcluster"
@@ -239,6 +243,12 @@ class Config:
                "must be auto, bf16 or fp32")
         _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
         _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be >= 1")
+        _check(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "must be >= 1")
+        _check(0 <= self.collapse_threshold <= 1, "collapse_threshold", self.collapse_threshold,
+               "must be in [0, 1] (0 = automatic)")
+        _check(self.collapse_after_epochs >= 0, "collapse_after_epochs", self.collapse_after_epochs,
+               "must be >= 0")
+        _check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= 0 (-1 = no limit)")
         _check(self.cpus_per_worker >= 0, "cpus_per_worker", self.cpus_per_worker,
                "must be >= 0")
         if self.objective == "crlc":

@@ -73,7 +73,8 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place reduction without gradient (Sinkhorn sums, metrics)."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=ops[op])
     return tensor
 
 

@@ -1,4 +1,4 @@
-"""Errors that mean "the user asked for something impossible" (exit code 2)."""
+"""Errors with their own exit codes: user mistakes (2) and runs that failed cleanly (1)."""
 
 
 class UserError(Exception):
@@ -12,3 +12,11 @@ class ConfigError(UserError):
         super().__init__(f"config key '{key}': {reason} (got {value!r})")
         self.key = key
         self.value = value
+
+
+class RunFailed(RuntimeError):
+    """Training stopped for a reason worth one clear line (exit 1, no traceback)."""
+
+
+class TrainingDiverged(RunFailed):
+    """The loss stayed non-finite for cfg.max_bad_steps consecutive steps."""

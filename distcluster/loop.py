@@ -9,9 +9,10 @@ statistic of the objective is global (see distcluster.distributed).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -21,7 +22,7 @@ from distcluster import distributed as dist
 from distcluster.augment import MultiCrop
 from distcluster.config import Config
 from distcluster.data import ImageSource, image_size
-from distcluster.errors import ConfigError
+from distcluster.errors import ConfigError, TrainingDiverged
 from distcluster.metrics import cluster_scores, label_free_scores
 from distcluster.models import ClusterModel, build_backbone
 from distcluster.objectives import CRLC, IIC, IMCSwAV
@@ -103,8 +104,12 @@ class _EpochLogs:
         self.sums: dict[str, torch.Tensor] = {}
         self.head_losses: torch.Tensor | None = None
         self.steps = 0
+        self.skipped = 0
 
     def add(self, result) -> None:
+        if result is None:  # a skipped step
+            self.skipped += 1
+            return
         self.steps += 1
         for key, value in {"loss": result.loss.detach(), **result.logs}.items():
             self.sums[key] = self.sums.get(key, 0) + value.float()
@@ -115,11 +120,13 @@ class _EpochLogs:
     def means(self) -> tuple[dict[str, float], torch.Tensor | None]:
         """Averaged over steps and ranks."""
         keys = sorted(self.sums)
-        packed = torch.stack([self.sums[k] for k in keys]) / max(1, self.steps)
-        packed = dist.all_reduce_(packed.cpu()) / dist.world_size()
+        if not keys:  # every step of the epoch was skipped (on every rank alike)
+            return {}, None
+        packed = torch.stack([self.sums[k] for k in keys]) / self.steps
+        packed = (dist.all_reduce_(packed) / dist.world_size()).cpu()
         heads = None
         if self.head_losses is not None:
-            heads = dist.all_reduce_(self.head_losses.cpu() / self.steps) / dist.world_size()
+            heads = (dist.all_reduce_(self.head_losses / self.steps) / dist.world_size()).cpu()
         return {f"train/{k}": float(v) for k, v in zip(keys, packed, strict=True)}, heads
 
 
@@ -131,63 +138,144 @@ def check_fits(cfg: Config, source: ImageSource) -> None:
                           f"larger than the {len(source)} images of '{cfg.data}'")
 
 
-def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: Reporter,
-               log: Callable[[str], None] = print) -> None:
-    """Train for cfg.epochs on this rank's shards; report every epoch."""
-    check_fits(cfg, source)
+@dataclass
+class _State:
+    """What changes while training; everything a checkpoint needs to continue exactly."""
+
+    model: ClusterModel
+    trained: nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    head: int = 0
+    bad_steps: int = 0  # consecutive steps with a non-finite loss
+    speeds: list[float] = field(default_factory=list)  # training images/s of every epoch
+
+
+def _build_state(cfg: Config, channels: int, ctx: WorkerContext,
+                 start: dict[str, Any] | None) -> _State:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    mean, std = source.channel_stats()
-    augment = MultiCrop(cfg.augment, mean, std)
-    model = build_model(cfg, source.channels).to(ctx.device)
+    model = build_model(cfg, channels).to(ctx.device)
     optimizer, scheduler = build_optimizer(cfg, model)
-    trained = model
+    state = _State(model, model, optimizer, scheduler)
+    if start is not None:
+        model.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["optimizer"])
+        scheduler.load_state_dict(start["scheduler"])
+        state.epoch, state.step, state.head = start["epoch"], start["step"], start["head"]
+        state.speeds = list(start["speeds"])
     if dist.is_distributed():
         if ctx.device.type == "cuda":  # SyncBatchNorm runs on GPUs only; on CPU BN stays per worker
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        trained = nn.parallel.DistributedDataParallel(
+            state.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        state.trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000 + ctx.rank)  # augmentation draws
+    return state
+
+
+def augmentation_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
+    """Augmentation draws depend only on (seed, rank, epoch): a resumed run repeats them exactly."""
+    return torch.Generator().manual_seed((seed * 1_000 + rank) * 100_003 + epoch)
+
+
+def _injected_nan_steps() -> set[int]:
+    """Test-only hook: DISTCLUSTER_TEST_NAN_STEPS="3,4,5" turns those steps' loss into NaN."""
+    value = os.environ.get("DISTCLUSTER_TEST_NAN_STEPS", "")
+    return {int(v) for v in value.split(",") if v.strip()}
+
+
+def _train_step(cfg: Config, state: _State, crops: list[torch.Tensor], local_batch: int,
+                device: torch.device, poisoned: bool):
+    """One optimiser step; skipped on every rank when any rank's loss is not finite."""
+    state.model.objective_hook("on_step_start")
+    with autocast_for(cfg, device):
+        result = state.trained(crops, local_batch, state.step)
+    loss = result.loss * float("nan") if poisoned else result.loss
+    finite = dist.all_reduce_(torch.isfinite(loss.detach()).float(), op="min")
+    state.step += 1
+    if finite.item() < 1:
+        state.bad_steps += 1
+        if state.bad_steps >= cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"loss not finite for {state.bad_steps} consecutive steps (step {state.step}, epoch "
+                f"{state.epoch + 1}); the last good checkpoint is kept. Lower optim.lr or check the data.")
+        return None
+    state.bad_steps = 0
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.model.objective_hook("on_after_backward", state.step - 1)
+    state.optimizer.step()
+    return result
+
+
+def collapse_threshold(cfg: Config) -> float:
+    """Largest-cluster fraction taken as collapse: cfg.collapse_threshold, or 3x the balanced share."""
+    return cfg.collapse_threshold or min(0.9, 3 / cfg.clusters)
+
+
+def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: Reporter,
+               log: Callable[[str], None] = print, start: dict[str, Any] | None = None) -> None:
+    """Train this rank's shards from `start` (a checkpoint state) or from scratch; report each epoch."""
+    check_fits(cfg, source)
+    if start is not None:  # the normalisation the checkpoint was trained with
+        mean, std = start["input"]["mean"], start["input"]["std"]
+    else:
+        mean, std = source.channel_stats()
+    augment = MultiCrop(cfg.augment, mean, std)
+    state = _build_state(cfg, source.channels, ctx, start)
     local_batch = cfg.batch_size // ctx.world_size
-    step = 0
-    head = 0
-    for epoch in range(cfg.epochs):
+    poison = _injected_nan_steps()
+    while state.epoch < cfg.epochs:
+        epoch = state.epoch
         started = time.perf_counter()
         logs = _EpochLogs()
+        gen = augmentation_generator(cfg.seed, ctx.rank, epoch)
         for images in source.epoch_batches(epoch, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed):
             crops = augment(images.to(ctx.device, non_blocking=True), gen)
-            model.objective_hook("on_step_start")
-            with autocast_for(cfg, ctx.device):
-                result = trained(crops, local_batch, step)
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            model.objective_hook("on_after_backward", step)
-            optimizer.step()
+            result = _train_step(cfg, state, crops, local_batch, ctx.device, state.step in poison)
             logs.add(result)
-            step += 1
-        scheduler.step()
+        state.scheduler.step()
+        state.epoch += 1
         metrics, head_losses = logs.means()
         if head_losses is not None:
-            head = int(head_losses.argmin())  # lowest-loss sub-head, chosen without labels
+            state.head = int(head_losses.argmin())  # lowest-loss sub-head, chosen without labels
         elapsed = time.perf_counter() - started
-        metrics.update({"train/images_per_second": logs.steps * cfg.batch_size / elapsed,
-                        "train/epoch_seconds": elapsed, "train/lr": scheduler.get_last_lr()[0],
-                        "train/head": head})
-        last = epoch == cfg.epochs - 1
+        state.speeds.append(logs.steps * cfg.batch_size / elapsed)
+        metrics.update({"train/images_per_second": state.speeds[-1],
+                        "train/epoch_seconds": elapsed, "train/lr": state.scheduler.get_last_lr()[0],
+                        "train/head": state.head, "train/skipped_steps": logs.skipped})
+        last = state.epoch == cfg.epochs
         if ctx.rank == 0 and (last or _every(cfg.eval_every, epoch)):
-            metrics.update({f"eval/{k}": v for k, v in
-                            evaluate(model, source, augment, ctx.device, head).items()})
+            metrics.update(_evaluate_epoch(cfg, state, source, augment, ctx.device, log))
         if ctx.rank == 0:
-            log(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(
+            log(f"epoch {state.epoch}/{cfg.epochs} " + " ".join(
                 f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()
                 if k in ("train/loss", "eval/acc", "eval/nmi", "train/images_per_second")))
 
-        def checkpoint(epoch: int = epoch, head: int = head) -> dict[str, Any]:
-            return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "head": head,
-                    "config": cfg.to_dict(), "input": input_spec(source, mean, std)}
+        def checkpoint(state: _State = state, snapshot: tuple = (state.epoch, state.step, state.head)):
+            epoch, step, head = snapshot
+            return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                    "scheduler": state.scheduler.state_dict(), "epoch": epoch, "step": step,
+                    "head": head, "speeds": state.speeds[:epoch], "config": cfg.to_dict(),
+                    "input": input_spec(source, mean, std),
+                    # the sampler order and augmentation draws derive from (seed, rank, epoch)
+                    "sampler": {"seed": cfg.seed, "next_epoch": epoch}}
 
         reporter.epoch_end(epoch, metrics, last or _every(cfg.checkpoint_every, epoch),
                            checkpoint if ctx.rank == 0 else None)
+
+
+def _evaluate_epoch(cfg: Config, state: _State, source: ImageSource, augment: MultiCrop,
+                    device: torch.device, log: Callable[[str], None]) -> dict[str, float]:
+    scores = evaluate(state.model, source, augment, device, state.head)
+    scores = {f"eval/{k}": v for k, v in scores.items()}
+    largest, threshold = scores["eval/largest_cluster"], collapse_threshold(cfg)
+    collapsed = state.epoch > cfg.collapse_after_epochs and largest > threshold
+    if collapsed:
+        log(f"warning: cluster collapse at epoch {state.epoch}: the largest cluster holds "
+            f"{largest:.0%} of the images (threshold {threshold:.0%})")
+    scores["eval/collapsed"] = float(collapsed)
+    return scores
 
 
 def _every(period: int, epoch: int) -> bool:

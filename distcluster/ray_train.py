@@ -1,7 +1,15 @@
 """Ray Train wiring: a TorchTrainer whose workers run distcluster.loop.train_loop.
 
-The only Ray lines are here: resources, the worker entry point, and
-`ray.train.report` with a checkpoint from rank 0 after every epoch.
+The only Ray lines are here: resources, the worker entry point, checkpoints
+reported with `ray.train.report`, restarts, and resuming.
+
+Failures: `FailureConfig(max_failures)` restarts the worker group when a
+worker dies; the new group resumes from the newest checkpoint that verifies
+(Ray's latest, else an older sibling). Running the driver again with the same
+run name and storage folder resumes too: Ray Train restores its checkpoint
+list from that folder. A small `RunMonitor` actor counts worker-group starts
+(restarts = starts - 1) and carries a divergence message back to the driver,
+because a diverged run should end, not be retried.
 """
 
 from __future__ import annotations
@@ -18,27 +26,52 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from distcluster.checkpoint import save_checkpoint
+from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
 from distcluster.config import Config, from_dict
+from distcluster.errors import TrainingDiverged
 from distcluster.loop import WorkerContext, set_cpu_speedups, train_loop
 from distcluster.sources import open_source
 from distcluster.tracking import RunTracker
 
+# Forwarded to Ray workers when set (the test-only NaN hook, MLflow client settings).
+FORWARDED_ENV = ("DISTCLUSTER_TEST_NAN_STEPS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "DISTCLUSTER_CACHE")
+
 
 @dataclass
 class FitOutcome:
-    checkpoint_dir: Path
-    restarts: int
+    checkpoint_dirs: list[Path]  # the newest first
+    start_epochs: list[int]  # the epoch each worker-group start resumed at
+
+
+@ray.remote(num_cpus=0)
+class RunMonitor:
+    """Records each worker-group start (the epoch it resumed at) and a divergence message."""
+
+    def __init__(self) -> None:
+        self.start_epochs: list[int] = []
+        self.failure = ""
+
+    def started(self, epoch: int) -> None:
+        self.start_epochs.append(epoch)
+
+    def diverged(self, message: str) -> None:
+        self.failure = message
+
+    def summary(self) -> tuple[list[int], str]:
+        return self.start_epochs, self.failure
 
 
 def init_ray() -> None:
     """Join RAY_ADDRESS when set (as under `ray job submit`), else start a local instance."""
     if ray.is_initialized():
         return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
     else:
-        ray.init(configure_logging=False)
+        ray.init(configure_logging=False, runtime_env=runtime_env)
 
 
 def cpus_per_worker(cfg: Config) -> float:
@@ -67,39 +100,67 @@ class _RayReporter:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
+def _resume_state(rank: int) -> dict[str, Any] | None:
+    """The newest verified checkpoint Ray offers (it, or an older one beside it)."""
+    offered = ray.train.get_checkpoint()
+    if offered is None:
+        return None
+    with offered.as_directory() as folder:
+        folder = Path(folder)
+        siblings = [p for p in folder.parent.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+        found = newest_valid_checkpoint([folder, *siblings], warn=print if rank == 0 else lambda _: None)
+    if found and rank == 0:
+        print(f"resuming from epoch {found[0]['epoch']} ({found[1].name})", flush=True)
+    return found[0] if found else None
+
+
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     # Ray Train 2.60 logs a line per report per rank through loggers named by file
     # path, which its own log-level filter misses; quiet them at the root.
     logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
+    rank = context.get_world_rank()
+    monitor = loop_config["monitor"]
     torch.set_num_threads(loop_config["threads"])
     set_cpu_speedups()
     cfg = from_dict(loop_config["config"])
     source = open_source(loop_config["data"], cfg.max_samples, loop_config["threads"])
-    ctx = WorkerContext(context.get_world_rank(), context.get_world_size(),
-                        ray.train.torch.get_device())
-    train_loop(cfg, source, ctx, _RayReporter(ctx.rank, loop_config["tracking"]))
+    ctx = WorkerContext(rank, context.get_world_size(), ray.train.torch.get_device())
+    start = _resume_state(rank)
+    if rank == 0:
+        ray.get(monitor.started.remote(start["epoch"] if start else 0))
+    try:
+        train_loop(cfg, source, ctx, _RayReporter(rank, loop_config["tracking"]), start=start)
+    except TrainingDiverged as exc:  # every rank sees it at the same step
+        if rank == 0:
+            ray.get(monitor.diverged.remote(str(exc)))
 
 
 def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: str) -> FitOutcome:
     """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data."""
     init_ray()
     cpus = cpus_per_worker(cfg)
+    monitor = RunMonitor.remote()
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data, "tracking": tracking,
-                           "threads": max(1, int(cpus))},
+                           "threads": max(1, int(cpus)), "monitor": monitor},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=0),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
                              # Ray's INFO lines (one per report per rank) would drown the epochs.
                              logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
+    start_epochs, failure = ray.get(monitor.summary.remote())
+    if failure:
+        raise TrainingDiverged(failure)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
-    return FitOutcome(Path(result.checkpoint.path), restarts=0)
+    latest = Path(result.checkpoint.path)
+    older = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest]
+    return FitOutcome([latest, *older], start_epochs)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from distcluster.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# A lost server must not stall training for minutes of retries (the user's values win).
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def resolve_tracking_uri(explicit: str = "") -> str:
@@ -22,8 +29,27 @@ def resolve_tracking_uri(explicit: str = "") -> str:
     return uri
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Exit 2 before any training when the tracking store cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"cannot reach MLflow at {uri}: {reason}") from None
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise UserError(f"cannot use MLflow at {uri}: folder {folder} does not exist")
+
+
 class RunTracker:
-    """A thin wrapper over MlflowClient bound to one run."""
+    """A thin wrapper over MlflowClient bound to one run.
+
+    Once the run exists, losing the server never stops training: the first
+    failed call prints one warning and later calls are skipped (`lost`).
+    """
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         from mlflow.tracking import MlflowClient
@@ -31,6 +57,30 @@ class RunTracker:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri)
+        self.lost = False
+
+    def _safely(self, call: Callable[[], Any]) -> None:
+        if self.lost:
+            return
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - any failure of the store
+            self.lost = True
+            print(f"warning: lost MLflow at {self.tracking_uri} ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training continues, "
+                  "results stay in summary.json", file=sys.stderr, flush=True)
+
+    @classmethod
+    def resume(cls, tracking_uri: str, run_id: str) -> RunTracker:
+        """Re-open an existing run (a resumed training job logs into the same run)."""
+        tracker = cls(tracking_uri, run_id)
+        try:
+            run = tracker.client.get_run(run_id)
+            tracker.client.update_run(run_id, status="RUNNING")
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"cannot resume MLflow run {run_id} at {tracking_uri}: {exc}") from None
+        tracker.experiment_id = run.info.experiment_id
+        return tracker
 
     @classmethod
     def start(cls, tracking_uri: str, experiment: str, run_name: str,
@@ -53,20 +103,20 @@ class RunTracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self._safely(lambda i=i: self.client.log_batch(self.run_id, params=items[i:i + 100]))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=items)
+        self._safely(lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        self._safely(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
 
     def log_artifact(self, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        self._safely(lambda: self.client.log_artifact(self.run_id, str(path)))
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        self._safely(lambda: self.client.set_terminated(self.run_id, status))

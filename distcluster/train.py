@@ -7,10 +7,12 @@ Also the Ray Jobs entry point: `ray job submit -- python -m distcluster.train ..
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from distcluster import config as configuration
 from distcluster.augment import MultiCrop
 from distcluster.checkpoint import (
     export_model,
-    load_checkpoint,
+    newest_valid_checkpoint,
     save_checkpoint,
     write_atomic_dir,
     write_json_atomic,
@@ -28,7 +30,7 @@ from distcluster.checkpoint import (
 from distcluster.cli import ArgumentParser, run_command
 from distcluster.config import Config
 from distcluster.data import ImageSource
-from distcluster.errors import ConfigError
+from distcluster.errors import ConfigError, UserError
 from distcluster.loop import (
     WorkerContext,
     build_model,
@@ -38,10 +40,11 @@ from distcluster.loop import (
     train_loop,
 )
 from distcluster.sources import open_source, resolve_data
-from distcluster.tracking import RunTracker, resolve_tracking_uri
+from distcluster.tracking import RunTracker, check_reachable, resolve_tracking_uri
 
 PROG = "distcluster.train"
 KEEP_CHECKPOINTS = 2
+RUN_RECORD = "run.json"  # run name and MLflow run id: a rerun with the same name resumes
 
 
 def build_parser() -> ArgumentParser:
@@ -57,6 +60,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--workers", type=int, help="Ray Train workers; 0 = in-process (default 2)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--seed", type=int)
+    p.add_argument("--max-failures", type=int, help="Ray worker-group restarts before failing (default 3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--output", help="output folder (default runs/<run-name>)")
@@ -69,7 +73,7 @@ def build_parser() -> ArgumentParser:
 
 
 FLAG_KEYS = ("data", "objective", "clusters", "epochs", "batch_size", "workers", "gpu", "seed",
-             "output", "experiment", "run_name", "register", "tracking_uri")
+             "max_failures", "output", "experiment", "run_name", "register", "tracking_uri")
 
 
 def config_from_args(argv: list[str] | None) -> Config:
@@ -91,32 +95,50 @@ class _LocalReporter:
     def __init__(self, tracker: RunTracker, folder: Path) -> None:
         self.tracker = tracker
         self.folder = folder
-        self.latest: Path | None = None
 
     def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool, checkpoint) -> None:
         self.tracker.log_metrics(metrics, step=epoch + 1)
         if not save:
             return
         state = checkpoint()
-        self.latest = write_atomic_dir(self.folder / f"epoch-{epoch + 1:05d}",
-                                       lambda d: save_checkpoint(state, d))
+        write_atomic_dir(self.folder / f"epoch-{epoch + 1:05d}", lambda d: save_checkpoint(state, d))
         for old in sorted(self.folder.glob("epoch-*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old)
 
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.folder.glob("epoch-*"))
 
-def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: Path,
-        name: str) -> tuple[Path, int]:
-    """Train with Ray workers, or in-process for --workers 0; the last checkpoint folder."""
+
+@dataclass
+class Fitted:
+    state: dict[str, Any]  # the newest verified checkpoint at the end
+    start_epochs: list[int]  # the epoch every (re)start began at; restarts = len - 1
+
+
+def _newest_state(folders: list[Path]) -> dict[str, Any]:
+    found = newest_valid_checkpoint(folders)
+    if found is None:
+        raise RuntimeError(f"no readable checkpoint among {[str(f) for f in folders]}")
+    return found[0]
+
+
+def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: Path, name: str) -> Fitted:
+    """Train with Ray workers, or in-process for --workers 0, resuming from out/ when it holds
+    checkpoints of this run."""
     if cfg.workers == 0:
         reporter = _LocalReporter(tracker, out / "checkpoints")
+        found = newest_valid_checkpoint(reporter.checkpoints())
+        start = found[0] if found else None
+        if start:
+            print(f"resuming from epoch {start['epoch']}", flush=True)
         device = torch.device("cuda" if cfg.gpu else "cpu")
-        train_loop(cfg, source, WorkerContext(device=device), reporter)
-        return reporter.latest, 0
+        train_loop(cfg, source, WorkerContext(device=device), reporter, start=start)
+        return Fitted(_newest_state(reporter.checkpoints()), [start["epoch"] if start else 0])
     from distcluster import ray_train
 
     outcome = ray_train.fit(cfg, data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
                             out / "ray", name)
-    return outcome.checkpoint_dir, outcome.restarts
+    return Fitted(_newest_state(outcome.checkpoint_dirs), outcome.start_epochs)
 
 
 def final_scores(state: dict[str, Any], source: ImageSource) -> dict[str, Any]:
@@ -125,6 +147,30 @@ def final_scores(state: dict[str, Any], source: ImageSource) -> dict[str, Any]:
     model.load_state_dict(state["model"])
     augment = MultiCrop(cfg.augment, state["input"]["mean"], state["input"]["std"])
     return evaluate(model, source, augment, torch.device("cpu"), state["head"])
+
+
+def _previous_run(out: Path, name: str) -> dict[str, Any] | None:
+    """This run's record in out/run.json, if an earlier invocation started it."""
+    path = out / RUN_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record["run_name"] != name:
+        raise UserError(f"{out} holds run '{record['run_name']}'; use --run-name {record['run_name']} "
+                        "to resume it, or another --output")
+    return record
+
+
+def _open_tracker(cfg: Config, record: dict[str, Any] | None, out: Path, name: str) -> RunTracker:
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    check_reachable(uri)
+    if record is not None:
+        return RunTracker.resume(uri, record["run_id"])
+    tracker = RunTracker.start(uri, cfg.experiment, name, tags={"objective": cfg.objective, "data": cfg.data})
+    tracker.log_params(cfg.flat())
+    write_json_atomic(out / RUN_RECORD, {"run_name": name, "run_id": tracker.run_id,
+                                         "experiment_id": tracker.experiment_id, "tracking_uri": uri})
+    return tracker
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -138,19 +184,21 @@ def train(cfg: Config) -> dict[str, Any]:
         raise ConfigError("gpu", True, "no CUDA GPU is visible to this process (use --no-gpu)")
     name = cfg.run_name or f"{cfg.objective}-{Path(cfg.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(cfg.output) if cfg.output else Path("runs") / name
-    tracker = RunTracker.start(resolve_tracking_uri(cfg.tracking_uri), cfg.experiment, name,
-                               tags={"objective": cfg.objective, "data": cfg.data})
-    tracker.log_params(cfg.flat())
+    record = _previous_run(out, name)
+    if record is not None and (out / "summary.json").is_file():
+        print(f"run '{name}' already finished: {out / 'summary.json'} (a new --run-name trains again)")
+        return json.loads((out / "summary.json").read_text())
+    tracker = _open_tracker(cfg, record, out, name)
     try:
         fit_started = time.perf_counter()
-        checkpoint_dir, restarts = fit(cfg, source, data, tracker, out, name)
+        fitted = fit(cfg, source, data, tracker, out, name)
         fit_seconds = time.perf_counter() - fit_started
-        state = load_checkpoint(checkpoint_dir)
+        state = fitted.state
         write_atomic_dir(out / "checkpoint", lambda d: save_checkpoint(state, d))
         write_atomic_dir(out / "model", lambda d: export_model(state, d))
         tracker.log_artifacts(out / "model", "model")
         scores = final_scores(state, source)
-        summary = _summary(cfg, source, state, scores, tracker, out, restarts,
+        summary = _summary(cfg, source, state, scores, tracker, out, fitted.start_epochs,
                            wall=time.perf_counter() - started, fit_seconds=fit_seconds)
         tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=cfg.epochs)
         write_json_atomic(out / "summary.json", summary)
@@ -164,11 +212,9 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: dict[str, Any],
-             tracker: RunTracker, out: Path, restarts: int, wall: float,
+             tracker: RunTracker, out: Path, start_epochs: list[int], wall: float,
              fit_seconds: float) -> dict[str, Any]:
     labelled = source.labels is not None
-    speeds = [m.value for m in tracker.client.get_metric_history(tracker.run_id,
-                                                                 "train/images_per_second")]
     return {
         "objective": cfg.objective, "data": cfg.data, "num_samples": len(source),
         "clusters": cfg.clusters, "epochs": state["epoch"], "workers": cfg.workers,
@@ -178,15 +224,16 @@ def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: di
         "label_free": {k: scores[k] for k in ("balance", "largest_cluster", "clusters_used",
                                               "confidence")},
         "head": state["head"],
-        "restarts": restarts,
+        "restarts": len(start_epochs) - 1,
+        "start_epochs": start_epochs,
         "wall_seconds": round(wall, 2),
         "fit_seconds": round(fit_seconds, 2),
-        "train_images_per_second": round(statistics.median(speeds), 1) if speeds else None,
+        "train_images_per_second": round(statistics.median(state["speeds"]), 1),
         "checkpoint": str((out / "checkpoint").resolve()),
         "config": cfg.to_dict(),
         "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                    "run_id": tracker.run_id, "model_uri": f"runs:/{tracker.run_id}/model",
-                   "registered_model": None, "version": None},
+                   "registered_model": None, "version": None, "lost": tracker.lost},
     }
 
 

@@ -1,0 +1,221 @@
+"""Surviving failures on real processes: a killed Ray worker, a killed driver, damaged
+checkpoints, a diverging loss, cluster collapse, and an MLflow server that is closed or lost."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
+from distcluster.config import from_dict, load_recipe
+from distcluster.data import load_source
+from distcluster.loop import WorkerContext, train_loop
+
+EPOCHS = 8
+RUN = ["--epochs", str(EPOCHS), "--batch-size", "128", "--set", "max_samples=512", "--seed", "3"]
+
+
+def train_argv(folder: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "distcluster.train", *RUN, "--output", str(folder / name),
+            "--run-name", name, "--tracking-uri", f"sqlite:///{folder}/mlflow.db", *extra]
+
+
+def run_train(folder: Path, name: str, *extra: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(train_argv(folder, name, *extra), capture_output=True, text=True, cwd=folder,
+                          timeout=600, env={**os.environ, **(env or {})})
+
+
+def summary_of(folder: Path, name: str) -> dict:
+    return json.loads((folder / name / "summary.json").read_text())
+
+
+def wait_for(predicate, timeout: float = 300, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def ray_checkpoints(folder: Path, name: str) -> list[Path]:
+    return sorted((folder / name / "ray").glob(f"{name}/checkpoint_*/checkpoint.json"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("baseline")
+    done = run_train(folder, "baseline")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return summary_of(folder, "baseline")
+
+
+def worker_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def test_sigkilled_ray_worker_is_restarted_and_the_run_finishes(tmp_path, uninterrupted):
+    process = subprocess.Popen(train_argv(tmp_path, "killed"), cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: ray_checkpoints(tmp_path, "killed") or process.poll() is not None, what="a checkpoint")
+    pids = worker_pids()
+    assert pids, "no Ray Train worker process found"
+    os.kill(pids[-1], signal.SIGKILL)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    summary = summary_of(tmp_path, "killed")
+    assert summary["restarts"] >= 1 and summary["epochs"] == EPOCHS
+    first, *resumed = summary["start_epochs"]
+    assert first == 0 and all(epoch >= 1 for epoch in resumed)  # never back past a checkpoint
+    assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05
+
+
+def test_killed_driver_resumes_from_its_checkpoint_and_skips_a_truncated_one(tmp_path, uninterrupted):
+    process = subprocess.Popen(train_argv(tmp_path, "driver"), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: len(ray_checkpoints(tmp_path, "driver")) >= 2 or process.poll() is not None,
+             what="two checkpoints")
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and everything it started
+    process.wait()
+    subprocess.run(["pkill", "-9", "-f", "RayTrainWorker"], check=False)
+    epochs = sorted(json.loads(p.read_text())["epoch"] for p in ray_checkpoints(tmp_path, "driver"))
+    newest = max(ray_checkpoints(tmp_path, "driver"), key=lambda p: json.loads(p.read_text())["epoch"])
+    data = (newest.parent / "checkpoint.pt").read_bytes()
+    (newest.parent / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # a half-written file
+    done = run_train(tmp_path, "driver")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = summary_of(tmp_path, "driver")
+    assert summary["start_epochs"][0] == epochs[-2]  # the older, intact checkpoint
+    assert summary["epochs"] == EPOCHS
+    assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05
+    again = run_train(tmp_path, "driver")  # finished: not retrained
+    assert again.returncode == 0 and "already finished" in again.stdout
+    runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [summary["mlflow"]["experiment_id"]])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # resumed into the same run
+
+
+def test_truncated_checkpoint_is_passed_over_for_the_previous_one(tmp_path):
+    for epoch in (1, 2):
+        (tmp_path / f"c{epoch}").mkdir()
+        save_checkpoint({"epoch": epoch, "weights": torch.arange(1000.0)}, tmp_path / f"c{epoch}")
+    newest = tmp_path / "c2" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:500])
+    warnings = []
+    state, folder = newest_valid_checkpoint([tmp_path / "c1", tmp_path / "c2"], warn=warnings.append)
+    assert state["epoch"] == 1 and folder == tmp_path / "c1"
+    assert len(warnings) == 1 and "c2" in warnings[0]
+
+
+# ---- guards ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_few_non_finite_losses_are_skipped_and_training_goes_on(tmp_path, workers):
+    done = run_train(tmp_path, "nan", "--workers", workers, "--set", "max_bad_steps=5",
+                     env={"DISTCLUSTER_TEST_NAN_STEPS": "2,3,4"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = summary_of(tmp_path, "nan")
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
+        summary["mlflow"]["run_id"], "train/skipped_steps")
+    assert sum(m.value for m in history) == 3 and summary["epochs"] == EPOCHS
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_diverging_loss_ends_the_run_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, workers):
+    steps = ",".join(str(s) for s in range(9, 200))  # from the 3rd epoch (4 steps per epoch) on
+    done = run_train(tmp_path, "diverged", "--workers", workers, "--set", "max_bad_steps=3",
+                     env={"DISTCLUSTER_TEST_NAN_STEPS": steps})
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("distcluster.train: failed: loss not finite for 3 consecutive steps"), last
+    assert not (tmp_path / "diverged" / "summary.json").exists()
+    if workers == "0":
+        kept = sorted((tmp_path / "diverged" / "checkpoints").glob("epoch-*"))
+        assert [p.name for p in kept] == ["epoch-00001", "epoch-00002"]
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(["1"])[0]
+    assert run.info.status == "FAILED"
+
+
+class Recorder:
+    def __init__(self):
+        self.epochs = []
+
+    def epoch_end(self, epoch, metrics, save, checkpoint):
+        self.epochs.append(metrics)
+
+
+def test_cluster_collapse_is_flagged_after_warm_up():
+    values = {**load_recipe("digits-imc-swav"), "epochs": 3, "batch_size": 128,
+              "collapse_threshold": 0.05, "collapse_after_epochs": 1}
+    recorder, lines = Recorder(), []
+    train_loop(from_dict(values), load_source("digits", 256), WorkerContext(), recorder, log=lines.append)
+    assert [m["eval/collapsed"] for m in recorder.epochs] == [0.0, 1.0, 1.0]
+    assert sum("warning: cluster collapse" in line for line in lines) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_mlflow_exits_2_before_training(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "distcluster.train", "--workers", "0", "--tracking-uri", uri,
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert f"cannot reach MLflow at {uri}" in done.stderr
+    assert not (tmp_path / "out").exists() and time.monotonic() - started < 60
+
+
+def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder}/server.db", "--default-artifact-root",
+         str(folder / "artifacts"), "--workers", "1"],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            import urllib.request
+
+            with urllib.request.urlopen(uri + "/health", timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(healthy, timeout=120, what="mlflow server")
+    return server, uri
+
+
+def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
+    server, uri = start_mlflow_server(tmp_path)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "distcluster.train", *RUN, "--workers", "0", "--epochs", "30",
+             "--tracking-uri", uri, "--output", str(tmp_path / "out"), "--run-name", "lost"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: (tmp_path / "out" / "run.json").exists() or process.poll() is not None,
+                 what="the run to start")
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert f"warning: lost MLflow at {uri}" in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["mlflow"]["lost"] and summary["epochs"] == 30
+    assert summary["metrics"]["acc"] > 0.1
