@@ -4,16 +4,18 @@ The only Ray lines are here: resources, the worker entry point, checkpoints
 reported with `ray.train.report`, restarts, and resuming.
 
 Failures: `FailureConfig(max_failures)` restarts the worker group when a
-worker dies; the new group resumes from the newest checkpoint that verifies
-(Ray's latest, else an older sibling). Running the driver again with the same
-run name and storage folder resumes too: Ray Train restores its checkpoint
-list from that folder. A small `RunMonitor` actor counts worker-group starts
+worker dies; the new group resumes from the newest checkpoint that verifies,
+among the one Ray offers and the run's checkpoint folders in storage. Running
+the driver again with the same run name and storage folder resumes the same
+way (Ray may not have recorded the last checkpoints of a killed driver, but
+they are on disk, each with its hash). A small `RunMonitor` actor counts worker-group starts
 (restarts = starts - 1) and carries a divergence message back to the driver,
 because a diverged run should end, not be retried.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -100,15 +102,15 @@ class _RayReporter:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
-def _resume_state(rank: int) -> dict[str, Any] | None:
-    """The newest verified checkpoint Ray offers (it, or an older one beside it)."""
+def _resume_state(rank: int, run_dir: Path) -> dict[str, Any] | None:
+    """The newest verified checkpoint: among the one Ray offers (after a worker-group restart,
+    or when Ray restored its list from storage) and every checkpoint folder of this run on disk
+    (a driver killed before Ray recorded its latest ones). Damaged ones are passed over."""
+    folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
     offered = ray.train.get_checkpoint()
-    if offered is None:
-        return None
-    with offered.as_directory() as folder:
-        folder = Path(folder)
-        siblings = [p for p in folder.parent.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
-        found = newest_valid_checkpoint([folder, *siblings], warn=print if rank == 0 else lambda _: None)
+    with offered.as_directory() if offered else contextlib.nullcontext() as folder:
+        found = newest_valid_checkpoint(folders + ([Path(folder)] if folder else []),
+                                        warn=print if rank == 0 else lambda _: None)
     if found and rank == 0:
         print(f"resuming from epoch {found[0]['epoch']} ({found[1].name})", flush=True)
     return found[0] if found else None
@@ -127,7 +129,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(loop_config["config"])
     source = open_source(loop_config["data"], cfg.max_samples, loop_config["threads"])
     ctx = WorkerContext(rank, context.get_world_size(), ray.train.torch.get_device())
-    start = _resume_state(rank)
+    start = _resume_state(rank, Path(loop_config["run_dir"]))
     if rank == 0:
         ray.get(monitor.started.remote(start["epoch"] if start else 0))
     try:
@@ -145,7 +147,8 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data, "tracking": tracking,
-                           "threads": max(1, int(cpus)), "monitor": monitor},
+                           "threads": max(1, int(cpus)), "monitor": monitor,
+                           "run_dir": str(storage.resolve() / name)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),

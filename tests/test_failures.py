@@ -64,7 +64,9 @@ def worker_pids() -> list[int]:
 def test_sigkilled_ray_worker_is_restarted_and_the_run_finishes(tmp_path, uninterrupted):
     process = subprocess.Popen(train_argv(tmp_path, "killed"), cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: ray_checkpoints(tmp_path, "killed") or process.poll() is not None, what="a checkpoint")
+    # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
+    wait_for(lambda: len(ray_checkpoints(tmp_path, "killed")) >= 2 or process.poll() is not None,
+             what="a committed checkpoint")
     pids = worker_pids()
     assert pids, "no Ray Train worker process found"
     os.kill(pids[-1], signal.SIGKILL)
