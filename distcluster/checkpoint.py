@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 
-from distcluster.errors import UserError
-
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_META = "checkpoint.json"
 WEIGHTS_FILE = "weights.pt"
@@ -108,13 +106,6 @@ def newest_valid_checkpoint(folders: list[Path], warn=print) -> tuple[dict[str, 
         except CorruptCheckpoint as exc:
             warn(f"warning: skipping damaged checkpoint {exc}")
     return None
-
-
-def load_checkpoint(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / CHECKPOINT_FILE
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {folder} (missing {CHECKPOINT_FILE})")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def export_model(state: dict[str, Any], folder: Path) -> None:

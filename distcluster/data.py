@@ -44,6 +44,19 @@ class ImageSource(Protocol):
     def batches(self, size: int) -> Iterator[torch.Tensor]:
         """Every image once, in index order."""
 
+    def paths(self) -> list[str] | None:
+        """The file each image came from, when known."""
+
+
+def gather_images(source: ImageSource, indices: np.ndarray, batch: int = 1024) -> dict[int, np.ndarray]:
+    """{index: (H, W, C) uint8} for the wanted indices, in one pass over the source."""
+    wanted, found, start = set(int(i) for i in indices), {}, 0
+    for images in source.batches(batch):
+        for offset in [i - start for i in wanted if start <= i < start + len(images)]:
+            found[start + offset] = images[offset].permute(1, 2, 0).numpy().copy()
+        start += len(images)
+    return found
+
 
 def image_size(source: ImageSource) -> int:
     return min(source.image_shape)
@@ -91,6 +104,9 @@ class ArraySource:
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         return channel_stats_of(self.batches(1024, limit=10_000))
+
+    def paths(self) -> list[str] | None:
+        return None
 
     def epoch_batches(self, epoch: int, global_batch: int, world_size: int, rank: int,
                       seed: int) -> Iterator[torch.Tensor]:

@@ -8,6 +8,8 @@ is refused.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -26,6 +28,8 @@ from distcluster.errors import UserError
 from distcluster.images import BadImage, Collection, fit_image, target_size
 
 METADATA_VERSION = 1
+# FFCV sets torch's thread count to its loader's (to 1 when imported): remember the real one.
+TORCH_THREADS = torch.get_num_threads()
 RAW_MAX_PIXELS = 96 * 96  # larger images are stored as JPEG (quality 90)
 
 
@@ -115,7 +119,9 @@ def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on
     try:
         fields = {"image": RGBImageField(write_mode=write_mode, jpeg_quality=90), "label": IntField()}
         writer = DatasetWriter(str(tmp), fields, num_workers=workers or min(8, os.cpu_count() or 1))
-        writer.from_indexed_dataset(_Fitted(collection, found.good, side, shape, failures))
+        quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+        with quiet:  # FFCV's writer draws its own progress bar
+            writer.from_indexed_dataset(_Fitted(collection, found.good, side, shape, failures))
         if failures.exists():
             first = failures.read_text().splitlines()[0]
             raise UserError(f"image failed while writing: {first}")
@@ -127,6 +133,7 @@ def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on
             "source": collection.source, "format": collection.format, "write_mode": write_mode,
             "resized_to": side, "max_resolution": max_resolution,
             "skipped_count": len(found.skipped), "skipped": found.skipped,
+            "paths": [collection.path(i) for i in found.good] if collection.path(0) else None,
         }
         metadata_path(out).unlink(missing_ok=True)  # an old JSON must not vouch for the new file
         os.replace(tmp, out)
@@ -184,20 +191,27 @@ def _traversal_order_class():
 class BetonSource:
     """A prepared .beton read through FFCV loaders (the ImageSource protocol)."""
 
-    def __init__(self, path: Path, max_samples: int = 0, threads: int = 1) -> None:
+    def __init__(self, path: Path, max_samples: int = 0, threads: int = 0) -> None:
+        """`threads`: FFCV decoding threads, which FFCV also imposes on torch (0 = torch's count
+        before FFCV was imported)."""
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
         self.name = str(path)
         self.class_names = self.metadata.get("label_names")
         count = self.metadata["count"]
         self.count = min(count, max_samples) if max_samples else count
-        self.threads = threads
+        self.threads = threads or TORCH_THREADS
         self._train_loader = None
         self.labels = self._read_labels() if self.metadata["labelled"] else None
 
     @property
     def channels(self) -> int:
         return self.metadata["channels"]
+
+    def paths(self) -> list[str] | None:
+        """Source file of each image (folders and zips), else None."""
+        paths = self.metadata.get("paths")
+        return paths[:self.count] if paths else None
 
     @property
     def image_shape(self) -> tuple[int, int]:

@@ -110,7 +110,8 @@ class FileCollection:
         return self.labels[index]
 
     def path(self, index: int) -> str:
-        return self.members[index]
+        """The file (a directory's file, or archive.zip/member)."""
+        return str(self.root / self.members[index])
 
     def _open(self, member: str):
         if self.root.is_dir():

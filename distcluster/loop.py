@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -90,10 +91,13 @@ def predict_probs(model: ClusterModel, source: ImageSource, augment: MultiCrop,
 def evaluate(model: ClusterModel, source: ImageSource, augment: MultiCrop,
              device: torch.device, head: int) -> dict[str, float]:
     """Label-free signals, plus ACC/NMI/ARI when the source has labels, for sub-head `head`."""
-    probs = predict_probs(model, source, augment, device)[head].numpy()
+    return scores_of(predict_probs(model, source, augment, device)[head].numpy(), source.labels)
+
+
+def scores_of(probs: np.ndarray, labels: torch.Tensor | None) -> dict[str, float]:
     scores: dict[str, float] = dict(label_free_scores(probs))
-    if source.labels is not None:
-        scores.update(cluster_scores(source.labels.numpy(), probs.argmax(1)))
+    if labels is not None:
+        scores.update(cluster_scores(labels.numpy(), probs.argmax(1)))
     return scores
 
 
@@ -151,6 +155,7 @@ class _State:
     head: int = 0
     bad_steps: int = 0  # consecutive steps with a non-finite loss
     speeds: list[float] = field(default_factory=list)  # training images/s of every epoch
+    history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
 
 
 def _build_state(cfg: Config, channels: int, ctx: WorkerContext,
@@ -165,6 +170,7 @@ def _build_state(cfg: Config, channels: int, ctx: WorkerContext,
         scheduler.load_state_dict(start["scheduler"])
         state.epoch, state.step, state.head = start["epoch"], start["step"], start["head"]
         state.speeds = list(start["speeds"])
+        state.history = list(start.get("history", []))
     if dist.is_distributed():
         if ctx.device.type == "cuda":  # SyncBatchNorm runs on GPUs only; on CPU BN stays per worker
             state.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -247,6 +253,7 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
         last = state.epoch == cfg.epochs
         if ctx.rank == 0 and (last or _every(cfg.eval_every, epoch)):
             metrics.update(_evaluate_epoch(cfg, state, source, augment, ctx.device, log))
+        state.history.append(metrics)
         if ctx.rank == 0:
             log(f"epoch {state.epoch}/{cfg.epochs} " + " ".join(
                 f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()
@@ -256,7 +263,8 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
             epoch, step, head = snapshot
             return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
                     "scheduler": state.scheduler.state_dict(), "epoch": epoch, "step": step,
-                    "head": head, "speeds": state.speeds[:epoch], "config": cfg.to_dict(),
+                    "head": head, "speeds": state.speeds[:epoch], "history": state.history[:epoch],
+                    "config": cfg.to_dict(),
                     "input": input_spec(source, mean, std),
                     # the sampler order and augmentation draws derive from (seed, rank, epoch)
                     "sampler": {"seed": cfg.seed, "next_epoch": epoch}}

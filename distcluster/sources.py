@@ -50,8 +50,8 @@ def resolve_data(spec: str, progress: bool = True) -> str:
     return str(beton)
 
 
-def open_source(resolved: str, max_samples: int = 0, threads: int = 1) -> ImageSource:
-    """Open what `resolve_data` returned."""
+def open_source(resolved: str, max_samples: int = 0, threads: int = 0) -> ImageSource:
+    """Open what `resolve_data` returned; `threads` for FFCV (0 = this process's torch threads)."""
     if not resolved.endswith(".beton"):
         return load_source(resolved, max_samples)
     from distcluster.ffcv_io import BetonSource

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from distcluster import config as configuration
+from distcluster import plots
 from distcluster.augment import MultiCrop
 from distcluster.checkpoint import (
     export_model,
@@ -29,16 +31,19 @@ from distcluster.checkpoint import (
 )
 from distcluster.cli import ArgumentParser, run_command
 from distcluster.config import Config
-from distcluster.data import ImageSource
+from distcluster.data import ImageSource, gather_images
 from distcluster.errors import ConfigError, UserError
 from distcluster.loop import (
     WorkerContext,
     build_model,
     check_fits,
-    evaluate,
+    predict_probs,
+    scores_of,
     set_cpu_speedups,
     train_loop,
 )
+from distcluster.metrics import matched_confusion
+from distcluster.registry import register
 from distcluster.sources import open_source, resolve_data
 from distcluster.tracking import RunTracker, check_reachable, resolve_tracking_uri
 
@@ -66,7 +71,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output", help="output folder (default runs/<run-name>)")
     p.add_argument("--experiment", help="MLflow experiment (default distcluster)")
     p.add_argument("--run-name")
-    p.add_argument("--register", metavar="MODEL_NAME", help="register the model in MLflow")
+    p.add_argument("--register", metavar="MODEL_NAME",
+                   help="register the model as a new version of MODEL_NAME (models:/MODEL_NAME@latest)")
     p.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or "
                    "sqlite:///mlflow.db)")
     return p
@@ -141,12 +147,27 @@ def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: P
     return Fitted(_newest_state(outcome.checkpoint_dirs), outcome.start_epochs)
 
 
-def final_scores(state: dict[str, Any], source: ImageSource) -> dict[str, Any]:
+def final_probs(state: dict[str, Any], source: ImageSource) -> np.ndarray:
+    """(N, K) probabilities of the chosen head on every image, as predict computes them."""
     cfg = configuration.from_dict(state["config"])
     model = build_model(cfg, source.channels)
     model.load_state_dict(state["model"])
     augment = MultiCrop(cfg.augment, state["input"]["mean"], state["input"]["std"])
-    return evaluate(model, source, augment, torch.device("cpu"), state["head"])
+    return predict_probs(model, source, augment, torch.device("cpu"))[state["head"]].numpy()
+
+
+def draw_plots(state: dict[str, Any], source: ImageSource, probs: np.ndarray, folder: Path) -> None:
+    """Gallery, cluster sizes, learning curves and (with labels) the confusion matrix."""
+    k = probs.shape[1]
+    clusters, confidence = probs.argmax(1), probs.max(1)
+    shown = np.concatenate(plots.most_confident(clusters, confidence, k, per_cluster=10))
+    plots.gallery(gather_images(source, shown), clusters, confidence, k, folder / "cluster_gallery.png")
+    plots.cluster_sizes(clusters, k, folder / "cluster_sizes.png")
+    plots.learning_curves(state["history"], folder / "learning_curves.png")
+    if source.labels is not None:
+        labels = source.labels.numpy()
+        names = source.class_names or [str(c) for c in range(labels.max() + 1)]
+        plots.confusion(matched_confusion(labels, clusters, k), names, folder / "confusion_matrix.png")
 
 
 def _previous_run(out: Path, name: str) -> dict[str, Any] | None:
@@ -197,9 +218,14 @@ def train(cfg: Config) -> dict[str, Any]:
         write_atomic_dir(out / "checkpoint", lambda d: save_checkpoint(state, d))
         write_atomic_dir(out / "model", lambda d: export_model(state, d))
         tracker.log_artifacts(out / "model", "model")
-        scores = final_scores(state, source)
+        probs = final_probs(state, source)
+        scores = scores_of(probs, source.labels)
+        write_atomic_dir(out / "plots", lambda d: draw_plots(state, source, probs, d))
+        tracker.log_artifacts(out / "plots", "plots")
+        registered = _register(cfg, tracker)
         summary = _summary(cfg, source, state, scores, tracker, out, fitted.start_epochs,
                            wall=time.perf_counter() - started, fit_seconds=fit_seconds)
+        summary["mlflow"].update(registered)
         tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=cfg.epochs)
         write_json_atomic(out / "summary.json", summary)
         tracker.log_artifact(out / "summary.json")
@@ -209,6 +235,18 @@ def train(cfg: Config) -> dict[str, Any]:
     tracker.finish()
     _print_result(summary, out)
     return summary
+
+
+def _register(cfg: Config, tracker: RunTracker) -> dict[str, str | None]:
+    """--register NAME: a new version of NAME (models:/NAME@latest resolves to it)."""
+    if not cfg.register:
+        return {"registered_model": None, "version": None}
+    if tracker.lost:
+        print(f"warning: MLflow was lost; model not registered as {cfg.register}", file=sys.stderr)
+        return {"registered_model": None, "version": None}
+    version = register(tracker, cfg.register)
+    print(f"registered models:/{cfg.register}/{version} (models:/{cfg.register}@latest)")
+    return {"registered_model": cfg.register, "version": version}
 
 
 def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: dict[str, Any],

@@ -14,7 +14,7 @@ import sys
 for name in ("ray", "mlflow", "ffcv"):
     sys.modules[name] = None  # any import of them now raises ImportError
 import distcluster.augment, distcluster.checkpoint, distcluster.config, distcluster.data
-import distcluster.images
+import distcluster.images, distcluster.inference, distcluster.plots
 import distcluster.distributed, distcluster.loop, distcluster.metrics, distcluster.models
 import distcluster.objectives
 from distcluster.config import from_dict, load_recipe

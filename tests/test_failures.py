@@ -4,7 +4,6 @@ checkpoints, a diverging loss, cluster collapse, and an MLflow server that is cl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from servers import free_port, start_mlflow_server, stop_server, wait_for
 
 from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
 from distcluster.config import from_dict, load_recipe
@@ -35,13 +35,6 @@ def run_train(folder: Path, name: str, *extra: str, env=None) -> subprocess.Comp
 
 def summary_of(folder: Path, name: str) -> dict:
     return json.loads((folder / name / "summary.json").read_text())
-
-
-def wait_for(predicate, timeout: float = 300, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def ray_checkpoints(folder: Path, name: str) -> list[Path]:
@@ -163,12 +156,6 @@ def test_cluster_collapse_is_flagged_after_warm_up():
     assert sum("warning: cluster collapse" in line for line in lines) == 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_mlflow_exits_2_before_training(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -181,28 +168,6 @@ def test_unreachable_mlflow_exits_2_before_training(tmp_path):
     assert not (tmp_path / "out").exists() and time.monotonic() - started < 60
 
 
-def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder}/server.db", "--default-artifact-root",
-         str(folder / "artifacts"), "--workers", "1"],
-        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            import urllib.request
-
-            with urllib.request.urlopen(uri + "/health", timeout=1):
-                return True
-        except OSError:
-            return False
-
-    wait_for(healthy, timeout=120, what="mlflow server")
-    return server, uri
-
-
 def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
     server, uri = start_mlflow_server(tmp_path)
     try:
@@ -213,8 +178,7 @@ def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
         wait_for(lambda: (tmp_path / "out" / "run.json").exists() or process.poll() is not None,
                  what="the run to start")
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        stop_server(server)
     _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
     assert f"warning: lost MLflow at {uri}" in err

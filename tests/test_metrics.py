@@ -31,3 +31,21 @@ def test_label_free_scores_of_balanced_and_collapsed_outputs():
     scores = label_free_scores(collapsed)
     assert scores["balance"] == pytest.approx(0.0)
     assert scores["largest_cluster"] == 1.0
+
+
+def test_matched_confusion_puts_the_agreement_on_the_diagonal():
+    from distcluster.metrics import matched_confusion
+
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    y_pred = np.array([2, 2, 1, 0, 0, 1, 1, 3])  # cluster 2 -> class 0, 0 -> 1, 1 -> 2, 3 unmatched
+    matrix = matched_confusion(y_true, y_pred, clusters=5)
+    assert matrix.tolist() == [[2, 0, 1, 0, 0], [0, 2, 0, 0, 0], [0, 0, 2, 1, 0]]
+    assert np.trace(matrix) / len(y_true) == cluster_scores(y_true, y_pred)["acc"]
+
+
+def test_most_confident_members_best_first():
+    from distcluster.plots import most_confident
+
+    clusters = np.array([0, 1, 0, 0, 1])
+    confidence = np.array([0.5, 0.9, 0.8, 0.7, 0.6])
+    assert [m.tolist() for m in most_confident(clusters, confidence, 3, 2)] == [[2, 3], [1, 4], []]

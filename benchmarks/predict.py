@@ -1,0 +1,78 @@
+"""Images/s of `distcluster.predict` on the CIFAR-10 JPEGs (ResNet-18, the CIFAR backbone).
+
+    .venv/bin/python benchmarks/predict.py [--zip ../shared/data/cifar10-train-jpg.zip]
+
+Not timed: preparing the zip into a .beton and training a model for one short
+epoch (predict speed does not depend on how good the model is). Timed: the
+whole `python -m distcluster.predict --model DIR --data FILE.beton --out
+FILE.parquet` command (start-up, loading, decoding, the network, writing),
+and the network pass alone. Prints a table and updates the `predict-<device>`
+section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, write_section  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.zip"
+
+
+def run(*argv: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", *argv], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def network_only(model: Path, beton: Path, batch: int) -> tuple[int, float]:
+    from distcluster.ffcv_io import BetonSource
+    from distcluster.inference import assign, load_model
+
+    loaded, source = load_model(model), BetonSource(beton, threads=torch.get_num_threads())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images = list(b.clone() for b in source.batches(batch))  # decoded up front: not timed
+    started = time.perf_counter()
+    assign(loaded, iter(images), len(source), device, progress=False)
+    return len(source), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zip", type=Path, default=SHARED)
+    parser.add_argument("--batch-size", type=int, default=512)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        beton = Path(tmp) / "cifar10.beton"
+        run("distcluster.prepare", str(args.zip), "--out", str(beton), "--quiet")
+        run("distcluster.train", "--data", str(beton), "--workers", "0", "--epochs", "1", "--set",
+            "max_samples=512", "--batch-size", "128", "--output", f"{tmp}/run", "--tracking-uri",
+            f"sqlite:///{tmp}/mlflow.db", *(["--gpu"] if device == "cuda" else []))
+        model = Path(tmp) / "run" / "model"
+        seconds = run("distcluster.predict", "--model", str(model), "--data", str(beton), "--out",
+                      f"{tmp}/clusters.parquet", "--batch-size", str(args.batch_size), "--quiet")
+        count, network = network_only(model, beton, args.batch_size)
+    rows = [("whole `distcluster.predict` command", count / seconds, seconds),
+            ("network pass only (images decoded in memory)", count / network, network)]
+    lines = [f"Machine: {machine()}; device {device}. Date: {time.strftime('%Y-%m-%d')}.",
+             "Command: `.venv/bin/python benchmarks/predict.py` "
+             f"({count} CIFAR-10 images from a .beton, ResNet-18 CIFAR stem, "
+             f"batch {args.batch_size}).", "",
+             "| what | images/s | seconds |", "|---|---|---|"]
+    lines += [f"| {name} | {speed:,.0f} | {secs:.1f} |" for name, speed, secs in rows]
+    table = "\n".join(lines)
+    print(table)
+    write_section(f"predict-{device}", f"## Predict throughput on {device} (issue 5)\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()

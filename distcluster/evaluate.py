@@ -1,0 +1,54 @@
+"""`python -m distcluster.evaluate --model URI --data SPEC [--gallery FILE.png]`.
+
+Prints one JSON object: `acc`, `nmi`, `ari`, `num_samples`, `clusters`. The
+data must have labels (class folders, CIFAR, an .npz with `y`, digits);
+they are used here only. `--gallery` draws each cluster's most confident
+images; without labels it is the only output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from distcluster.cli import run_command
+from distcluster.errors import UserError
+from distcluster.predict import build_parser, run_model
+
+PROG = "distcluster.evaluate"
+
+
+def evaluate(argv: list[str] | None = None) -> dict:
+    parser = build_parser(PROG, __doc__)
+    parser.add_argument("--gallery", help="also draw the cluster gallery to FILE.png")
+    args = parser.parse_args(argv)
+    gallery = Path(args.gallery) if args.gallery else None
+    if gallery is not None and (gallery.suffix != ".png" or not gallery.parent.is_dir()):
+        raise UserError(f"--gallery must be a .png in an existing folder (got {gallery})")
+    loaded, source, clusters, confidence = run_model(args)
+    if gallery is not None:
+        from distcluster import plots
+        from distcluster.data import gather_images
+
+        shown = np.concatenate(plots.most_confident(clusters, confidence, loaded.clusters, per_cluster=10))
+        plots.gallery(gather_images(source, shown), clusters, confidence, loaded.clusters, gallery)
+    if source.labels is None:
+        if gallery is None:
+            raise UserError(f"'{args.data}' has no labels to evaluate against (use predict, or --gallery)")
+        return {}
+    from distcluster.metrics import cluster_scores
+
+    result = {**cluster_scores(source.labels.numpy(), clusters), "num_samples": len(source),
+              "clusters": loaded.clusters}
+    print(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, lambda: evaluate(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

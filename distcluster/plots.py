@@ -1,0 +1,91 @@
+"""Pictures a person would rather look at than read: cluster galleries, cluster sizes,
+learning curves and confusion matrices. Each function writes one PNG (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def most_confident(clusters: np.ndarray, confidence: np.ndarray, k: int,
+                   per_cluster: int) -> list[np.ndarray]:
+    """For each cluster 0..k-1, the indices of its most confident members (best first)."""
+    order = np.argsort(-confidence, kind="stable")
+    return [order[clusters[order] == c][:per_cluster] for c in range(k)]
+
+
+def gallery(images: Mapping[int, np.ndarray] | np.ndarray, clusters: np.ndarray, confidence: np.ndarray,
+            k: int, path: Path, per_cluster: int = 10) -> None:
+    """One row per cluster: its `per_cluster` most confident images. images[i]: (H, W, C) uint8
+    for at least those images (see most_confident), e.g. from data.gather_images."""
+    plt = _pyplot()
+    rows = most_confident(clusters, confidence, k, per_cluster)
+    fig, axes = plt.subplots(k, per_cluster + 1, figsize=(0.9 * (per_cluster + 1), 0.9 * k), squeeze=False)
+    for c, members in enumerate(rows):
+        axes[c, 0].text(0.5, 0.5, f"{c}\n({(clusters == c).sum()})", ha="center", va="center", fontsize=8)
+        for j in range(per_cluster + 1):
+            axes[c, j].axis("off")
+        for j, index in enumerate(members, start=1):
+            image = images[index]
+            axes[c, j].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+    fig.suptitle("most confident images per cluster (row label: cluster, size)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cluster_sizes(clusters: np.ndarray, k: int, path: Path) -> None:
+    plt = _pyplot()
+    counts = np.bincount(clusters, minlength=k)
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * k), 3))
+    ax.bar(np.arange(k), counts)
+    ax.axhline(len(clusters) / k, color="grey", linestyle="--", label="balanced")
+    ax.set(xlabel="cluster", ylabel="images", title="cluster sizes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def learning_curves(history: list[dict[str, float]], path: Path) -> None:
+    """Training loss and, where evaluated, ACC/NMI and the largest cluster, per epoch."""
+    plt = _pyplot()
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(9, 3))
+    epochs = np.arange(1, len(history) + 1)
+    loss_ax.plot(epochs, [h.get("train/loss", np.nan) for h in history])
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="training loss")
+    for key in ("eval/acc", "eval/nmi", "eval/largest_cluster"):
+        points = [(e, h[key]) for e, h in zip(epochs, history, strict=True) if key in h]
+        if points:
+            score_ax.plot(*zip(*points, strict=True), marker=".", label=key.split("/")[1])
+    score_ax.set(xlabel="epoch", title="evaluation")
+    score_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
+    """matrix: (classes, clusters) counts with clusters already ordered by their matched class."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * matrix.shape[1] + 2), max(3, 0.45 * matrix.shape[0] + 1)))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        if value:
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    ax.set(xlabel="cluster (matched to classes)", ylabel="class", title="confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

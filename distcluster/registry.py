@@ -1,0 +1,61 @@
+"""The MLflow model registry: register a run's model, and fetch any model URI to a folder.
+
+Model URIs: `models:/NAME@ALIAS` (MLflow resolves the reserved alias `latest` to
+the newest version), `models:/NAME/VERSION`, `runs:/RUN_ID/model`, or a local
+folder (a run's output, its `model/`, or a checkpoint folder).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from distcluster.errors import UserError
+from distcluster.tracking import RunTracker, check_reachable, resolve_tracking_uri
+
+REMOTE_PREFIXES = ("models:/", "runs:/")
+
+
+def register(tracker: RunTracker, name: str, artifact_path: str = "model") -> str:
+    """A new version of registered model `name` from this run's model; returns the version."""
+    client = tracker.client
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="distcluster clustering model "
+                                       "(weights.pt state dict + config.json)")
+    source = f"{client.get_run(tracker.run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=tracker.run_id)
+    return str(version.version)
+
+
+def fetch_model(uri: str, tracking_uri: str = "") -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """A local folder holding the model (and the temporary directory to clean up, if any)."""
+    if not uri.startswith(REMOTE_PREFIXES):
+        folder = Path(uri)
+        if not folder.is_dir():
+            raise UserError(f"model not found: {uri} (expected models:/NAME@ALIAS, models:/NAME/VERSION, "
+                            "runs:/RUN_ID/model or a folder)")
+        return folder, None
+    tracking = resolve_tracking_uri(tracking_uri)
+    check_reachable(tracking)
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    scratch = tempfile.TemporaryDirectory(prefix="distcluster-model-")
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking)  # else MLflow opens ./mlflow.db for parts of the lookup
+        mlflow.set_registry_uri(tracking)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch.name,
+                                                    tracking_uri=tracking)
+    except MlflowException as exc:
+        scratch.cleanup()
+        raise UserError(f"cannot load {uri} from {tracking}: {exc.message.splitlines()[0][:200]}") from None
+    except OSError as exc:
+        scratch.cleanup()
+        raise UserError(f"cannot load {uri} from {tracking}: {exc}") from None
+    return Path(local), scratch
