@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from distcluster.cli import run_command
 from distcluster.errors import UserError
 from distcluster.predict import build_parser, run_model
@@ -29,11 +27,9 @@ def evaluate(argv: list[str] | None = None) -> dict:
         raise UserError(f"--gallery must be a .png in an existing folder (got {gallery})")
     loaded, source, clusters, confidence = run_model(args)
     if gallery is not None:
-        from distcluster import plots
-        from distcluster.data import gather_images
+        from distcluster.plots import source_gallery
 
-        shown = np.concatenate(plots.most_confident(clusters, confidence, loaded.clusters, per_cluster=10))
-        plots.gallery(gather_images(source, shown), clusters, confidence, loaded.clusters, gallery)
+        source_gallery(source, clusters, confidence, loaded.clusters, gallery)
     if source.labels is None:
         if gallery is None:
             raise UserError(f"'{args.data}' has no labels to evaluate against (use predict, or --gallery)")

@@ -154,7 +154,6 @@ class _State:
     step: int = 0
     head: int = 0
     bad_steps: int = 0  # consecutive steps with a non-finite loss
-    speeds: list[float] = field(default_factory=list)  # training images/s of every epoch
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
 
 
@@ -169,8 +168,7 @@ def _build_state(cfg: Config, channels: int, ctx: WorkerContext,
         optimizer.load_state_dict(start["optimizer"])
         scheduler.load_state_dict(start["scheduler"])
         state.epoch, state.step, state.head = start["epoch"], start["step"], start["head"]
-        state.speeds = list(start["speeds"])
-        state.history = list(start.get("history", []))
+        state.history = list(start["history"])
     if dist.is_distributed():
         if ctx.device.type == "cuda":  # SyncBatchNorm runs on GPUs only; on CPU BN stays per worker
             state.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -246,8 +244,7 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
         if head_losses is not None:
             state.head = int(head_losses.argmin())  # lowest-loss sub-head, chosen without labels
         elapsed = time.perf_counter() - started
-        state.speeds.append(logs.steps * cfg.batch_size / elapsed)
-        metrics.update({"train/images_per_second": state.speeds[-1],
+        metrics.update({"train/images_per_second": logs.steps * cfg.batch_size / elapsed,
                         "train/epoch_seconds": elapsed, "train/lr": state.scheduler.get_last_lr()[0],
                         "train/head": state.head, "train/skipped_steps": logs.skipped})
         last = state.epoch == cfg.epochs
@@ -263,11 +260,9 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
             epoch, step, head = snapshot
             return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
                     "scheduler": state.scheduler.state_dict(), "epoch": epoch, "step": step,
-                    "head": head, "speeds": state.speeds[:epoch], "history": state.history[:epoch],
-                    "config": cfg.to_dict(),
-                    "input": input_spec(source, mean, std),
-                    # the sampler order and augmentation draws derive from (seed, rank, epoch)
-                    "sampler": {"seed": cfg.seed, "next_epoch": epoch}}
+                    "head": head, "history": state.history[:epoch], "config": cfg.to_dict(),
+                    "input": input_spec(source, mean, std)}
+            # no sampler or RNG state: both derive from (seed, rank, epoch)
 
         reporter.epoch_end(epoch, metrics, last or _every(cfg.checkpoint_every, epoch),
                            checkpoint if ctx.rank == 0 else None)

@@ -45,6 +45,14 @@ def gallery(images: Mapping[int, np.ndarray] | np.ndarray, clusters: np.ndarray,
     plt.close(fig)
 
 
+def source_gallery(source, clusters: np.ndarray, confidence: np.ndarray, k: int, path: Path) -> None:
+    """The gallery of an ImageSource, reading only the images it shows."""
+    from distcluster.data import gather_images
+
+    shown = np.concatenate(most_confident(clusters, confidence, k, per_cluster=10))
+    gallery(gather_images(source, shown), clusters, confidence, k, path)
+
+
 def cluster_sizes(clusters: np.ndarray, k: int, path: Path) -> None:
     plt = _pyplot()
     counts = np.bincount(clusters, minlength=k)

@@ -31,7 +31,7 @@ from distcluster.checkpoint import (
 )
 from distcluster.cli import ArgumentParser, run_command
 from distcluster.config import Config
-from distcluster.data import ImageSource, gather_images
+from distcluster.data import ImageSource
 from distcluster.errors import ConfigError, UserError
 from distcluster.loop import (
     WorkerContext,
@@ -160,8 +160,7 @@ def draw_plots(state: dict[str, Any], source: ImageSource, probs: np.ndarray, fo
     """Gallery, cluster sizes, learning curves and (with labels) the confusion matrix."""
     k = probs.shape[1]
     clusters, confidence = probs.argmax(1), probs.max(1)
-    shown = np.concatenate(plots.most_confident(clusters, confidence, k, per_cluster=10))
-    plots.gallery(gather_images(source, shown), clusters, confidence, k, folder / "cluster_gallery.png")
+    plots.source_gallery(source, clusters, confidence, k, folder / "cluster_gallery.png")
     plots.cluster_sizes(clusters, k, folder / "cluster_sizes.png")
     plots.learning_curves(state["history"], folder / "learning_curves.png")
     if source.labels is not None:
@@ -266,7 +265,8 @@ def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: di
         "start_epochs": start_epochs,
         "wall_seconds": round(wall, 2),
         "fit_seconds": round(fit_seconds, 2),
-        "train_images_per_second": round(statistics.median(state["speeds"]), 1),
+        "train_images_per_second": round(statistics.median(
+            h["train/images_per_second"] for h in state["history"]), 1),
         "checkpoint": str((out / "checkpoint").resolve()),
         "config": cfg.to_dict(),
         "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
