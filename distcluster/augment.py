@@ -8,6 +8,7 @@ over samples.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from distcluster.config import AugmentConfig, CropGroup
+
+# The fixed, mild perturbation of the label-free score (metrics.view_mi): the same for every
+# trial whatever its own augmentation, so that trials are compared on equal terms. Label-
+# preserving for digits and photos alike: no flip, small rotation, gentle crop and light.
+PROBE = AugmentConfig(crops=[CropGroup(1, 0, (0.7, 1.0), (0.8, 1.25))], flip=0.0,
+                      jitter=(0.2, 0.2, 0.0, 0.0), jitter_p=1.0, grey_p=0.0, rotate_degrees=10.0)
+PROBE_SEED = 20260101
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
@@ -150,6 +158,16 @@ def colour_jitter(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> 
     return apply_colour(x, draw_colour_params(x.shape[0], aug, gen), aug)
 
 
+def _crop_group(x: torch.Tensor, group: CropGroup, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """`group.count` crops of every image in x (B, C, H, W) in [0, 1], crop-major, colour-jittered."""
+    n = group.count * x.shape[0]
+    theta = crop_affines(n, group, aug, gen).to(x)
+    grid = F.affine_grid(theta, [n, x.shape[1], group.size, group.size], align_corners=False)
+    crops = F.grid_sample(x.repeat(group.count, 1, 1, 1), grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False)
+    return colour_jitter(crops, aug, gen)
+
+
 class MultiCrop:
     """uint8 images (B, C, H, W) -> one normalised float tensor (count * B, C, s, s) per crop size.
 
@@ -166,13 +184,7 @@ class MultiCrop:
         x = images.float().div_(255)
         groups = []
         for group in self.aug.crops:
-            n = group.count * x.shape[0]
-            theta = crop_affines(n, group, self.aug, gen).to(x)
-            source = x.repeat(group.count, 1, 1, 1)
-            grid = F.affine_grid(theta, [n, x.shape[1], group.size, group.size], align_corners=False)
-            crops = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros",
-                                  align_corners=False)
-            crops = self.normalize(colour_jitter(crops, self.aug, gen))
+            crops = self.normalize(_crop_group(x, group, self.aug, gen))
             if groups and groups[-1].shape[-1] == group.size:  # one backbone pass per crop size
                 groups[-1] = torch.cat([groups[-1], crops])
             else:
@@ -185,3 +197,8 @@ class MultiCrop:
     def whole(self, images: torch.Tensor) -> torch.Tensor:
         """The un-augmented, normalised image, as used for evaluation and predict."""
         return self.normalize(images.float().div(255))
+
+    def probe(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A PROBE-perturbed, normalised copy of each image at its own size."""
+        group = dataclasses.replace(PROBE.crops[0], size=images.shape[-1])
+        return self.normalize(_crop_group(images.float().div(255), group, PROBE, gen))

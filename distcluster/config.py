@@ -196,6 +196,32 @@ class OptimConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Switches of the fast training step; each is true, false or auto (on where it pays).
+    Every setting computes the same loss: they change speed, not results."""
+
+    channels_last: bool | str = "auto"  # NHWC tensors into the convolutions (auto: on GPU)
+    compile: bool | str = "auto"  # torch.compile the backbone, one graph per crop size (auto: on GPU)
+    fused_optimizer: bool | str = "auto"  # one fused kernel per optimiser step (auto: on)
+    check_every: int = 0  # steps between the host's looks at the loss guard (0 = auto: 50 GPU, 1 CPU)
+
+    def validate(self) -> None:
+        for name in ("channels_last", "compile", "fused_optimizer"):
+            value = getattr(self, name)
+            _check(isinstance(value, bool) or value == "auto", f"speed.{name}", value,
+                   "must be true, false or auto")
+        _check(self.check_every >= 0, "speed.check_every", self.check_every, "must be >= 0 (0 = auto)")
+
+    def resolved(self, gpu: bool) -> SpeedConfig:
+        """The switches with `auto` decided for this device."""
+        def pick(value: bool | str, auto: bool) -> bool:
+            return auto if value == "auto" else bool(value)
+
+        return SpeedConfig(pick(self.channels_last, gpu), pick(self.compile, gpu),
+                           pick(self.fused_optimizer, True), self.check_every or (50 if gpu else 1))
+
+
+@dataclass
 class Config:
     """Everything one training run needs. Dotted keys address nested fields."""
 
@@ -227,6 +253,7 @@ class Config:
     iic: IICConfig = field(default_factory=IICConfig)
     imc_swav: IMCSwAVConfig = field(default_factory=IMCSwAVConfig)
     crlc: CRLCConfig = field(default_factory=CRLCConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def validate(self, image_size: int | None = None) -> Config:
         _check(self.objective in OBJECTIVES, "objective", self.objective,
@@ -257,7 +284,7 @@ class Config:
         if self.objective == "imc_swav":
             _check(self.augment.crops[0].count >= 2, "augment.crops[0].count",
                    self.augment.crops[0].count, "imc_swav needs 2 large crops in the first group")
-        for section in (self.model, self.optim, self.iic, self.imc_swav, self.crlc):
+        for section in (self.model, self.optim, self.iic, self.imc_swav, self.crlc, self.speed):
             section.validate()
         self.augment.validate(image_size)
         return self
@@ -355,6 +382,21 @@ def parse_override(text: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
     return nest(key.strip(), value)
+
+
+def assign(values: Any, dotted: str, value: Any, _done: str = "") -> Any:
+    """A copy of the complete config dict `values` with `dotted` set to `value`. Numeric parts
+    index lists: `augment.crops.1.size`. Unknown keys and missing items raise ConfigError."""
+    head, _, rest = dotted.partition(".")
+    where = _done + head
+    if isinstance(values, list):
+        _check(head.isdigit() and int(head) < len(values), where, value,
+               f"no item {head} in a list of {len(values)}")
+        copied = list(values)
+        copied[int(head)] = assign(values[int(head)], rest, value, where + ".") if rest else value
+        return copied
+    _check(isinstance(values, dict) and head in values, where, value, "unknown config key")
+    return {**values, head: assign(values[head], rest, value, where + ".") if rest else value}
 
 
 def nest(dotted: str, value: Any) -> dict[str, Any]:

@@ -78,6 +78,16 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+@torch.no_grad()
+def all_gather_stack(tensor: torch.Tensor) -> torch.Tensor:
+    """(W, ...) every rank's copy of `tensor`, in rank order, without gradient."""
+    if not is_distributed():
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
+
+
 def global_offset(local_batch: int) -> int:
     """Index of this rank's first sample in the rank-ordered global batch."""
     return rank() * local_batch

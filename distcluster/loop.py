@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from distcluster import distributed as dist
-from distcluster.augment import MultiCrop
-from distcluster.config import Config
+from distcluster.augment import PROBE_SEED, MultiCrop
+from distcluster.config import Config, SpeedConfig
 from distcluster.data import ImageSource, image_size
 from distcluster.errors import ConfigError, TrainingDiverged
-from distcluster.metrics import cluster_scores, label_free_scores
+from distcluster.metrics import cluster_scores, label_free_scores, view_mi
 from distcluster.models import ClusterModel, build_backbone
 from distcluster.objectives import CRLC, IIC, IMCSwAV
 
@@ -37,10 +37,11 @@ class WorkerContext:
 
 
 class Reporter(Protocol):
-    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool,
+    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool, evaluated: bool,
                   checkpoint: Callable[[], dict[str, Any]] | None) -> None:
-        """Called on every rank after every epoch. `save` (the same on every rank) says
-        whether this epoch keeps a checkpoint; `checkpoint` is given on rank 0 only."""
+        """Called on every rank after every epoch. `save` and `evaluated` (the same on every
+        rank) say whether this epoch keeps a checkpoint and whether rank 0's metrics hold the
+        evaluation; `checkpoint` is given on rank 0 only."""
 
 
 def build_model(cfg: Config, channels: int) -> ClusterModel:
@@ -50,18 +51,21 @@ def build_model(cfg: Config, channels: int) -> ClusterModel:
     return ClusterModel(backbone, objective_cls(backbone.feature_dim, cfg.clusters, section))
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+def build_optimizer(cfg: Config, model: nn.Module,
+                    fused: bool = False) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimiser (one fused kernel per step with `fused`) and its epoch-wise lr schedule."""
     o = cfg.optim
     # No weight decay on 1-D parameters (biases, BN), as in CRLC's code.
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    kernel = {"fused": True} if fused else {}
     if o.name == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+        optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **kernel)
     else:
         cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        optimizer = cls(groups, lr=o.lr, betas=o.betas)
+        optimizer = cls(groups, lr=o.lr, betas=o.betas, **kernel)
 
     def factor(epoch: int) -> float:
         warm = min(1.0, (epoch + 1) / o.warmup_epochs) if o.warmup_epochs else 1.0
@@ -79,11 +83,13 @@ def autocast_for(cfg: Config, device: torch.device):
 
 @torch.no_grad()
 def predict_probs(model: ClusterModel, source: ImageSource, augment: MultiCrop,
-                  device: torch.device, batch: int = 1024) -> torch.Tensor:
-    """(S, N, K) cluster probabilities of every sub-head on whole images."""
+                  device: torch.device, batch: int = 1024, probe: bool = False) -> torch.Tensor:
+    """(S, N, K) cluster probabilities of every sub-head on whole images, or with `probe` on
+    copies perturbed by augment.PROBE (the same draws on every call)."""
+    gen = torch.Generator().manual_seed(PROBE_SEED)
     model.eval()
-    parts = [model.cluster_probs(augment.whole(images.to(device))).cpu()
-             for images in source.batches(batch)]
+    parts = [model.cluster_probs(augment.probe(x, gen) if probe else augment.whole(x)).cpu()
+             for x in (images.to(device) for images in source.batches(batch))]
     model.train()
     return torch.cat(parts, dim=1)
 
@@ -91,47 +97,60 @@ def predict_probs(model: ClusterModel, source: ImageSource, augment: MultiCrop,
 def evaluate(model: ClusterModel, source: ImageSource, augment: MultiCrop,
              device: torch.device, head: int) -> dict[str, float]:
     """Label-free signals, plus ACC/NMI/ARI when the source has labels, for sub-head `head`."""
-    return scores_of(predict_probs(model, source, augment, device)[head].numpy(), source.labels)
+    probs = predict_probs(model, source, augment, device)[head].numpy()
+    perturbed = predict_probs(model, source, augment, device, probe=True)[head].numpy()
+    return scores_of(probs, source.labels, perturbed)
 
 
-def scores_of(probs: np.ndarray, labels: torch.Tensor | None) -> dict[str, float]:
+def scores_of(probs: np.ndarray, labels: torch.Tensor | None,
+              perturbed: np.ndarray | None = None) -> dict[str, float]:
+    """Label-free signals (with `perturbed`, the probe view's probabilities: view_mi), plus
+    ACC/NMI/ARI when there are labels."""
     scores: dict[str, float] = dict(label_free_scores(probs))
+    if perturbed is not None:
+        scores["view_mi"] = view_mi(probs.argmax(1), perturbed.argmax(1), probs.shape[1])
     if labels is not None:
         scores.update(cluster_scores(labels.numpy(), probs.argmax(1)))
     return scores
 
 
 class _EpochLogs:
-    """Sums detached per-step values; one host sync per epoch, not per step."""
+    """Sums detached per-step values of the finite steps on the device; one host sync per
+    epoch, not per step."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.head_losses: torch.Tensor | None = None
+        self.finite_steps: torch.Tensor | float = 0.0
         self.steps = 0
-        self.skipped = 0
 
-    def add(self, result) -> None:
-        if result is None:  # a skipped step
-            self.skipped += 1
-            return
+    def add(self, result, finite: torch.Tensor) -> None:
         self.steps += 1
+        self.finite_steps = self.finite_steps + finite
         for key, value in {"loss": result.loss.detach(), **result.logs}.items():
-            self.sums[key] = self.sums.get(key, 0) + value.float()
+            self.sums[key] = self.sums.get(key, 0) + _kept(value.float(), finite)
         if result.subhead_losses is not None:
-            h = result.subhead_losses.float()
+            h = _kept(result.subhead_losses.detach().float(), finite)
             self.head_losses = h if self.head_losses is None else self.head_losses + h
 
-    def means(self) -> tuple[dict[str, float], torch.Tensor | None]:
-        """Averaged over steps and ranks."""
+    def means(self) -> tuple[dict[str, float], torch.Tensor | None, int]:
+        """Averaged over finite steps and ranks, and the number of skipped steps."""
         keys = sorted(self.sums)
-        if not keys:  # every step of the epoch was skipped (on every rank alike)
-            return {}, None
-        packed = torch.stack([self.sums[k] for k in keys]) / self.steps
+        done = float(self.finite_steps)
+        if not keys or done == 0:  # every step of the epoch was skipped (on every rank alike)
+            return {}, None, self.steps
+        packed = torch.stack([self.sums[k] for k in keys]) / done
         packed = (dist.all_reduce_(packed) / dist.world_size()).cpu()
         heads = None
         if self.head_losses is not None:
-            heads = (dist.all_reduce_(self.head_losses / self.steps) / dist.world_size()).cpu()
-        return {f"train/{k}": float(v) for k, v in zip(keys, packed, strict=True)}, heads
+            heads = (dist.all_reduce_(self.head_losses / done) / dist.world_size()).cpu()
+        metrics = {f"train/{k}": float(v) for k, v in zip(keys, packed, strict=True)}
+        return metrics, heads, self.steps - round(done)
+
+
+def _kept(value: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """value where the step counted, else 0 (also when value is NaN or infinite)."""
+    return torch.where(finite > 0, value, torch.zeros_like(value))
 
 
 def check_fits(cfg: Config, source: ImageSource) -> None:
@@ -150,25 +169,34 @@ class _State:
     trained: nn.Module  # the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    speed: SpeedConfig  # resolved for the device
+    guard: LossGuard
     epoch: int = 0  # epochs completed
     step: int = 0
     head: int = 0
-    bad_steps: int = 0  # consecutive steps with a non-finite loss
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
 
 
 def _build_state(cfg: Config, channels: int, ctx: WorkerContext,
                  start: dict[str, Any] | None) -> _State:
+    speed = cfg.speed.resolved(ctx.device.type == "cuda")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, channels).to(ctx.device)
-    optimizer, scheduler = build_optimizer(cfg, model)
-    state = _State(model, model, optimizer, scheduler)
+    if speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(cfg, model, speed.fused_optimizer)
+    guard = LossGuard(cfg.max_bad_steps, speed.check_every, speed.fused_optimizer, ctx.device)
+    state = _State(model, model, optimizer, scheduler, speed, guard)
     if start is not None:
         model.load_state_dict(start["model"])
         optimizer.load_state_dict(start["optimizer"])
         scheduler.load_state_dict(start["scheduler"])
         state.epoch, state.step, state.head = start["epoch"], start["step"], start["head"]
         state.history = list(start["history"])
+    if speed.compile:
+        # A graph that fails to compile runs eagerly (with a warning) rather than ending the run.
+        torch._dynamo.config.suppress_errors = True
+        model.backbone.compile(dynamic=False)  # in place: state_dict keys stay the same
     if dist.is_distributed():
         if ctx.device.type == "cuda":  # SyncBatchNorm runs on GPUs only; on CPU BN stays per worker
             state.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -188,28 +216,62 @@ def _injected_nan_steps() -> set[int]:
     return {int(v) for v in value.split(",") if v.strip()}
 
 
+class LossGuard:
+    """Skips every step whose loss is not finite on some rank; gives up after `max_bad`
+    such steps in a row.
+
+    With a fused optimiser and check_every > 1 nothing waits for the device: the skip
+    is the optimiser's own `found_inf` flag (its update and step count are left
+    unchanged), the run of bad steps is counted on the device, and the host looks at
+    it every `check_every` steps and at the end of each epoch. Otherwise the host
+    looks at every step and skips backward and update itself.
+    """
+
+    def __init__(self, max_bad: int, check_every: int, fused: bool, device: torch.device) -> None:
+        self.max_bad, self.check_every = max_bad, check_every
+        self.on_device = fused and check_every > 1
+        self.run = torch.zeros((), device=device)  # bad steps in a row, now
+        self.worst = torch.zeros((), device=device)  # the longest such run since the last look
+
+    def record(self, finite: torch.Tensor) -> None:
+        self.run = (self.run + 1) * (1 - finite)
+        self.worst = torch.maximum(self.worst, self.run)
+
+    def look(self, step: int, epoch: int) -> None:
+        """Raise TrainingDiverged if max_bad bad steps in a row happened (a host sync)."""
+        worst = int(self.worst.item())
+        self.worst = self.run.clone()
+        if worst >= self.max_bad:
+            raise TrainingDiverged(
+                f"loss not finite for {worst} consecutive steps (by step {step}, epoch {epoch}); "
+                "the last good checkpoint is kept. Lower optim.lr or check the data.")
+
+
 def _train_step(cfg: Config, state: _State, crops: list[torch.Tensor], local_batch: int,
                 device: torch.device, poisoned: bool):
-    """One optimiser step; skipped on every rank when any rank's loss is not finite."""
+    """One optimiser step, skipped on every rank when any rank's loss is not finite.
+    Returns the objective's result and the all-reduced finite flag (a 0-d tensor)."""
     state.model.objective_hook("on_step_start")
     with autocast_for(cfg, device):
         result = state.trained(crops, local_batch, state.step)
     loss = result.loss * float("nan") if poisoned else result.loss
     finite = dist.all_reduce_(torch.isfinite(loss.detach()).float(), op="min")
     state.step += 1
-    if finite.item() < 1:
-        state.bad_steps += 1
-        if state.bad_steps >= cfg.max_bad_steps:
-            raise TrainingDiverged(
-                f"loss not finite for {state.bad_steps} consecutive steps (step {state.step}, epoch "
-                f"{state.epoch + 1}); the last good checkpoint is kept. Lower optim.lr or check the data.")
-        return None
-    state.bad_steps = 0
+    guard = state.guard
+    guard.record(finite)
+    if not guard.on_device:
+        guard.look(state.step, state.epoch + 1)
+        if finite.item() < 1:
+            return result, finite
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.model.objective_hook("on_after_backward", state.step - 1)
+    if guard.on_device:
+        state.optimizer.found_inf = 1 - finite  # read by the fused kernel: skip when 1
     state.optimizer.step()
-    return result
+    if guard.on_device and state.step % guard.check_every == 0:
+        guard.look(state.step, state.epoch + 1)
+    return result, finite
 
 
 def collapse_threshold(cfg: Config) -> float:
@@ -236,19 +298,22 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
         gen = augmentation_generator(cfg.seed, ctx.rank, epoch)
         for images in source.epoch_batches(epoch, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed):
             crops = augment(images.to(ctx.device, non_blocking=True), gen)
-            result = _train_step(cfg, state, crops, local_batch, ctx.device, state.step in poison)
-            logs.add(result)
+            if state.speed.channels_last:
+                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+            logs.add(*_train_step(cfg, state, crops, local_batch, ctx.device, state.step in poison))
+        state.guard.look(state.step, epoch + 1)
         state.scheduler.step()
         state.epoch += 1
-        metrics, head_losses = logs.means()
+        metrics, head_losses, skipped = logs.means()
         if head_losses is not None:
             state.head = int(head_losses.argmin())  # lowest-loss sub-head, chosen without labels
         elapsed = time.perf_counter() - started
         metrics.update({"train/images_per_second": logs.steps * cfg.batch_size / elapsed,
                         "train/epoch_seconds": elapsed, "train/lr": state.scheduler.get_last_lr()[0],
-                        "train/head": state.head, "train/skipped_steps": logs.skipped})
+                        "train/head": state.head, "train/skipped_steps": skipped})
         last = state.epoch == cfg.epochs
-        if ctx.rank == 0 and (last or _every(cfg.eval_every, epoch)):
+        evaluated = last or _every(cfg.eval_every, epoch)
+        if ctx.rank == 0 and evaluated:
             metrics.update(_evaluate_epoch(cfg, state, source, augment, ctx.device, log))
         state.history.append(metrics)
         if ctx.rank == 0:
@@ -264,7 +329,7 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
                     "input": input_spec(source, mean, std)}
             # no sampler or RNG state: both derive from (seed, rank, epoch)
 
-        reporter.epoch_end(epoch, metrics, last or _every(cfg.checkpoint_every, epoch),
+        reporter.epoch_end(epoch, metrics, last or _every(cfg.checkpoint_every, epoch), evaluated,
                            checkpoint if ctx.rank == 0 else None)
 
 

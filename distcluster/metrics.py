@@ -57,6 +57,43 @@ def label_free_scores(probs: np.ndarray) -> dict[str, float]:
     }
 
 
+def view_mi(clusters: np.ndarray, perturbed: np.ndarray, k: int) -> float:
+    """Mutual information between each image's cluster and its perturbed copy's, over log K.
+
+    The label-free score `distcluster.tune --select unsupervised` ranks by: 1 for K
+    equally large clusters that no perturbation changes; 0 for one cluster, or for
+    assignments that ignore the image. It rewards balance and stability together,
+    uses hard assignments (so sharper probabilities alone earn nothing), and is
+    comparable across K because it is divided by log K.
+    """
+    joint = np.zeros((k, k))
+    np.add.at(joint, (np.asarray(clusters), np.asarray(perturbed)), 1.0)
+    joint /= joint.sum()
+    outer = joint.sum(1, keepdims=True) @ joint.sum(0, keepdims=True)
+    seen = joint > 0
+    return float((joint[seen] * np.log(joint[seen] / outer[seen])).sum() / math.log(k))
+
+
+def consensus(partitions: list[np.ndarray], weights: list[float]) -> list[float]:
+    """For each partition of the same images, the mean NMI to every other partition,
+    weighted by the others' `weights` (their view_mi): how much the sweep's stable
+    models agree with it. Models with a wrong K merge or split different classes, so
+    they agree less with the rest than models that found the data's own groups.
+    With a single partition there is nothing to compare: 1."""
+    n = len(partitions)
+    nmi = np.ones((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            nmi[i, j] = nmi[j, i] = normalized_mutual_info_score(partitions[i], partitions[j])
+    w = np.asarray(weights, dtype=float)
+    scores = []
+    for i in range(n):
+        others = np.arange(n) != i
+        total = w[others].sum()
+        scores.append(float((nmi[i, others] * w[others]).sum() / total) if total > 0 else 1.0)
+    return scores
+
+
 def matched_confusion(y_true: np.ndarray, y_pred: np.ndarray, clusters: int) -> np.ndarray:
     """counts[class, column]: columns are clusters reordered so that cluster matched to class c
     comes c-th (unmatched clusters follow), making the diagonal the agreement ACC counts."""

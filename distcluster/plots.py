@@ -84,6 +84,22 @@ def learning_curves(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def time_curves(curves: dict[str, list[tuple[float, dict[str, float]]]], path: Path) -> None:
+    """ACC, NMI and ARI against wall-clock minutes, one panel per data set (`curves`:
+    name -> [(minutes, scores)])."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
+    for ax, (name, points) in zip(axes[0], curves.items(), strict=True):
+        for key in ("acc", "nmi", "ari"):
+            ax.plot([m for m, _ in points], [s[key] for _, s in points], marker=".", label=key.upper())
+        ax.set(xlabel="minutes since start", ylim=(0, 1), title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
     """matrix: (classes, clusters) counts with clusters already ordered by their matched class."""
     plt = _pyplot()
@@ -94,6 +110,33 @@ def confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
             ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
     ax.set(xlabel="cluster (matched to classes)", ylabel="class", title="confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def sweep(rows: list[dict], params: list[str], metric: str, path: Path) -> None:
+    """One scatter per searched parameter: each trial's final `metric` against its value;
+    trials stopped early are hollow. Non-numeric values are placed by their order."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3.0), squeeze=False)
+    for ax, param in zip(axes[0], params, strict=True):
+        values = [row.get(param) for row in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        labels = sorted({str(v) for v in values})
+        xs = values if numeric else [labels.index(str(v)) for v in values]
+        for row, x in zip(rows, xs, strict=True):
+            if row.get(metric) is None:
+                continue
+            done = row["status"] == "completed"
+            ax.scatter(x, row[metric], s=36, facecolors="C0" if done else "none", edgecolors="C0")
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+        elif min(values) > 0 and max(values) / min(values) >= 20:  # e.g. a loguniform lr
+            ax.set_xscale("log")
+        ax.set_xlabel(param, fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+    fig.suptitle(f"{metric} per trial (hollow: stopped early)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -77,24 +78,34 @@ def init_ray() -> None:
 
 
 def cpus_per_worker(cfg: Config) -> float:
-    """Fit the workers onto the cluster: 1 CPU each when there is room, else a fraction
-    (two workers on a 2-core laptop), keeping half a core for the driver and controller."""
+    """Share the cluster's CPUs among the workers, keeping half a core for the driver and
+    controller: one worker on a 2-core laptop gets 1.5 (and 2 torch threads, as the
+    in-process loop), two get 0.75 each."""
     if cfg.cpus_per_worker:
         return cfg.cpus_per_worker
     total = ray.cluster_resources().get("CPU", 1.0)
-    return min(1.0, max(0.1, (total - 0.5) / cfg.workers))
+    return max(0.1, (total - 0.5) / cfg.workers)
+
+
+def worker_threads(cpus: float) -> int:
+    """Torch (and FFCV) threads of a worker holding `cpus` CPUs."""
+    return max(1, math.ceil(cpus - 1e-6))
 
 
 class _RayReporter:
     def __init__(self, rank: int, tracking: dict[str, str]) -> None:
         self.tracker = RunTracker(tracking["uri"], tracking["run_id"]) if rank == 0 else None
 
-    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool, checkpoint) -> None:
+    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool, evaluated: bool,
+                  checkpoint) -> None:
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=epoch + 1)
-        if not save:  # every rank skips the same epochs, so reports stay in step
+        metrics = {**metrics, "epoch": epoch + 1}
+        # Every rank reports on the same epochs (checkpoint or evaluation), so reports stay in
+        # step; evaluated epochs reach Ray Tune's schedulers through TuneReportCallback.
+        if not save and not evaluated:
             return
-        if checkpoint is None:
+        if checkpoint is None or not save:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as folder:
@@ -139,15 +150,17 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             ray.get(monitor.diverged.remote(str(exc)))
 
 
-def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: str) -> FitOutcome:
-    """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data."""
+def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: str,
+        callbacks: tuple = ()) -> FitOutcome:
+    """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data.
+    `callbacks`: Ray Train UserCallbacks (Tune's TuneReportCallback in a sweep)."""
     init_ray()
     cpus = cpus_per_worker(cfg)
     monitor = RunMonitor.remote()
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data, "tracking": tracking,
-                           "threads": max(1, int(cpus)), "monitor": monitor,
+                           "threads": worker_threads(cpus), "monitor": monitor,
                            "run_dir": str(storage.resolve() / name)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"CPU": cpus}),
@@ -155,6 +168,7 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             callbacks=list(callbacks),
                              # Ray's INFO lines (one per report per rank) would drown the epochs.
                              logging_config=ray.LoggingConfig(log_level="WARNING")),
     )

@@ -102,7 +102,8 @@ class _LocalReporter:
         self.tracker = tracker
         self.folder = folder
 
-    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool, checkpoint) -> None:
+    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool, evaluated: bool,
+                  checkpoint) -> None:
         self.tracker.log_metrics(metrics, step=epoch + 1)
         if not save:
             return
@@ -147,13 +148,14 @@ def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: P
     return Fitted(_newest_state(outcome.checkpoint_dirs), outcome.start_epochs)
 
 
-def final_probs(state: dict[str, Any], source: ImageSource) -> np.ndarray:
-    """(N, K) probabilities of the chosen head on every image, as predict computes them."""
+def final_probs(state: dict[str, Any], source: ImageSource, probe: bool = False) -> np.ndarray:
+    """(N, K) probabilities of the chosen head on every image, as predict computes them
+    (with `probe`, on the label-free score's perturbed copies)."""
     cfg = configuration.from_dict(state["config"])
     model = build_model(cfg, source.channels)
     model.load_state_dict(state["model"])
     augment = MultiCrop(cfg.augment, state["input"]["mean"], state["input"]["std"])
-    return predict_probs(model, source, augment, torch.device("cpu"))[state["head"]].numpy()
+    return predict_probs(model, source, augment, torch.device("cpu"), probe=probe)[state["head"]].numpy()
 
 
 def draw_plots(state: dict[str, Any], source: ImageSource, probs: np.ndarray, folder: Path) -> None:
@@ -218,7 +220,7 @@ def train(cfg: Config) -> dict[str, Any]:
         write_atomic_dir(out / "model", lambda d: export_model(state, d))
         tracker.log_artifacts(out / "model", "model")
         probs = final_probs(state, source)
-        scores = scores_of(probs, source.labels)
+        scores = scores_of(probs, source.labels, final_probs(state, source, probe=True))
         write_atomic_dir(out / "plots", lambda d: draw_plots(state, source, probs, d))
         tracker.log_artifacts(out / "plots", "plots")
         registered = _register(cfg, tracker)
@@ -258,8 +260,8 @@ def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: di
         "device": "cuda" if cfg.gpu else "cpu",
         "metrics": {k: scores[k] for k in ("acc", "nmi", "ari")} if labelled
         else {"acc": None, "nmi": None, "ari": None},
-        "label_free": {k: scores[k] for k in ("balance", "largest_cluster", "clusters_used",
-                                              "confidence")},
+        "label_free": {k: scores[k] for k in ("view_mi", "balance", "largest_cluster",
+                                              "clusters_used", "confidence")},
         "head": state["head"],
         "restarts": len(start_epochs) - 1,
         "start_epochs": start_epochs,

@@ -105,3 +105,19 @@ def test_crop_groups_of_one_size_pass_the_backbone_as_one_tensor():
                                CropGroup(3, 6, (0.1, 0.3))])
     groups = MultiCrop(aug, [0.5] * 3, [0.25] * 3)(_images(4), torch.Generator().manual_seed(0))
     assert [g.shape[:2] for g in groups] == [(12, 3), (12, 3)]
+
+
+def test_the_probe_view_is_reproducible_in_range_and_keeps_the_image_size():
+    crop = MultiCrop(AugmentConfig(crops=[CropGroup(2, 8, (0.2, 1.0))]), [0.5] * 3, [0.25] * 3)
+    images = _images(8, size=16)
+    first = crop.probe(images, torch.Generator().manual_seed(1))
+    again = crop.probe(images, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(first, again)
+    assert first.shape == (8, 3, 16, 16)
+    assert first.min() >= -2 - 1e-5 and first.max() <= 2 + 1e-5  # (x - 0.5) / 0.25 of [0, 1]
+    plain = crop.normalize(images.float().div(255))
+    assert not torch.allclose(first, plain)
+    # A mild perturbation: much closer to its own image than to another image.
+    own = (first - plain).abs().mean()
+    other = (first - plain.roll(1, 0)).abs().mean()
+    assert own < 0.8 * other

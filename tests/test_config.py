@@ -84,3 +84,24 @@ def test_a_real_process_exits_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == ("distcluster.train: error: config key 'clusters': "
                                    "K must be >= 2 (got 1)")
+
+
+def test_assign_sets_dotted_keys_and_list_items_without_touching_the_original():
+    values = config.from_dict(config.load_recipe("digits-imc-swav")).to_dict()
+    changed = config.assign(values, "augment.crops.1.count", 7)
+    changed = config.assign(changed, "imc_swav.temperature", 0.2)
+    assert changed["augment"]["crops"][1]["count"] == 7 and changed["imc_swav"]["temperature"] == 0.2
+    assert values["augment"]["crops"][1]["count"] != 7  # a copy
+    assert config.from_dict(changed).augment.crops[1].count == 7
+
+
+@pytest.mark.parametrize("key, reason", [
+    ("imc_swav.temprature", "'imc_swav.temprature'.*unknown config key"),
+    ("augment.crops.5.size", "'augment.crops.5'.*no item 5 in a list of 2"),
+    ("augment.crops.x.size", "'augment.crops.x'.*no item x"),
+    ("epochs.deep", "'epochs.deep'.*unknown config key"),
+])
+def test_assign_names_the_missing_key(key, reason):
+    values = config.from_dict(config.load_recipe("digits-imc-swav")).to_dict()
+    with pytest.raises(ConfigError, match=reason):
+        config.assign(values, key, 1)

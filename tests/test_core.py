@@ -16,13 +16,13 @@ for name in ("ray", "mlflow", "ffcv"):
 import distcluster.augment, distcluster.checkpoint, distcluster.config, distcluster.data
 import distcluster.images, distcluster.inference, distcluster.plots
 import distcluster.distributed, distcluster.loop, distcluster.metrics, distcluster.models
-import distcluster.objectives
+import distcluster.objectives, distcluster.search_space
 from distcluster.config import from_dict, load_recipe
 from distcluster.data import load_source
 from distcluster.loop import WorkerContext, train_loop
 
 class Quiet:
-    def epoch_end(self, epoch, metrics, save, checkpoint): pass
+    def epoch_end(self, epoch, metrics, save, evaluated, checkpoint): pass
 
 cfg = from_dict({**load_recipe("digits-imc-swav"), "epochs": 1, "max_samples": 300,
                  "batch_size": 100})
@@ -43,7 +43,7 @@ class Recorder:
         self.epochs = []
         self.saved = []
 
-    def epoch_end(self, epoch, metrics, save, checkpoint):
+    def epoch_end(self, epoch, metrics, save, evaluated, checkpoint):
         self.epochs.append(metrics)
         self.saved.append(save and checkpoint()["epoch"])
 

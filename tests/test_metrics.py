@@ -49,3 +49,42 @@ def test_most_confident_members_best_first():
     clusters = np.array([0, 1, 0, 0, 1])
     confidence = np.array([0.5, 0.9, 0.8, 0.7, 0.6])
     assert [m.tolist() for m in most_confident(clusters, confidence, 3, 2)] == [[2, 3], [1, 4], []]
+
+
+def test_view_mi_is_one_for_stable_balanced_clusters_and_zero_for_collapse():
+    from distcluster.metrics import view_mi
+
+    clusters = np.arange(400) % 4
+    assert view_mi(clusters, clusters, 4) == pytest.approx(1.0)
+    assert view_mi(clusters, (clusters + 1) % 4, 4) == pytest.approx(1.0)  # a relabelling is stable
+    assert view_mi(np.zeros(400, int), np.zeros(400, int), 4) == pytest.approx(0.0)
+    # Two equal clusters of four used, perfectly stable: log 2 / log 4.
+    assert view_mi(clusters % 2, clusters % 2, 4) == pytest.approx(0.5)
+
+
+def test_view_mi_of_assignments_that_ignore_the_image_is_near_zero():
+    from distcluster.metrics import view_mi
+
+    rng = np.random.default_rng(0)
+    assert view_mi(rng.integers(0, 10, 20000), rng.integers(0, 10, 20000), 10) < 0.005
+    # Half the probes keep their cluster, half are drawn at random: in between.
+    clusters = rng.integers(0, 10, 20000)
+    perturbed = np.where(rng.random(20000) < 0.5, clusters, rng.integers(0, 10, 20000))
+    assert 0.2 < view_mi(clusters, perturbed, 10) < 0.5
+
+
+def test_consensus_rewards_the_partition_the_stable_others_agree_with():
+    from distcluster.metrics import consensus
+
+    rng = np.random.default_rng(0)
+    truth = np.arange(600) % 6
+    relabelled = (truth + 2) % 6
+    merged = truth // 2  # three clusters, each two of the six groups
+    noise = rng.integers(0, 6, 600)
+    scores = consensus([truth, relabelled, merged, noise], [1.0, 1.0, 1.0, 1.0])
+    assert scores[0] == pytest.approx(scores[1])  # a relabelling is the same partition
+    assert scores[0] > scores[2] > scores[3]
+    assert scores[3] < 0.05
+    # A weight of 0 takes a partition out of the others' consensus.
+    assert consensus([truth, relabelled, noise], [1.0, 1.0, 0.0])[:2] == pytest.approx([1.0, 1.0])
+    assert consensus([truth], [0.7]) == [1.0]

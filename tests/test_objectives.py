@@ -50,6 +50,14 @@ def test_sinkhorn_rows_sum_to_one_and_prototypes_share_the_batch():
     torch.testing.assert_close(codes.sum(0), torch.full((8,), 64 / 8), atol=1e-3, rtol=1e-3)
 
 
+def test_sinkhorn_solves_stacked_problems_as_it_solves_each_alone():
+    gen = torch.Generator().manual_seed(1)
+    first, second = torch.randn(32, 6, generator=gen), torch.randn(32, 6, generator=gen) * 3
+    together = sinkhorn(torch.stack([first, second]))
+    torch.testing.assert_close(together[0], sinkhorn(first))
+    torch.testing.assert_close(together[1], sinkhorn(second))
+
+
 def test_sinkhorn_has_no_gradient_and_handles_large_scores():
     scores = (torch.randn(16, 4) * 100).requires_grad_()
     codes = sinkhorn(scores)

@@ -57,8 +57,8 @@ class IMCSwAV(nn.Module):
 
     def loss(self, features: list[torch.Tensor], step: int = 0) -> ObjectiveResult:
         scores = [self.prototypes(F.normalize(self.projection(f).float(), dim=-1)) for f in features]
-        codes = [sinkhorn(u.detach(), self.cfg.epsilon, self.cfg.sinkhorn_iterations)
-                 for u in scores[:2]]
+        large = torch.stack([u.detach() for u in scores[:2]])  # both large crops in one problem
+        codes = list(sinkhorn(large, self.cfg.epsilon, self.cfg.sinkhorn_iterations).unbind(0))
         swav = swav_loss(codes, scores, self.cfg.temperature)
 
         # The MI term trains only the classifier: its input and the prototype side are detached.

@@ -1,0 +1,107 @@
+"""Paper recipes run, and the fast-step switches change speed, not results."""
+
+from importlib import resources
+
+import pytest
+import torch
+
+from distcluster import config
+from distcluster.data import ArraySource
+from distcluster.errors import ConfigError, TrainingDiverged
+from distcluster.loop import LossGuard, WorkerContext, _build_state, _train_step, train_loop
+
+PAPER_RECIPES = {"cifar10-imc-swav": 32, "cifar100-20-imc-swav": 32, "stl10-imc-swav": 96,
+                 "cifar10-iic": 32, "cifar10-crlc": 32, "cifar10-imc-swav-fast": 32}
+PLAIN = {"channels_last": False, "compile": False, "fused_optimizer": False, "check_every": 1}
+
+
+def random_images(count: int, size: int, channels: int = 3, labels: bool = True) -> ArraySource:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, channels, size, size), generator=gen, dtype=torch.uint8)
+    return ArraySource(images, torch.arange(count) % 2 if labels else None, "random")
+
+
+class Recorder:
+    def __init__(self):
+        self.epochs = []
+
+    def epoch_end(self, epoch, metrics, save, evaluated, checkpoint):
+        self.epochs.append(metrics)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RECIPES))
+def test_paper_recipe_validates_and_trains_one_step_at_its_input_size(name):
+    values = config.load_recipe(name)
+    config.from_dict(values).validate(PAPER_RECIPES[name])
+    cfg = config.from_dict({**values, "gpu": False, "workers": 0, "epochs": 1, "batch_size": 4})
+    recorder = Recorder()
+    train_loop(cfg, random_images(4, PAPER_RECIPES[name]), WorkerContext(), recorder, log=lambda s: None)
+    (metrics,) = recorder.epochs
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and metrics["train/skipped_steps"] == 0
+    assert 0 <= metrics["eval/view_mi"] <= 1
+
+
+def test_every_packaged_recipe_states_the_papers_numbers_or_its_target():
+    for name in config.recipe_names():
+        text = (resources.files("distcluster") / "recipes" / f"{name}.yaml").read_text()
+        assert text.startswith("#") and "ACC" in text, name
+
+
+def _losses(recipe: str, speed: dict, steps: int = 3, poisoned: frozenset = frozenset()) -> list[float]:
+    """The loss of `steps` steps on fixed crops, from the same initial weights, in fp32."""
+    cfg = config.from_dict({**config.load_recipe(recipe), "precision": "fp32", "speed": speed})
+    state = _build_state(cfg, 1, WorkerContext(), None)
+    crops = [torch.randn(g.count * 16, 1, g.size, g.size, generator=torch.Generator().manual_seed(i))
+             for i, g in enumerate(cfg.augment.crops)]
+    if state.speed.channels_last:
+        crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+    losses = []
+    for step in range(steps):
+        result, finite = _train_step(cfg, state, crops, 16, torch.device("cpu"), step in poisoned)
+        losses.append(float(result.loss.detach()) if finite > 0 else float("nan"))
+    return losses
+
+
+@pytest.mark.parametrize("recipe", ["digits-imc-swav", "digits-iic", "digits-crlc"])
+def test_channels_last_fused_optimizer_and_deferred_checks_give_the_plain_losses(recipe):
+    fast = {"channels_last": True, "compile": False, "fused_optimizer": True, "check_every": 4}
+    plain, quick = _losses(recipe, PLAIN), _losses(recipe, fast)
+    assert quick == pytest.approx(plain, rel=1e-4, abs=1e-5)
+    assert len(set(plain)) == 3  # the weights moved between steps
+
+
+def test_a_compiled_backbone_gives_the_plain_losses():
+    compiled = {**PLAIN, "compile": True}
+    plain = _losses("digits-imc-swav", PLAIN, 2)
+    assert _losses("digits-imc-swav", compiled, 2) == pytest.approx(plain, rel=1e-3, abs=1e-4)
+
+
+def test_a_skipped_step_on_the_device_leaves_weights_and_optimiser_as_they_were():
+    fast = {"channels_last": False, "compile": False, "fused_optimizer": True, "check_every": 8}
+    # Step 1 poisoned: step 2 then sees the weights after step 0, exactly as if step 1 never was.
+    skipped = _losses("digits-crlc", fast, 3, poisoned=frozenset({1}))
+    without = _losses("digits-crlc", fast, 2)
+    assert skipped[1] != skipped[1]  # NaN: the poisoned step
+    assert skipped[2] == pytest.approx(without[1], rel=1e-6)
+
+
+def test_the_guard_gives_up_after_max_bad_steps_in_a_row_at_its_next_look():
+    guard = LossGuard(max_bad=3, check_every=5, fused=True, device=torch.device("cpu"))
+    for finite in (0.0, 0.0, 1.0, 0.0, 0.0):  # never 3 in a row
+        guard.record(torch.tensor(finite))
+    guard.look(step=5, epoch=1)
+    for finite in (0.0, 1.0):  # 3 in a row across the look, then a good step
+        guard.record(torch.tensor(finite))
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps .by step 7, epoch 1"):
+        guard.look(step=7, epoch=1)
+
+
+def test_speed_switches_resolve_auto_per_device_and_refuse_other_values():
+    auto = config.SpeedConfig()
+    assert auto.resolved(gpu=True) == config.SpeedConfig(True, True, True, 50)
+    assert auto.resolved(gpu=False) == config.SpeedConfig(False, False, True, 1)
+    assert config.SpeedConfig(compile=True, check_every=7).resolved(gpu=False).compile is True
+    with pytest.raises(ConfigError, match="'speed.compile'.*true, false or auto"):
+        config.from_dict({"speed": {"compile": "yes"}}).validate()
+    with pytest.raises(ConfigError, match="'speed.check_every'"):
+        config.from_dict({"speed": {"check_every": -1}}).validate()

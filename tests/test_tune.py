@@ -1,0 +1,165 @@
+"""`python -m distcluster.tune`: search spaces checked before anything starts, and a real
+sweep on local Ray with ASHA, MLflow parent/child runs on a real `mlflow server`, and the
+champion model served by `predict`."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from servers import mlflow_server
+
+from distcluster.errors import UserError
+from distcluster.search_space import load_space, space_names
+
+NAME = "digits-sweep"
+PACKAGED = {"digits-smoke", "digits-imc-swav", "cifar10-imc-swav", "cifar10-iic", "cifar10-crlc"}
+
+
+def tune(*argv: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distcluster.tune", *argv], capture_output=True, text=True,
+                          cwd=cwd, timeout=900)
+
+
+def test_every_packaged_space_loads_and_its_extremes_validate():
+    assert PACKAGED <= set(space_names())
+    for name in PACKAGED:
+        space = load_space(name)
+        assert space.dimensions and all(cfg for cfg in space.extreme_configs())
+
+
+def test_a_space_draws_typed_values_into_a_full_config(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: digits-crlc\nset: {epochs: 3}\nsweep: {samples: 3}\nspace:\n"
+                    "  crlc.temperature: {uniform: [0.1, 0.5]}\n  augment.crops.0.size: {choice: [6, 8]}\n")
+    space = load_space(str(path))
+    cfg = space.trial_config({"crlc.temperature": 0.25, "augment.crops.0.size": 6})
+    drawn = (cfg.objective, cfg.epochs, cfg.crlc.temperature, cfg.augment.crops[0].size)
+    assert drawn == ("crlc", 3, 0.25, 6)
+    assert space.sweep["samples"] == 3 and space.sweep["grace_period"] == 2  # the rest defaults
+
+
+BAD_SPACES = {
+    "unknown-key": ("space: {imc_swav.temprature: {choice: [0.1]}}", "'imc_swav.temprature'.*unknown"),
+    "unknown-set-key": ("set: {epoch: 3}\nspace: {clusters: {choice: [10]}}", "'epoch'.*unknown config key"),
+    "list-index": ("space: {augment.crops.4.size: {choice: [8]}}", "no item 4 in a list of 2"),
+    "empty-choice": ("space: {clusters: {choice: []}}", "'clusters'.*non-empty list"),
+    "reversed-range": ("space: {optim.lr: {uniform: [0.1, 0.01]}}", "'optim.lr'.*low < high"),
+    "log-of-zero": ("space: {optim.lr: {loguniform: [0, 0.01]}}", "'optim.lr'.*low > 0"),
+    "float-randint": ("space: {seed: {randint: [0, 2.5]}}", "'seed'.*integer ends"),
+    "unknown-kind": ("space: {clusters: {normal: [10, 2]}}", "'clusters'.*must be one of"),
+    "impossible-value": ("space: {clusters: {choice: [1, 10]}}", "'clusters'.*>= 2"),
+    "impossible-end": ("space: {imc_swav.temperature: {uniform: [-0.1, 0.3]}}", "'imc_swav.temperature'"),
+    "unknown-section": ("spaces: {clusters: {choice: [10]}}", "'spaces'.*unknown section"),
+    "nothing-searched": ("base: digits-iic", "'space'.*no keys"),
+    "unknown-setting": ("space: {clusters: {choice: [10]}}\nsweep: {trials: 4}", "'sweep.trials'.*unknown"),
+    "no-samples": ("space: {clusters: {choice: [10]}}\nsweep: {samples: 0}", "'samples'.*>= 1"),
+    "optuna-grid": ("space: {clusters: {grid_search: [10]}}\nsweep: {search: optuna}", "optuna cannot"),
+    "unknown-recipe": ("base: digits-kmeans\nspace: {clusters: {choice: [10]}}", "digits-kmeans"),
+    "not-yaml": ("space: {clusters: [", "invalid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPACES))
+def test_a_bad_space_is_one_user_error_naming_the_key(case, tmp_path):
+    text, message = BAD_SPACES[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_space(str(path))
+
+
+def test_a_typo_exits_2_with_one_line_before_ray_or_mlflow_start(tmp_path):
+    (tmp_path / "typo.yaml").write_text("base: digits-imc-swav\nspace: {clusterz: {choice: [8, 10]}}\n")
+    done = tune("--space", "typo.yaml", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("distcluster.tune: error: tune space typo: config key 'clusterz': "
+                                   "unknown config key (got 8)")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+    missing = tune("--space", "no-such-space", cwd=tmp_path)
+    assert missing.returncode == 2 and "unknown tune space 'no-such-space'" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    no_labels = tune("--space", "digits-smoke", "--samples", "0", cwd=tmp_path)
+    assert no_labels.returncode == 2 and "'samples' must be an integer >= 1" in no_labels.stderr
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tune")
+    with mlflow_server(folder) as uri:
+        done = tune("--space", "digits-smoke", "--register", NAME, "--tracking-uri", uri,
+                    "--output", str(folder / "out"), cwd=folder)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        yield folder, uri, json.loads((folder / "out" / "tune_summary.json").read_text()), done
+
+
+def test_four_trials_one_stopped_early_by_asha(sweep):
+    _, _, summary, done = sweep
+    trials = summary["trials"]
+    assert len(trials) == 4 and summary["select"] == "labels" and summary["metric"] == "acc"
+    stopped = [t for t in trials if t["status"] == "stopped_early"]
+    assert len(stopped) >= 1 and summary["stopped_early"] == len(stopped)
+    assert all(t["epochs"] < 6 for t in stopped)
+    assert all(t["epochs"] == 6 for t in trials if t["status"] == "completed")
+    assert {(t["config"]["optim.lr"], t["config"]["clusters"]) for t in trials} == {
+        (1e-3, 10), (1e-3, 12), (1e-6, 10), (1e-6, 12)}
+    assert "trials" in done.stderr and "stopped early" in done.stdout  # progress bar and result line
+
+
+def test_the_best_trial_has_the_highest_acc_and_both_scores_are_recorded(sweep):
+    _, _, summary, _ = sweep
+    completed = [t for t in summary["trials"] if t["status"] == "completed"]
+    assert all(0 <= t["view_mi"] <= 1 and 0 < t["acc"] <= 1 for t in completed)
+    assert all(t["score"] == pytest.approx(t["view_mi"] * t["consensus"]) for t in completed)
+    assert all(0 <= t["consensus"] <= 1 for t in completed)
+    best = summary["best"]
+    assert best["acc"] == max(t["acc"] for t in completed) and best["metric"] == best["acc"]
+    assert best["full_config"]["optim"]["lr"] == best["config"]["optim.lr"]
+    assert best["full_config"]["clusters"] == best["config"]["clusters"]
+
+
+def test_mlflow_holds_one_parent_with_four_child_runs(sweep):
+    _, uri, summary, _ = sweep
+    client = MlflowClient(uri)
+    parent = summary["mlflow"]["parent_run_id"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    children = client.search_runs([summary["mlflow"]["experiment_id"]],
+                                  f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 4
+    by_id = {run.info.run_id: run for run in children}
+    for trial in summary["trials"]:
+        run = by_id[trial["run_id"]]
+        assert float(run.data.params["optim.lr"]) == trial["config"]["optim.lr"]
+        epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/view_mi"))
+        # A stopped trial may log one more epoch while Tune's stop reaches it.
+        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= trial["epochs"]
+        if trial["status"] == "completed":
+            assert run.info.status == "FINISHED"
+            assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
+                "model/weights.pt", "model/config.json"}
+        else:
+            assert run.info.status == "KILLED" and run.data.tags["distcluster.status"] == "stopped_early"
+    assert {a.path for a in client.list_artifacts(parent, "sweep")} == {"sweep/trials.csv", "sweep/sweep.png"}
+    table = pd.read_csv(client.download_artifacts(parent, "sweep/trials.csv"))
+    assert sorted(table["trial_id"]) == sorted(t["trial_id"] for t in summary["trials"])
+
+
+def test_champion_alias_points_at_the_best_trial_and_predict_uses_it(sweep, tmp_path):
+    folder, uri, summary, _ = sweep
+    client = MlflowClient(uri)
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert champion.run_id == summary["best"]["run_id"]
+    assert summary["model_uri"] == f"models:/{NAME}@champion"
+    out = tmp_path / "clusters.csv"
+    done = subprocess.run([sys.executable, "-m", "distcluster.predict", "--model", f"models:/{NAME}@champion",
+                           "--data", "digits", "--out", str(out), "--tracking-uri", uri, "--quiet"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_csv(out)
+    assert len(table) == 1797 and table["cluster"].between(0, best_clusters(summary) - 1).all()
+
+
+def best_clusters(summary) -> int:
+    return summary["best"]["config"]["clusters"]
