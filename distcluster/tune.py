@@ -5,9 +5,9 @@ config (its `workers` Ray Train workers) and forwards every evaluated epoch to
 Tune, whose ASHA scheduler stops the weak trials early. MLflow holds one parent
 run per sweep and one child run per trial (params, per-epoch metrics, model,
 learning curves). The best trial is picked by ACC (`--select labels`) or, with
-no labels needed, by the label-free score view_mi x consensus (`--select
-unsupervised`; metrics.view_mi, metrics.consensus); `--register NAME` gives its
-model the alias `champion`. Writes OUTPUT/tune_summary.json.
+no labels needed, by its consensus with the other finished trials (`--select
+unsupervised`; metrics.consensus, weighted by metrics.view_mi); `--register
+NAME` gives its model the alias `champion`. Writes OUTPUT/tune_summary.json.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from distcluster import config as configuration
 from distcluster import plots
 from distcluster.checkpoint import export_model, newest_valid_checkpoint, write_atomic_dir, write_json_atomic
 from distcluster.cli import ArgumentParser, run_command
+from distcluster.config import merge, parse_override
 from distcluster.data import ArraySource, gather_images
 from distcluster.errors import ConfigError, RunFailed, UserError
 from distcluster.loop import check_fits, set_cpu_speedups
@@ -36,7 +38,7 @@ from distcluster.train import final_probs
 PROG = "distcluster.tune"
 # --select: the per-epoch metric ASHA compares, and the record field that ranks finished trials.
 METRICS = {"labels": "eval/acc", "unsupervised": "eval/view_mi"}
-RANKED_BY = {"labels": "acc", "unsupervised": "score"}
+RANKED_BY = {"labels": "acc", "unsupervised": "consensus"}
 CONSENSUS_IMAGES = 2000  # images every finished model assigns, to compare the models
 CHAMPION = "champion"
 TRIAL_TAG = "distcluster.trial_id"
@@ -48,10 +50,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--space", required=True,
                    help=f"search space name or YAML file (spaces: {', '.join(space_names())})")
     p.add_argument("--data", help="data SPEC for every trial (default: the space's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a config key for every trial, e.g. --set seed=1 (repeatable)")
     p.add_argument("--samples", type=int, help="trials to sample (with grid_search: grid repeats)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the CPUs/GPUs hold)")
     p.add_argument("--select", choices=tuple(METRICS),
-                   help="rank trials by ACC (labels) or the label-free view_mi score "
+                   help="rank trials by ACC (labels) or by label-free consensus "
                         "(default: labels when the data has them)")
     p.add_argument("--search", choices=SEARCHES, help="random (default) or optuna (TPE)")
     p.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial")
@@ -238,8 +242,7 @@ class TrialRecord:
     acc: float | None
     run_id: str | None
     model_uri: str | None
-    consensus: float | None = None  # finished trials only
-    score: float | None = None  # the label-free score: view_mi x consensus
+    consensus: float | None = None  # the label-free score, of finished trials only
 
     def value(self, field: str) -> float | None:
         return getattr(self, field)
@@ -270,22 +273,23 @@ def _records(results, sweep: Sweep, tracker: RunTracker) -> list[TrialRecord]:
 
 
 def _score(records: list[TrialRecord], sweep: Sweep, tracker: RunTracker) -> None:
-    """Label-free score of every finished trial: its view_mi times its agreement with the others."""
+    """The label-free score of every finished trial: its agreement with the others, each
+    weighted by its view_mi."""
     done = [r for r in records if r.status == "completed" and r.view_mi is not None]
     partitions = [np.load(Path(sweep.output) / "trials" / r.trial_id / "consensus" / "clusters.npy")
                   for r in done]
     for record, agreement in zip(done, consensus(partitions, [r.view_mi for r in done]), strict=True):
-        record.consensus, record.score = agreement, record.view_mi * agreement
+        record.consensus = agreement
         if record.run_id:
             tracker.client.log_metric(record.run_id, "final/consensus", agreement)
-            tracker.client.log_metric(record.run_id, "final/score", record.score)
 
 
 def _best(records: list[TrialRecord], field: str) -> TrialRecord:
     done = [r for r in records if r.status == "completed" and r.value(field) is not None]
     if not done:
         raise RunFailed(f"no trial completed (statuses: {[r.status for r in records]})")
-    return max(done, key=lambda r: r.value(field))
+    # Ties (two finished trials share one NMI) go to the more stable one.
+    return max(done, key=lambda r: (r.value(field), r.view_mi or 0.0))
 
 
 def _register_champion(tracker: RunTracker, best: TrialRecord, name: str) -> str:
@@ -303,12 +307,12 @@ def _log_sweep(tracker: RunTracker, records: list[TrialRecord], params: list[str
     import pandas as pd
 
     rows = [{"trial_id": r.trial_id, "status": r.status, "epochs": r.epochs, "view_mi": r.view_mi,
-             "consensus": r.consensus, "score": r.score, "acc": r.acc, **r.config} for r in records]
+             "consensus": r.consensus, "acc": r.acc, **r.config} for r in records]
 
     def write(folder: Path) -> None:
         pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
-        # Every trial has view_mi and, with labels, ACC; only finished ones have a score.
-        plots.sweep(rows, params, "view_mi" if ranked_by == "score" else ranked_by, folder / "sweep.png")
+        # Every trial has view_mi and, with labels, ACC; only finished ones have a consensus.
+        plots.sweep(rows, params, "acc" if ranked_by == "acc" else "view_mi", folder / "sweep.png")
 
     write_atomic_dir(out / "sweep", write)
     tracker.log_artifacts(out / "sweep", "sweep")
@@ -322,8 +326,8 @@ def tune(args) -> dict[str, Any]:
     started = time.perf_counter()
     set_cpu_speedups()
     space = load_space(args.space)
-    if args.data:
-        space.base = {**space.base, "data": args.data}
+    for override in ([f"data={args.data}"] if args.data else []) + args.set:
+        space.base = configuration.from_dict(merge(space.base, parse_override(override))).to_dict()
     settings = _sweep_settings(space, args)
     data = resolve_data(space.base["data"])
     source = open_source(data, space.base["max_samples"])
@@ -381,7 +385,7 @@ def _summary(space: SearchSpace, select: str, ranked_by: str, records: list[Tria
              tracker: RunTracker, name: str | None, version: str | None, wall: float) -> dict[str, Any]:
     def row(r: TrialRecord) -> dict[str, Any]:
         return {"trial_id": r.trial_id, "status": r.status, "epochs": r.epochs, "config": r.config,
-                "view_mi": r.view_mi, "consensus": r.consensus, "score": r.score, "acc": r.acc,
+                "view_mi": r.view_mi, "consensus": r.consensus, "acc": r.acc,
                 "run_id": r.run_id, "model_uri": r.model_uri}
 
     return {
@@ -404,8 +408,8 @@ def _print_result(summary: dict[str, Any], out: Path) -> None:
                       for k, v in best["config"].items())
     acc = f", ACC {best['acc']:.4f}" if best["acc"] is not None else ""
     print(f"best of {len(summary['trials'])} trials ({summary['stopped_early']} stopped early) by "
-          f"{summary['metric']}: {best['trial_id']} {shown}: score {best['score']:.4f} "
-          f"(view_mi {best['view_mi']:.4f} x consensus {best['consensus']:.4f}){acc}")
+          f"{summary['metric']}: {best['trial_id']} {shown}: consensus {best['consensus']:.4f}, "
+          f"view_mi {best['view_mi']:.4f}{acc}")
     print(f"model: {summary['model_uri']}   summary: {out / 'tune_summary.json'}")
 
 

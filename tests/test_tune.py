@@ -81,8 +81,10 @@ def test_a_typo_exits_2_with_one_line_before_ray_or_mlflow_start(tmp_path):
     missing = tune("--space", "no-such-space", cwd=tmp_path)
     assert missing.returncode == 2 and "unknown tune space 'no-such-space'" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
-    no_labels = tune("--space", "digits-smoke", "--samples", "0", cwd=tmp_path)
-    assert no_labels.returncode == 2 and "'samples' must be an integer >= 1" in no_labels.stderr
+    no_samples = tune("--space", "digits-smoke", "--samples", "0", cwd=tmp_path)
+    assert no_samples.returncode == 2 and "'samples' must be an integer >= 1" in no_samples.stderr
+    fixed_typo = tune("--space", "digits-smoke", "--set", "epochz=3", cwd=tmp_path)
+    assert fixed_typo.returncode == 2 and "'epochz': unknown config key" in fixed_typo.stderr
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,6 @@ def test_the_best_trial_has_the_highest_acc_and_both_scores_are_recorded(sweep):
     _, _, summary, _ = sweep
     completed = [t for t in summary["trials"] if t["status"] == "completed"]
     assert all(0 <= t["view_mi"] <= 1 and 0 < t["acc"] <= 1 for t in completed)
-    assert all(t["score"] == pytest.approx(t["view_mi"] * t["consensus"]) for t in completed)
     assert all(0 <= t["consensus"] <= 1 for t in completed)
     best = summary["best"]
     assert best["acc"] == max(t["acc"] for t in completed) and best["metric"] == best["acc"]
