@@ -45,7 +45,7 @@ def run(recipe: str, workers: int, epochs: int, overrides: list[str], folder: Pa
     summary = json.loads((out / "summary.json").read_text())
     history = verified_checkpoint(out / "checkpoint")["history"]
     steady = history[1:] or history  # the first epoch warms up
-    return {"workers": workers, "command": command, "wall": summary["wall_seconds"],
+    return {"workers": workers, "command": command,
             "epochs_total": sum(h["train/epoch_seconds"] for h in history),
             "epoch": statistics.median(h["train/epoch_seconds"] for h in steady),
             "images_per_second": statistics.median(h["train/images_per_second"] for h in steady),

@@ -31,7 +31,8 @@ from distcluster import config  # noqa: E402
 from distcluster.augment import MultiCrop  # noqa: E402
 from distcluster.loop import WorkerContext, _build_state, _train_step, autocast_for, set_cpu_speedups  # noqa: E402
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 datasheet peaks; the first name found in the device's name wins.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -51,13 +52,12 @@ def input_shape(recipe: str) -> tuple[int, int]:
 class Bench:
     """A model, optimiser and augmentation for one recipe at one batch size, on `device`."""
 
-    def __init__(self, recipe: str, batch: int, device: torch.device, overrides: dict, compile_ok=True):
-        values = config.from_dict({**config.load_recipe(recipe), "batch_size": batch, "workers": 0,
-                                   "gpu": device.type == "cuda"}).to_dict()
-        for key, value in overrides.items():
-            values = config.assign(values, key, value)
-        if not compile_ok:
-            values = config.assign(values, "speed.compile", False)
+    def __init__(self, recipe: str, batch: int, device: torch.device, overrides: list[str],
+                 compile_ok: bool = True):
+        values = {**config.load_recipe(recipe), "batch_size": batch, "workers": 0,
+                  "gpu": device.type == "cuda"}
+        for override in overrides + ([] if compile_ok else ["speed.compile=false"]):
+            values = config.merge(values, config.parse_override(override))
         self.cfg = config.from_dict(values).validate()
         channels, size = input_shape(recipe)
         self.device, self.batch = device, batch
@@ -104,7 +104,7 @@ def counted(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(recipe: str, batch: int, device: torch.device, steps: int, overrides: dict) -> dict:
+def measure(recipe: str, batch: int, device: torch.device, steps: int, overrides: list[str]) -> dict:
     eager = Bench(recipe, batch, device, overrides, compile_ok=False)
     crops = eager.crops()
     step_flops, backbone_flops = counted(eager.step), counted(lambda: eager.backbone_step(crops))
@@ -115,12 +115,6 @@ def measure(recipe: str, batch: int, device: torch.device, steps: int, overrides
     return {"recipe": recipe, "batch": batch, "crops": sum(len(c) for c in crops) // batch,
             "step_s": step_s, "backbone_s": backbone_s, "step_flops": step_flops,
             "backbone_flops": backbone_flops, "speed": bench.state.speed}
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    import yaml
-
-    return {key: yaml.safe_load(value) for key, _, value in (p.partition("=") for p in pairs)}
 
 
 def main() -> None:
@@ -137,7 +131,7 @@ def main() -> None:
     rows = []
     for recipe in args.recipes:
         for batch in args.batches:
-            rows.append(measure(recipe, batch, device, args.steps, parse_overrides(args.overrides)))
+            rows.append(measure(recipe, batch, device, args.steps, args.overrides))
             r = rows[-1]
             print(f"{recipe} batch {batch}: {batch / r['step_s']:,.0f} images/s", flush=True)
     speed = rows[0]["speed"]

@@ -259,10 +259,9 @@ def _train_step(cfg: Config, state: _State, crops: list[torch.Tensor], local_bat
     state.step += 1
     guard = state.guard
     guard.record(finite)
-    if not guard.on_device:
+    if not guard.on_device and finite.item() < 1:  # a good step cannot lengthen a bad run
         guard.look(state.step, state.epoch + 1)
-        if finite.item() < 1:
-            return result, finite
+        return result, finite
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.model.objective_hook("on_after_backward", state.step - 1)

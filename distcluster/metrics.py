@@ -60,11 +60,12 @@ def label_free_scores(probs: np.ndarray) -> dict[str, float]:
 def view_mi(clusters: np.ndarray, perturbed: np.ndarray, k: int) -> float:
     """Mutual information between each image's cluster and its perturbed copy's, over log K.
 
-    The label-free score `distcluster.tune --select unsupervised` ranks by: 1 for K
-    equally large clusters that no perturbation changes; 0 for one cluster, or for
-    assignments that ignore the image. It rewards balance and stability together,
-    uses hard assignments (so sharper probabilities alone earn nothing), and is
-    comparable across K because it is divided by log K.
+    Logged every evaluated epoch (ASHA compares running trials by it) and the weight
+    of each trial in `consensus`: 1 for K equally large clusters that no perturbation
+    changes; 0 for one cluster, or for assignments that ignore the image. It rewards
+    balance and stability together and uses hard assignments (so sharper
+    probabilities alone earn nothing). Merging classes makes clusters more stable,
+    so on its own it favours too few clusters.
     """
     joint = np.zeros((k, k))
     np.add.at(joint, (np.asarray(clusters), np.asarray(perturbed)), 1.0)

@@ -83,8 +83,12 @@ def cpus_per_worker(cfg: Config) -> float:
     in-process loop), two get 0.75 each."""
     if cfg.cpus_per_worker:
         return cfg.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.1, (total - 0.5) / cfg.workers)
+    return share_cpus(ray.cluster_resources().get("CPU", 1.0), cfg.workers)
+
+
+def share_cpus(total: float, workers: int) -> float:
+    """CPUs for each of `workers` workers on a cluster of `total`, half a core kept for Ray."""
+    return round(max(0.1, (total - 0.5) / workers), 3)
 
 
 def worker_threads(cpus: float) -> int:

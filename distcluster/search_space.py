@@ -59,14 +59,11 @@ class SearchSpace:
     dimensions: list[Dimension]
     sweep: dict[str, Any]
 
-    def trial_values(self, sampled: dict[str, Any]) -> dict[str, Any]:
+    def trial_config(self, sampled: dict[str, Any]) -> Config:
         values = self.base
         for key, value in sampled.items():
             values = configuration.assign(values, key, value)
-        return values
-
-    def trial_config(self, sampled: dict[str, Any]) -> Config:
-        return configuration.from_dict(self.trial_values(sampled))
+        return configuration.from_dict(values)
 
     def extreme_configs(self) -> Iterator[Config]:
         """The base with each dimension, in turn, at each of its extremes."""

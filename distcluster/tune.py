@@ -144,14 +144,14 @@ def _fit_on_cluster(space: SearchSpace, sweep: dict[str, Any]) -> tuple[int, flo
     """Trials at once and CPUs per Ray Train worker, so that concurrent trials fit the cluster."""
     import ray
 
+    from distcluster.ray_train import share_cpus
+
     workers = max(cfg.workers for cfg in space.extreme_configs())
     resources = ray.cluster_resources()
     gpu = any(cfg.gpu for cfg in space.extreme_configs())
     room = resources.get("GPU", 0) if gpu else resources.get("CPU", 1.0)
     concurrent = sweep["max_concurrent"] or max(1, int(room // workers))
-    # Half a core for Ray's own processes; whole cores where there are enough.
-    cpus = min(1.0, max(0.1, (resources.get("CPU", 1.0) - 0.5) / (concurrent * workers)))
-    return concurrent, round(cpus, 3)
+    return concurrent, share_cpus(resources.get("CPU", 1.0), concurrent * workers)
 
 
 def _param_space(space: SearchSpace) -> dict[str, Any]:
