@@ -1,7 +1,7 @@
 """Throughput at 0 (in-process), 1 and 2 Ray workers on the same work, and Ray's overhead.
 
-    .venv/bin/python benchmarks/scaling.py [--recipe digits-imc-swav] [--epochs 12] [--workers 0 1 2]
-        [--repeats 3] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/scaling.py [--recipe digits-imc-swav] [--data SPEC] [--epochs 12]
+        [--workers 0 1 2] [--repeats 3] [--set KEY=VALUE ...]
 
 Each run is `python -m distcluster.train --config RECIPE --workers W --epochs E
 --set eval_every=0` (evaluation only after the last epoch, so that epochs time
@@ -11,7 +11,7 @@ epochs are noisy). From each run's checkpoint history: the median epoch time
 (the first epoch, which warms up, is left out) and images/s; per worker count
 the median over repeats. Ray's overhead = epoch time at 1 worker / at 0
 workers - 1.
-Prints a table and updates the `scaling-<device>` section of RESULTS.md.
+Prints a table and updates the `scaling-<device>-<recipe>` section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from common import machine, write_section  # noqa: E402
 from distcluster.checkpoint import verified_checkpoint  # noqa: E402
 
 
-def run(recipe: str, workers: int, epochs: int, overrides: list[str], folder: Path) -> dict:
+def run(recipe: str, data: str | None, workers: int, epochs: int, overrides: list[str],
+        folder: Path) -> dict:
     out = folder / f"workers-{workers}-{time.monotonic_ns()}"
     argv = [sys.executable, "-m", "distcluster.train", "--config", recipe, "--workers", str(workers),
             "--epochs", str(epochs), "--set", "eval_every=0", "--set", f"checkpoint_every={epochs}",
@@ -39,6 +40,8 @@ def run(recipe: str, workers: int, epochs: int, overrides: list[str], folder: Pa
             "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"]
     for override in overrides:
         argv += ["--set", override]
+    if data:  # runs start in `folder`: a relative path is made absolute
+        argv += ["--data", str(Path(data).resolve()) if Path(data).exists() else data]
     started = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, cwd=folder)
     command = time.perf_counter() - started
@@ -62,6 +65,7 @@ def median_run(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="digits-imc-swav")
+    parser.add_argument("--data", help="the recipe's data when not given")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
@@ -71,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             for workers in args.workers:
-                r = run(args.recipe, workers, args.epochs, args.overrides, Path(tmp))
+                r = run(args.recipe, args.data, workers, args.epochs, args.overrides, Path(tmp))
                 runs[workers].append(r)
                 print(f"workers {workers}: epoch {r['epoch']:.3f} s, {r['images_per_second']:.0f} img/s, "
                       f"command {r['command']:.1f} s", flush=True)
@@ -80,7 +84,8 @@ def main() -> None:
     one = next((r for r in rows if r["workers"] == 1), None)
     lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
              f"Command: `.venv/bin/python benchmarks/scaling.py --recipe {args.recipe} "
-             f"--epochs {args.epochs} --workers {' '.join(map(str, args.workers))} --repeats {args.repeats}"
+             + (f"--data {args.data} " if args.data else "") + f"--epochs {args.epochs} "
+             f"--workers {' '.join(map(str, args.workers))} --repeats {args.repeats}"
              + "".join(f" --set {o}" for o in args.overrides) + "` (each run: `python -m distcluster.train "
              f"--config {args.recipe} --workers W --epochs {args.epochs} --set eval_every=0`; epoch times "
              "are medians over epochs 2..E, then over the repeats; 'not in epochs' = command time - time in "
@@ -104,7 +109,8 @@ def main() -> None:
                      f"(target <= 1: {'met' if ratio <= 1.0 else 'NOT met'}).")
     table = "\n".join(lines)
     print(table)
-    write_section(f"scaling-{rows[0]['device']}", f"## Scaling: 0, 1, 2 workers ({args.recipe})\n\n{table}")
+    write_section(f"scaling-{rows[0]['device']}-{args.recipe}",
+                  f"## Scaling: {', '.join(map(str, args.workers))} workers ({args.recipe})\n\n{table}")
 
 
 if __name__ == "__main__":

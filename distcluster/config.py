@@ -28,6 +28,14 @@ def _check(ok: bool, key: str, value: object, reason: str) -> None:
         raise ConfigError(key, value, reason)
 
 
+def check_model_name(name: str, key: str = "register") -> None:
+    """MLflow's rule for registered model names, checked before any training starts."""
+    ok = bool(name.strip()) and not any(c in name for c in "/:") and name != "." \
+        and not name.startswith("..")
+    _check(ok, key, name, "a registered model name must not be blank, contain '/' or ':', "
+                          "or be '.' or start with '..'")
+
+
 def _check_range(key: str, pair: tuple[float, float], low: float, high: float) -> None:
     ok = len(pair) == 2 and low <= pair[0] <= pair[1] <= high
     _check(ok, key, list(pair), f"must be [min, max] with {low} <= min <= max <= {high}")
@@ -278,6 +286,8 @@ class Config:
         _check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= 0 (-1 = no limit)")
         _check(self.cpus_per_worker >= 0, "cpus_per_worker", self.cpus_per_worker,
                "must be >= 0")
+        if self.register:
+            check_model_name(self.register)
         if self.objective == "crlc":
             _check(self.augment.num_crops >= 2, "augment.crops", self.augment.num_crops,
                    "crlc needs at least 2 crops")

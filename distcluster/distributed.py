@@ -51,13 +51,32 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _SharedSum(torch.autograd.Function):
+    """Sum over ranks whose backward needs no collective: every rank's upstream gradient
+    is the same (see all_reduce_sum), so the sum of the W ranks' gradients is W times
+    this rank's own."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * dist.get_world_size()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, differentiable (backward sums the ranks' gradients)."""
+    """Sum over ranks of a global statistic, differentiable, one collective (forward only).
+
+    Only for a statistic that every rank turns into its loss the same way (a joint
+    distribution or marginal feeding an entropy or MI term): then the gradient arriving
+    at the sum is the same on every rank, and each rank's input gets W times it, as a
+    collective backward would give."""
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_reduce
-
-    return _ContiguousGrad.apply(all_reduce(tensor.contiguous(), op=dist.ReduceOp.SUM))
+    return _SharedSum.apply(tensor)
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

@@ -200,9 +200,24 @@ def _build_state(cfg: Config, channels: int, ctx: WorkerContext,
     if dist.is_distributed():
         if ctx.device.type == "cuda":  # SyncBatchNorm runs on GPUs only; on CPU BN stays per worker
             state.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        state.trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        state.trained = _data_parallel(model, ctx.device)
     return state
+
+
+CPU_BUCKET_MB = 256  # ResNet-18's 45 MB of gradients and every smaller model: one bucket
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP with one wait per collective that matters. Buffers are BatchNorm statistics:
+    kept in step by SyncBatchNorm on GPUs, per worker on CPU, so rank 0's are not
+    broadcast before every step. On GPUs gradients go in DDP's default buckets, sent
+    while backward goes on; on CPU, where backward keeps the worker's cores busy, in
+    one bucket: one wait per step instead of one per bucket."""
+    if device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index],
+                                                   forward_sync_buffers=False)
+    return nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False,
+                                               bucket_cap_mb=CPU_BUCKET_MB)
 
 
 def augmentation_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
@@ -217,14 +232,14 @@ def _injected_nan_steps() -> set[int]:
 
 
 class LossGuard:
-    """Skips every step whose loss is not finite on some rank; gives up after `max_bad`
+    """Skips every step whose loss or gradient is not finite on some rank; gives up after `max_bad`
     such steps in a row.
 
     With a fused optimiser and check_every > 1 nothing waits for the device: the skip
     is the optimiser's own `found_inf` flag (its update and step count are left
     unchanged), the run of bad steps is counted on the device, and the host looks at
     it every `check_every` steps and at the end of each epoch. Otherwise the host
-    looks at every step and skips backward and update itself.
+    looks at every step and skips the update itself.
     """
 
     def __init__(self, max_bad: int, check_every: int, fused: bool, device: torch.device) -> None:
@@ -249,28 +264,42 @@ class LossGuard:
 
 def _train_step(cfg: Config, state: _State, crops: list[torch.Tensor], local_batch: int,
                 device: torch.device, poisoned: bool):
-    """One optimiser step, skipped on every rank when any rank's loss is not finite.
-    Returns the objective's result and the all-reduced finite flag (a 0-d tensor)."""
+    """One optimiser step, skipped on every rank when any rank's loss or gradient is not
+    finite. Returns the objective's result and the finite flag (a 0-d tensor, the same on
+    every rank)."""
     state.model.objective_hook("on_step_start")
     with autocast_for(cfg, device):
         result = state.trained(crops, local_batch, state.step)
     loss = result.loss * float("nan") if poisoned else result.loss
-    finite = dist.all_reduce_(torch.isfinite(loss.detach()).float(), op="min")
+    state.optimizer.zero_grad(set_to_none=True)
+    # A non-finite loss makes every gradient of its rank NaN, and DDP's averaging carries
+    # that to every rank: all ranks read the same flag off their gradients, no collective.
+    (loss * _one_or_nan(loss.detach())).backward()
+    state.model.objective_hook("on_after_backward", state.step)
+    finite = gradients_finite(state.model)
     state.step += 1
     guard = state.guard
     guard.record(finite)
-    if not guard.on_device and finite.item() < 1:  # a good step cannot lengthen a bad run
-        guard.look(state.step, state.epoch + 1)
-        return result, finite
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    state.model.objective_hook("on_after_backward", state.step - 1)
     if guard.on_device:
         state.optimizer.found_inf = 1 - finite  # read by the fused kernel: skip when 1
-    state.optimizer.step()
-    if guard.on_device and state.step % guard.check_every == 0:
+        state.optimizer.step()
+        if state.step % guard.check_every == 0:
+            guard.look(state.step, state.epoch + 1)
+    elif finite.item() == 1:
+        state.optimizer.step()
+    else:  # a good step cannot lengthen a bad run
         guard.look(state.step, state.epoch + 1)
     return result, finite
+
+
+def _one_or_nan(value: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(value), 1.0, float("nan"))
+
+
+def gradients_finite(model: nn.Module) -> torch.Tensor:
+    """1.0 when every gradient is finite, else 0.0 (a 0-d tensor; no host sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.isfinite(torch.nn.utils.get_total_norm(grads)).float()
 
 
 def collapse_threshold(cfg: Config) -> float:

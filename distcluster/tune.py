@@ -329,6 +329,8 @@ def tune(args) -> dict[str, Any]:
     for override in ([f"data={args.data}"] if args.data else []) + args.set:
         space.base = configuration.from_dict(merge(space.base, parse_override(override))).to_dict()
     settings = _sweep_settings(space, args)
+    if args.register is not None:
+        configuration.check_model_name(args.register)
     data = resolve_data(space.base["data"])
     source = open_source(data, space.base["max_samples"])
     for cfg in space.extreme_configs():

@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distcluster import config
 from distcluster.config import CRLCConfig, IICConfig, IMCSwAVConfig
+from distcluster.loop import WorkerContext, _build_state, _train_step
 from distcluster.objectives import CRLC, IIC, IMCSwAV, iic_loss, sinkhorn
 
 BATCH, FEATURES, CLUSTERS, VIEWS = 16, 12, 4, 4
@@ -56,8 +58,40 @@ def run_cases(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
     results["iic_loss"] = {"loss": loss.detach(), **_average_like_ddp({"x": logits.grad}, world)}
 
     scores = torch.randn(BATCH, 10, generator=gen)
-    results["sinkhorn"] = {"codes": sinkhorn(scores[local], epsilon=0.05, iterations=3)}
+    results["sinkhorn"] = {  # gathered whole, and reduced at every iteration
+        "codes": sinkhorn(scores[local], epsilon=0.05, iterations=3),
+        "codes_reduced": sinkhorn(scores[local], epsilon=0.05, iterations=3, gather_limit=0)}
+    for mode, speed in SKIP_MODES.items():
+        results[mode] = skipped_step_case(rank, world, speed)
     return results
+
+
+SKIP_MODES = {  # the host skips the update / the fused optimiser skips it on the device
+    "skip_on_host": {"fused_optimizer": False, "check_every": 1},
+    "skip_on_device": {"fused_optimizer": True, "check_every": 4},
+}
+
+
+def skipped_step_case(rank: int, world: int, speed: dict) -> dict[str, torch.Tensor]:
+    """Three DDP training steps with only the last rank's loss made NaN at step 1, and two
+    clean steps from the same start: the finite flags and final weights of both."""
+    speed = {"channels_last": False, "compile": False, **speed}
+    cfg = config.from_dict({**config.load_recipe("digits-crlc"), "precision": "fp32", "speed": speed})
+    local = BATCH // world
+    crops = [torch.randn(g.count * local, 1, g.size, g.size, generator=torch.Generator().manual_seed(rank))
+             for g in cfg.augment.crops]
+
+    def train(steps: int, poisoned_step: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        state = _build_state(cfg, 1, WorkerContext(rank, world), None)
+        flags = [float(_train_step(cfg, state, crops, local, torch.device("cpu"),
+                                   rank == world - 1 and step == poisoned_step)[1])
+                 for step in range(steps)]
+        state.guard.look(state.step, 1)
+        return torch.tensor(flags), nn.utils.parameters_to_vector(state.model.parameters()).detach()
+
+    flags, poisoned = train(3, poisoned_step=1)
+    _, clean = train(2, poisoned_step=None)
+    return {"flags": flags, "poisoned": poisoned, "clean": clean}
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

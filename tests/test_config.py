@@ -67,6 +67,8 @@ def test_crop_larger_than_the_image_is_refused():
     (["--epochs", "many"], "invalid int value"),
     (["--set", "epochs"], "KEY=VALUE"),
     (["--batch-size", "5000", "--workers", "0"], "batch_size"),
+    (["--register", "team/model"], "'register'"),
+    (["--register", " "], "'register'"),
     pytest.param(["--gpu", "--workers", "0"], "no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.multiprocessing as mp
-from distributed_cases import BATCH, run_cases, worker
+from distributed_cases import BATCH, SKIP_MODES, run_cases, worker
 
 WORLD = 2
 
@@ -37,5 +37,16 @@ def test_sinkhorn_codes_match_single_process(both):
     single, ranks = both
     half = BATCH // WORLD
     for r, rank in enumerate(ranks):
-        torch.testing.assert_close(rank["sinkhorn"]["codes"],
-                                   single["sinkhorn"]["codes"][r * half:(r + 1) * half])
+        for way in ("codes", "codes_reduced"):
+            torch.testing.assert_close(rank["sinkhorn"][way],
+                                       single["sinkhorn"]["codes"][r * half:(r + 1) * half])
+
+
+@pytest.mark.parametrize("mode", sorted(SKIP_MODES))
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(both, mode):
+    _, ranks = both
+    for rank in ranks:
+        assert rank[mode]["flags"].tolist() == [1.0, 0.0, 1.0]
+        # the weights are those of the two good steps alone, as if the bad one never was
+        torch.testing.assert_close(rank[mode]["poisoned"], rank[mode]["clean"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ranks[0][mode]["poisoned"], ranks[1][mode]["poisoned"], rtol=0, atol=0)

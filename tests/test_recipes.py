@@ -8,7 +8,8 @@ import torch
 from distcluster import config
 from distcluster.data import ArraySource
 from distcluster.errors import ConfigError, TrainingDiverged
-from distcluster.loop import LossGuard, WorkerContext, _build_state, _train_step, train_loop
+from distcluster.loop import (LossGuard, WorkerContext, _build_state, _one_or_nan, _train_step,
+                              gradients_finite, train_loop)
 
 PAPER_RECIPES = {"cifar10-imc-swav": 32, "cifar100-20-imc-swav": 32, "stl10-imc-swav": 96,
                  "cifar10-iic": 32, "cifar10-crlc": 32, "cifar10-imc-swav-fast": 32}
@@ -83,6 +84,14 @@ def test_a_skipped_step_on_the_device_leaves_weights_and_optimiser_as_they_were(
     without = _losses("digits-crlc", fast, 2)
     assert skipped[1] != skipped[1]  # NaN: the poisoned step
     assert skipped[2] == pytest.approx(without[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("constant, finite", [(1.0, 1.0), (float("inf"), 0.0), (float("nan"), 0.0)])
+def test_a_non_finite_loss_makes_its_gradients_non_finite_even_where_they_would_not_be(constant, finite):
+    model = torch.nn.Linear(3, 2)
+    loss = model(torch.ones(1, 3)).sum() + constant  # d loss / d weights is finite either way
+    (loss * _one_or_nan(loss.detach())).backward()
+    assert float(gradients_finite(model)) == finite
 
 
 def test_the_guard_gives_up_after_max_bad_steps_in_a_row_at_its_next_look():

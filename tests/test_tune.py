@@ -87,6 +87,8 @@ def test_a_typo_exits_2_with_one_line_before_ray_or_mlflow_start(tmp_path):
     assert no_samples.returncode == 2 and "'samples' must be an integer >= 1" in no_samples.stderr
     fixed_typo = tune("--space", "digits-smoke", "--set", "epochz=3", cwd=tmp_path)
     assert fixed_typo.returncode == 2 and "'epochz': unknown config key" in fixed_typo.stderr
+    bad_name = tune("--space", "digits-smoke", "--register", "a:b", cwd=tmp_path)
+    assert bad_name.returncode == 2 and "config key 'register'" in bad_name.stderr
 
 
 @pytest.fixture(scope="module")

@@ -55,9 +55,11 @@ def crlc_cluster_nce(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
 
 
 def global_mean_probs(probs: torch.Tensor) -> torch.Tensor:
-    """Mean over the global batch of probs (..., b, K) -> (..., K), differentiable."""
-    count = dist.all_reduce_(torch.tensor(float(probs.shape[-2]), device=probs.device))
-    return dist.all_reduce_sum(probs.sum(-2)) / count
+    """Mean over the global batch of probs (..., b, K) -> (..., K), differentiable. Every
+    row sums to 1, so the summed rows sum to the global batch size: dividing by that
+    normalises without a second collective for the batch size."""
+    total = dist.all_reduce_sum(probs.float().sum(-2))
+    return total / total.sum(-1, keepdim=True)
 
 
 class CRLC(nn.Module):

@@ -23,10 +23,12 @@ def iic_loss(z_a: torch.Tensor, z_b: torch.Tensor, lamb: float = 1.0) -> torch.T
 def global_joints(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
     """(..., B, K) pairs of probabilities -> (..., K, K) joints over the global batch.
 
-    One all-reduce for every pair and sub-head together (gradient-carrying).
+    One all-reduce for every pair and sub-head together. Every row of z_a and z_b sums
+    to 1, so each joint sums to the global batch size: dividing by that sum normalises
+    it without a second collective for the batch size.
     """
-    batch = dist.all_reduce_(torch.tensor(float(z_a.shape[-2]), device=z_a.device))
-    return dist.all_reduce_sum(z_a.float().transpose(-1, -2) @ z_b.float()) / batch
+    joint = dist.all_reduce_sum(z_a.float().transpose(-1, -2) @ z_b.float())
+    return joint / joint.sum(dim=(-2, -1), keepdim=True)
 
 
 def iic_from_joints(joint: torch.Tensor, lamb: float) -> torch.Tensor:
