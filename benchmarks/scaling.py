@@ -87,7 +87,8 @@ def main() -> None:
              + (f"--data {args.data} " if args.data else "") + f"--epochs {args.epochs} "
              f"--workers {' '.join(map(str, args.workers))} --repeats {args.repeats}"
              + "".join(f" --set {o}" for o in args.overrides) + "` (each run: `python -m distcluster.train "
-             f"--config {args.recipe} --workers W --epochs {args.epochs} --set eval_every=0`; epoch times "
+             f"--config {args.recipe} --workers W --epochs {args.epochs} --set eval_every=0`"
+             + (" with the --data and --set above" if args.data or args.overrides else "") + "; epoch times "
              "are medians over epochs 2..E, then over the repeats; 'not in epochs' = command time - time in "
              "epochs: process, Ray and MLflow start-up, final evaluation and export).", "",
              "| workers | epoch s | epoch s of each repeat | images/s | epoch time vs in-process "
