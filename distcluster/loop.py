@@ -258,7 +258,7 @@ class LossGuard:
         self.worst = self.run.clone()
         if worst >= self.max_bad:
             raise TrainingDiverged(
-                f"loss not finite for {worst} consecutive steps (by step {step}, epoch {epoch}); "
+                f"loss or gradients not finite for {worst} consecutive steps (by step {step}, epoch {epoch}); "
                 "the last good checkpoint is kept. Lower optim.lr or check the data.")
 
 

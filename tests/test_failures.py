@@ -135,7 +135,7 @@ def test_a_diverging_loss_ends_the_run_with_exit_1_and_keeps_the_last_good_check
                      "--set", f"speed.check_every={check_every}", env={"DISTCLUSTER_TEST_NAN_STEPS": steps})
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    expected = "distcluster.train: failed: loss not finite for 3 consecutive steps (by step 12,"
+    expected = "distcluster.train: failed: loss or gradients not finite for 3 consecutive steps (by step 12,"
     assert last.startswith(expected), last
     assert not (tmp_path / "diverged" / "summary.json").exists()
     if workers == "0":
