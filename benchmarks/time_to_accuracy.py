@@ -30,8 +30,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, write_section  # noqa: E402
 
 from distcluster import plots  # noqa: E402
+from distcluster.cli import run_command  # noqa: E402
+from distcluster.errors import RunFailed, UserError  # noqa: E402
+from distcluster.sources import open_source, resolve_data  # noqa: E402
 
 MAX_HELD_OUT_POINTS = 12
+STOPPED = 130  # the exit code of a command stopped with SIGINT
 
 
 def train(args, folder: Path) -> tuple[float, list[tuple[float, Path]], int]:
@@ -80,13 +84,22 @@ def training_curve(folder: Path, launched: float) -> list[tuple[float, dict[str,
     return points
 
 
+def check_eval_data(spec: str) -> None:
+    """Fail before training, not after it, when the held-out images cannot be scored."""
+    if open_source(resolve_data(spec)).labels is None:
+        raise UserError(f"--eval-data '{spec}' has no labels to score against")
+
+
 def held_out_curve(snapshots: list[tuple[float, Path]], data: str) -> list[tuple[float, dict[str, float]]]:
     step = max(1, -(-len(snapshots) // MAX_HELD_OUT_POINTS))
     chosen = snapshots[::-1][::step][::-1]  # evenly spaced, always the last one
     points = []
     for minutes, checkpoint in chosen:
         done = subprocess.run([sys.executable, "-m", "distcluster.evaluate", "--model", str(checkpoint),
-                               "--data", data], capture_output=True, text=True, check=True)
+                               "--data", data], capture_output=True, text=True)
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise UserError(f"scoring {checkpoint.name} on --eval-data '{data}' failed: {why}")
         scores = json.loads(done.stdout.strip().splitlines()[-1])
         points.append((minutes, {**scores, "epoch": int(checkpoint.name.split("-")[1])}))
     return points
@@ -101,9 +114,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.eval_data:
+        check_eval_data(args.eval_data)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         launched, snapshots, code = train(args, folder)
+        if code not in (0, STOPPED):
+            raise RunFailed(f"training exited with code {code} (its message is above)")
+        if not snapshots:
+            raise UserError(f"no epoch finished within {args.minutes:g} minutes; give --minutes more")
         curves = {"training images": training_curve(folder, launched)}
         if args.eval_data:
             curves[f"held out: {args.eval_data}"] = held_out_curve(snapshots, args.eval_data)
@@ -130,4 +149,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command("time_to_accuracy.py", main))

@@ -235,7 +235,7 @@ class Config:
 
     objective: str = "imc_swav"
     data: str = "digits"
-    max_samples: int = 0  # use only the first N images (0 = all)
+    max_samples: int = 0  # use only N images, a fixed random subset (0 = all)
     clusters: int = 10
     epochs: int = 40
     batch_size: int = 256  # global batch, split evenly over workers

@@ -119,8 +119,22 @@ class ArraySource:
             yield self.images[start:min(start + size, end)]
 
     def subset(self, count: int) -> ArraySource:
-        labels = None if self.labels is None else self.labels[:count]
-        return ArraySource(self.images[:count], labels, self.name, self.class_names)
+        """`count` images drawn as by `subset_indices`."""
+        rows = torch.from_numpy(subset_indices(len(self), count))
+        labels = None if self.labels is None else self.labels[rows]
+        return ArraySource(self.images[rows], labels, self.name, self.class_names)
+
+
+SUBSET_SEED = 0  # the same subset for every run and training seed
+
+
+def subset_indices(total: int, count: int) -> np.ndarray:
+    """Sorted indices of `count` of `total` images (all when count is 0 or >= total), drawn
+    at random with a fixed seed: the same images on every run, spread over the whole
+    collection, so that the first classes of a folder sorted by class are not all one gets."""
+    if not count or count >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(SUBSET_SEED).choice(total, count, replace=False))
 
 
 def load_digits_source() -> ArraySource:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from distcluster.checkpoint import write_json_atomic
-from distcluster.data import channel_stats_of, shard_batches
+from distcluster.data import channel_stats_of, shard_batches, subset_indices
 from distcluster.errors import UserError
 from distcluster.images import BadImage, Collection, fit_image, target_size
 
@@ -198,8 +198,7 @@ class BetonSource:
         self.metadata = read_metadata(self.path)
         self.name = str(path)
         self.class_names = self.metadata.get("label_names")
-        count = self.metadata["count"]
-        self.count = min(count, max_samples) if max_samples else count
+        self.indices = subset_indices(self.metadata["count"], max_samples)  # the images read
         self.threads = threads or TORCH_THREADS
         self._train_loader = None
         self.labels = self._read_labels() if self.metadata["labelled"] else None
@@ -211,14 +210,14 @@ class BetonSource:
     def paths(self) -> list[str] | None:
         """Source file of each image (folders and zips), else None."""
         paths = self.metadata.get("paths")
-        return paths[:self.count] if paths else None
+        return [paths[i] for i in self.indices] if paths else None
 
     @property
     def image_shape(self) -> tuple[int, int]:
         return tuple(self.metadata["image_shape"][:2])
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.indices)
 
     def _loader(self, batch: int, fields: tuple[str, ...], order=None, distributed: bool = False,
                 count: int | None = None):
@@ -231,7 +230,7 @@ class BetonSource:
                      "label": [IntDecoder(), ToTensor()] if "label" in fields else None}
         return Loader(str(self.path), batch_size=batch, num_workers=self.threads,
                       order=order or OrderOption.SEQUENTIAL, distributed=distributed,
-                      indices=np.arange(count or self.count), pipelines=pipelines,
+                      indices=self.indices[:count], pipelines=pipelines,
                       drop_last=order is not None, seed=0)
 
     def _read_labels(self) -> torch.Tensor:
@@ -242,7 +241,7 @@ class BetonSource:
         return batch[:, :1] if self.channels == 1 else batch
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        loader = self._loader(1024, ("image",), count=min(self.count, 10_000))
+        loader = self._loader(1024, ("image",), count=10_000)
         return channel_stats_of(self._images(batch[0]) for batch in loader)
 
     def epoch_batches(self, epoch: int, global_batch: int, world_size: int, rank: int,

@@ -258,8 +258,8 @@ class LossGuard:
         self.worst = self.run.clone()
         if worst >= self.max_bad:
             raise TrainingDiverged(
-                f"loss or gradients not finite for {worst} consecutive steps (by step {step}, epoch {epoch}); "
-                "the last good checkpoint is kept. Lower optim.lr or check the data.")
+                f"loss or gradients not finite for {worst} consecutive steps (by step {step}, "
+                f"epoch {epoch}); the last good checkpoint is kept. Lower optim.lr or check the data.")
 
 
 def _train_step(cfg: Config, state: _State, crops: list[torch.Tensor], local_batch: int,

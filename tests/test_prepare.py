@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from distcluster.data import subset_indices
 from distcluster.ffcv_io import BetonSource, read_metadata
 from distcluster.images import digits_arrays
 from distcluster.prepare import main as prepare_main
@@ -254,3 +255,32 @@ def test_metadata_json_is_plain_json(tmp_path):
     prepare("digits", tmp_path / "d.beton")
     meta = json.loads((tmp_path / "d.beton.json").read_text())
     assert {"count", "image_shape", "label_names", "labelled", "skipped", "source"} <= set(meta)
+
+
+def test_max_samples_reads_a_fixed_random_subset_from_every_class_with_labels_and_paths_aligned(tmp_path):
+    root = tmp_path / "sorted"
+    for label, name in enumerate(["a", "b", "c"]):  # prepared in sorted order: 20 a, 20 b, 20 c
+        (root / name).mkdir(parents=True)
+        for i in range(20):
+            pixels = np.zeros((8, 8, 3), np.uint8)
+            pixels[..., 0], pixels[..., 1] = label * 80, label * 20 + i  # the image says who it is
+            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
+    prepare(root, tmp_path / "sorted.beton")
+    every = BetonSource(tmp_path / "sorted.beton").paths()
+    source = BetonSource(tmp_path / "sorted.beton", max_samples=12)
+    picked = subset_indices(60, 12)
+    assert len(source) == 12 and source.paths() == [every[i] for i in picked]
+    images = torch.cat([b.clone() for b in source.batches(5)])
+    assert images[:, 1, 0, 0].tolist() == picked.tolist()  # G = label * 20 + i = index when sorted
+    assert (images[:, 0, 0, 0] // 80).tolist() == source.labels.tolist() == (picked // 20).tolist()
+    assert set(source.labels.tolist()) == {0, 1, 2}  # the first 12 would all be class a
+    trained = torch.cat([b.clone() for b in source.epoch_batches(0, 12, 1, 0, seed=1)])
+    assert sorted(trained[:, 1, 0, 0].tolist()) == picked.tolist()  # training sees exactly the subset
+
+
+def test_subset_indices_are_sorted_distinct_fixed_and_all_when_count_is_zero_or_too_large():
+    picked = subset_indices(1000, 100)
+    assert len(set(picked.tolist())) == 100 and (np.diff(picked) > 0).all() and picked.max() < 1000
+    assert picked.tolist() == subset_indices(1000, 100).tolist()
+    assert picked.min() < 100 and picked.max() > 900  # spread over the whole collection
+    assert subset_indices(5, 0).tolist() == subset_indices(5, 9).tolist() == [0, 1, 2, 3, 4]

@@ -8,8 +8,15 @@ import torch
 from distcluster import config
 from distcluster.data import ArraySource
 from distcluster.errors import ConfigError, TrainingDiverged
-from distcluster.loop import (LossGuard, WorkerContext, _build_state, _one_or_nan, _train_step,
-                              gradients_finite, train_loop)
+from distcluster.loop import (
+    LossGuard,
+    WorkerContext,
+    _build_state,
+    _one_or_nan,
+    _train_step,
+    gradients_finite,
+    train_loop,
+)
 
 PAPER_RECIPES = {"cifar10-imc-swav": 32, "cifar100-20-imc-swav": 32, "stl10-imc-swav": 96,
                  "cifar10-iic": 32, "cifar10-crlc": 32, "cifar10-imc-swav-fast": 32}
