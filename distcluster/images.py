@@ -23,6 +23,7 @@ import io
 import os
 import pickle
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -215,9 +216,26 @@ def _folder_layout(names: list[str], source: str) -> tuple[list[str], list[int],
     return members, [index[PurePosixPath(m).parts[prefix]] for m in members], class_names
 
 
+def files_under(folder: Path) -> Iterator[tuple[str, os.DirEntry]]:
+    """(path relative to `folder`, with '/', and its directory entry) of every file below it,
+    in no particular order. Linked files count; linked folders are not entered (no cycles)."""
+    pending = [(str(folder), "")]
+    while pending:
+        top, prefix = pending.pop()
+        try:
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((entry.path, f"{prefix}{entry.name}/"))
+                    elif entry.is_file():
+                        yield f"{prefix}{entry.name}", entry
+        except OSError as exc:
+            raise UserError(f"{top}: cannot list this folder ({exc.strerror})") from None
+
+
 def open_imagefolder(path: Path) -> FileCollection:
     if path.is_dir():
-        names = [str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file()]
+        names = [name for name, _ in files_under(path)]
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = [info.filename for info in archive.infolist() if not info.is_dir()]

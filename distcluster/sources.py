@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from distcluster.data import ImageSource, load_source
-from distcluster.images import detect_format, open_collection
+from distcluster.images import detect_format, files_under, open_collection
 
 IN_MEMORY = ("digits", "npz")
 
@@ -24,13 +24,13 @@ def cache_dir() -> Path:
 
 
 def fingerprint(path: Path) -> str:
-    """Changes when any file under `path` is added, removed, resized or touched."""
+    """Changes when any file under `path` (a folder or one file) is added, removed, resized or
+    touched: one stat per file, on every run."""
     digest = hashlib.sha256(str(path.resolve()).encode())
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
+    files = sorted(files_under(path)) if path.is_dir() else [("", path)]
+    for name, file in files:
         stat = file.stat()
-        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}:{stat.st_size}:{stat.st_mtime_ns}"
-                      .encode())
+        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -1,6 +1,7 @@
 """`distcluster.prepare`: every format round-trips through a real FFCV file; bad input exits 2."""
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from PIL import Image
 
 from distcluster.data import subset_indices
 from distcluster.ffcv_io import BetonSource, read_metadata
-from distcluster.images import digits_arrays
+from distcluster.images import digits_arrays, files_under
 from distcluster.prepare import main as prepare_main
+from distcluster.sources import resolve_data
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.zip"
 
@@ -284,3 +286,24 @@ def test_subset_indices_are_sorted_distinct_fixed_and_all_when_count_is_zero_or_
     assert picked.tolist() == subset_indices(1000, 100).tolist()
     assert picked.min() < 100 and picked.max() > 900  # spread over the whole collection
     assert subset_indices(5, 0).tolist() == subset_indices(5, 9).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_files_under_lists_nested_and_linked_files_but_does_not_enter_linked_folders(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "x.png").write_bytes(b"1")
+    (tmp_path / "top.png").write_bytes(b"2")
+    (tmp_path / "linked.png").symlink_to(tmp_path / "top.png")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)  # a cycle, not followed
+    assert sorted(name for name, _ in files_under(tmp_path)) == ["a/b/x.png", "linked.png", "top.png"]
+
+
+def test_a_folder_is_prepared_once_and_again_when_a_file_is_added_or_changed(class_folder, capsys):
+    root, _ = class_folder
+    first = resolve_data(str(root), progress=False)
+    assert "preparing" in capsys.readouterr().out
+    assert resolve_data(str(root), progress=False) == first and capsys.readouterr().out == ""
+    Image.fromarray(rng_images(1)[0]).save(root / "wrapper/cat/new.png")
+    added = resolve_data(str(root), progress=False)
+    assert added != first and len(BetonSource(Path(added))) == len(BetonSource(Path(first))) + 1
+    os.utime(root / "wrapper/dog/0.png", ns=(1, 1))  # same size, other modification time
+    assert resolve_data(str(root), progress=False) not in (first, added)
