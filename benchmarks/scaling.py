@@ -106,8 +106,8 @@ def main() -> None:
     two = next((r for r in rows if r["workers"] == 2), None)
     if one and two:
         ratio = two["epoch"] / one["epoch"]
-        lines.append(f"2 workers vs 1, time per epoch: **{ratio:.2f}x** "
-                     f"(target <= 1: {'met' if ratio <= 1.0 else 'NOT met'}).")
+        lines += ["", f"2 workers vs 1, time per epoch: **{ratio:.2f}x** "
+                      f"(target <= 1: {'met' if ratio <= 1.0 else 'NOT met'})."]
     table = "\n".join(lines)
     print(table)
     write_section(f"scaling-{rows[0]['device']}-{args.recipe}",
