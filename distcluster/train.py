@@ -150,12 +150,14 @@ def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: P
 
 def final_probs(state: dict[str, Any], source: ImageSource, probe: bool = False) -> np.ndarray:
     """(N, K) probabilities of the chosen head on every image, as predict computes them
-    (with `probe`, on the label-free score's perturbed copies)."""
+    (with `probe`, on the label-free score's perturbed copies); on the GPU when the run used
+    one and this process sees one."""
     cfg = configuration.from_dict(state["config"])
+    device = torch.device("cuda" if cfg.gpu and torch.cuda.is_available() else "cpu")
     model = build_model(cfg, source.channels)
     model.load_state_dict(state["model"])
     augment = MultiCrop(cfg.augment, state["input"]["mean"], state["input"]["std"])
-    return predict_probs(model, source, augment, torch.device("cpu"), probe=probe)[state["head"]].numpy()
+    return predict_probs(model.to(device), source, augment, device, probe=probe)[state["head"]].numpy()
 
 
 def draw_plots(state: dict[str, Any], source: ImageSource, probs: np.ndarray, folder: Path) -> None:
