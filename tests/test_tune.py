@@ -13,6 +13,7 @@ from servers import mlflow_server
 
 from distcluster.errors import UserError
 from distcluster.search_space import load_space, space_names
+from distcluster.tune import main as tune_main
 
 NAME = "digits-sweep"
 PACKAGED = {"digits-smoke", "digits-imc-swav", "cifar10-imc-swav", "cifar10-iic", "cifar10-crlc"}
@@ -80,15 +81,20 @@ def test_a_typo_exits_2_with_one_line_before_ray_or_mlflow_start(tmp_path):
     assert done.stderr.strip() == ("distcluster.tune: error: tune space typo: config key 'clusterz': "
                                    "unknown config key (got 8)")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
-    missing = tune("--space", "no-such-space", cwd=tmp_path)
-    assert missing.returncode == 2 and "unknown tune space 'no-such-space'" in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1
-    no_samples = tune("--space", "digits-smoke", "--samples", "0", cwd=tmp_path)
-    assert no_samples.returncode == 2 and "'samples' must be an integer >= 1" in no_samples.stderr
-    fixed_typo = tune("--space", "digits-smoke", "--set", "epochz=3", cwd=tmp_path)
-    assert fixed_typo.returncode == 2 and "'epochz': unknown config key" in fixed_typo.stderr
-    bad_name = tune("--space", "digits-smoke", "--register", "a:b", cwd=tmp_path)
-    assert bad_name.returncode == 2 and "config key 'register'" in bad_name.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--space", "no-such-space"], "unknown tune space 'no-such-space'"),
+    (["--space", "digits-smoke", "--samples", "0"], "'samples' must be an integer >= 1"),
+    (["--space", "digits-smoke", "--set", "epochz=3"], "'epochz': unknown config key"),
+    (["--space", "digits-smoke", "--register", "a:b"], "config key 'register'"),
+])
+def test_other_mistakes_exit_2_with_one_line_and_leave_nothing(argv, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # in-process: the subprocess above shows the real command's exit
+    assert tune_main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert needle in error and len(error.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
