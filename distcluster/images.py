@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from distcluster.errors import UserError
 
@@ -126,6 +126,7 @@ class FileCollection:
         try:
             with self._open(member) as handle, Image.open(handle) as image:
                 image.load()
+                ImageOps.exif_transpose(image, in_place=True)  # as viewers show it: phones store it turned
                 return np.asarray(rgb_image(image))
         except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError) as exc:
             raise BadImage(f"{member}: {exc}") from None

@@ -17,6 +17,7 @@ from distcluster.data import ImageSource, load_source
 from distcluster.images import detect_format, files_under, open_collection
 
 IN_MEMORY = ("digits", "npz")
+CACHE_VERSION = 2  # bump when prepare writes different pixels (2: EXIF orientation applied)
 
 
 def cache_dir() -> Path:
@@ -26,7 +27,7 @@ def cache_dir() -> Path:
 def fingerprint(path: Path) -> str:
     """Changes when any file under `path` (a folder or one file) is added, removed, resized or
     touched: one stat per file, on every run."""
-    digest = hashlib.sha256(str(path.resolve()).encode())
+    digest = hashlib.sha256(f"{CACHE_VERSION}:{path.resolve()}".encode())
     files = sorted(files_under(path)) if path.is_dir() else [("", path)]
     for name, file in files:
         stat = file.stat()

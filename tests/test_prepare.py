@@ -307,3 +307,17 @@ def test_a_folder_is_prepared_once_and_again_when_a_file_is_added_or_changed(cla
     assert added != first and len(BetonSource(Path(added))) == len(BetonSource(Path(first))) + 1
     os.utime(root / "wrapper/dog/0.png", ns=(1, 1))  # same size, other modification time
     assert resolve_data(str(root), progress=False) not in (first, added)
+
+
+def test_a_photo_is_read_turned_as_its_exif_orientation_says(tmp_path):
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, 16:] = (255, 160, 0)  # as the sensor wrote it: dark left half, orange right half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: show it turned 90 degrees clockwise
+    (tmp_path / "phone").mkdir()
+    Image.fromarray(stored).save(tmp_path / "phone" / "photo.jpg", exif=exif, quality=95)
+    prepare(tmp_path / "phone", tmp_path / "phone.beton")
+    images, _ = read_back(tmp_path / "phone.beton")
+    assert images.shape == (1, 32, 16, 3)  # upright: tall, not wide
+    red = images[0, ..., 0]
+    assert red[:12].max() < 40 and red[20:].min() > 215  # the right half is now the bottom
