@@ -240,8 +240,10 @@ def open_imagefolder(path: Path) -> FileCollection:
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    elif path.is_file() and _is_image(path.name):  # one image: a folder of one, unlabelled
+        return FileCollection(path.parent, [path.name], [-1], str(path), None)
     else:
-        raise UserError(f"{path}: not a directory or a .zip archive")
+        raise UserError(f"{path}: not a directory, a .zip archive or an image file")
     members, labels, class_names = _folder_layout(names, str(path))
     return FileCollection(path, members, labels, str(path), class_names)
 
@@ -323,10 +325,10 @@ def detect_format(spec: str) -> tuple[str, Path | None]:
             if (path / folder).is_dir() or path.name == folder:
                 return fmt, path
         return "imagefolder", path
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path) or _is_image(path.name):
         return "imagefolder", path
     raise UserError(f"{spec}: unknown data format (expected digits, a folder, .zip, .npz, .beton, "
-                    "cifar10:ROOT or cifar100-20:ROOT)")
+                    "an image file, cifar10:ROOT or cifar100-20:ROOT)")
 
 
 def open_collection(src: str, fmt: str = "auto", split: str = "train") -> Collection:

@@ -64,7 +64,7 @@ def test_evaluate_by_alias_gives_the_accuracy_of_the_training_summary(registered
     assert Image.open(folder / "gallery.png").size[0] > 100
 
 
-def test_predict_on_new_jpegs_gives_one_row_per_image(registered, tmp_path):
+def test_predict_on_new_jpegs_gives_one_row_per_image_and_one_file_alone_the_same(registered, tmp_path):
     folder, uri, _ = registered
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -81,6 +81,13 @@ def test_predict_on_new_jpegs_gives_one_row_per_image(registered, tmp_path):
         assert table["index"].tolist() == list(range(23))
         assert [Path(p).name for p in table["path"]] == [f"p{i:02d}.jpg" for i in range(23)]
         assert table["cluster"].between(0, 9).all() and table["confidence"].between(0.1, 1).all()
+    alone = tmp_path / "alone.csv"  # one image file: the same answer as in its folder
+    done = cli("predict", "--model", f"models:/{NAME}/1", "--data", str(photos / "p05.jpg"), "--out",
+               str(alone), "--tracking-uri", uri, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = pd.read_csv(alone)
+    assert row["path"].tolist() == [str(photos / "p05.jpg")] and row["cluster"][0] == table["cluster"][5]
+    assert row["confidence"][0] == pytest.approx(table["confidence"][5], rel=1e-4)
 
 
 class _RunsCode:
