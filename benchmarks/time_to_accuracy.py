@@ -35,12 +35,11 @@ from distcluster.errors import RunFailed, UserError  # noqa: E402
 from distcluster.sources import open_source, resolve_data  # noqa: E402
 
 MAX_HELD_OUT_POINTS = 12
-STOPPED = 130  # the exit code of a command stopped with SIGINT
 
 
-def train(args, folder: Path) -> tuple[float, list[tuple[float, Path]], int]:
+def train(args, folder: Path) -> tuple[float, list[tuple[float, Path]], bool]:
     """Run training for at most args.minutes; returns the launch time, (minutes, checkpoint copy)
-    for every checkpoint seen, and the exit code."""
+    for every checkpoint seen, and whether the time ran out (else it finished)."""
     argv = [sys.executable, "-m", "distcluster.train", "--config", args.recipe,
             "--workers", str(args.workers), "--set", "eval_every=1", "--set", "checkpoint_every=1",
             "--output", str(folder / "out"),
@@ -53,21 +52,31 @@ def train(args, folder: Path) -> tuple[float, list[tuple[float, Path]], int]:
     process = subprocess.Popen(argv, cwd=folder)
     snapshots: dict[str, tuple[float, Path]] = {}
     deadline = launched + args.minutes * 60
+    stopped = False
     while process.poll() is None:
         if time.time() > deadline:
             process.send_signal(signal.SIGINT)
             process.wait()
+            stopped = True
             break
-        for found in sorted((folder / "out" / "checkpoints").glob("epoch-*")):
-            if found.name not in snapshots and (found / "checkpoint.json").exists():
-                copy = folder / "snapshots" / found.name
-                try:
-                    shutil.copytree(found, copy)
-                    snapshots[found.name] = ((found.stat().st_mtime - launched) / 60, copy)
-                except OSError:  # rotated away meanwhile (training keeps the last two)
-                    shutil.rmtree(copy, ignore_errors=True)
+        copy_new_checkpoints(folder, snapshots, launched)
         time.sleep(1)
-    return launched, sorted(snapshots.values()), process.returncode
+    if not stopped and process.returncode != 0:
+        raise RunFailed(f"training exited with code {process.returncode} (its message is above)")
+    copy_new_checkpoints(folder, snapshots, launched)  # those written since the last look
+    return launched, sorted(snapshots.values()), stopped
+
+
+def copy_new_checkpoints(folder: Path, snapshots: dict[str, tuple[float, Path]], launched: float) -> None:
+    """Copy every complete checkpoint not seen yet, with its minutes since launch."""
+    for found in sorted((folder / "out" / "checkpoints").glob("epoch-*")):
+        if found.name not in snapshots and (found / "checkpoint.json").exists():
+            copy = folder / "snapshots" / found.name
+            try:
+                shutil.copytree(found, copy)
+                snapshots[found.name] = ((found.stat().st_mtime - launched) / 60, copy)
+            except OSError:  # rotated away meanwhile (training keeps the last two)
+                shutil.rmtree(copy, ignore_errors=True)
 
 
 def training_curve(folder: Path, launched: float) -> list[tuple[float, dict[str, float]]]:
@@ -118,15 +127,13 @@ def main() -> None:
         check_eval_data(args.eval_data)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        launched, snapshots, code = train(args, folder)
-        if code not in (0, STOPPED):
-            raise RunFailed(f"training exited with code {code} (its message is above)")
+        launched, snapshots, stopped = train(args, folder)
         if not snapshots:
             raise UserError(f"no epoch finished within {args.minutes:g} minutes; give --minutes more")
         curves = {"training images": training_curve(folder, launched)}
         if args.eval_data:
             curves[f"held out: {args.eval_data}"] = held_out_curve(snapshots, args.eval_data)
-    how = "finished" if code == 0 else f"stopped after {args.minutes:g} min"
+    how = f"stopped after {args.minutes:g} min" if stopped else "finished"
     lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
              f"Command: `.venv/bin/python benchmarks/time_to_accuracy.py --recipe {args.recipe} "
              f"--minutes {args.minutes:g}" + (f" --data {args.data}" if args.data else "")

@@ -28,11 +28,11 @@ def _check(ok: bool, key: str, value: object, reason: str) -> None:
         raise ConfigError(key, value, reason)
 
 
-def check_model_name(name: str, key: str = "register") -> None:
+def check_model_name(name: str) -> None:
     """MLflow's rule for registered model names, checked before any training starts."""
     ok = bool(name.strip()) and not any(c in name for c in "/:") and name != "." \
         and not name.startswith("..")
-    _check(ok, key, name, "a registered model name must not be blank, contain '/' or ':', "
+    _check(ok, "register", name, "a registered model name must not be blank, contain '/' or ':', "
                           "or be '.' or start with '..'")
 
 

@@ -103,7 +103,8 @@ class ArraySource:
         return cls(tensor, None if labels is None else torch.from_numpy(labels).long(), name, class_names)
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        return channel_stats_of(self.batches(1024, limit=10_000))
+        rows = torch.from_numpy(subset_indices(len(self), STATS_SAMPLE))
+        return channel_stats_of(self.images[rows].split(1024))
 
     def paths(self) -> list[str] | None:
         return None
@@ -113,10 +114,8 @@ class ArraySource:
         for indices in shard_batches(len(self), global_batch, world_size, rank, epoch, seed):
             yield self.images[indices]
 
-    def batches(self, size: int, limit: int = 0) -> Iterator[torch.Tensor]:
-        end = min(limit, len(self)) if limit else len(self)
-        for start in range(0, end, size):
-            yield self.images[start:min(start + size, end)]
+    def batches(self, size: int) -> Iterator[torch.Tensor]:
+        yield from self.images.split(size)
 
     def subset(self, count: int) -> ArraySource:
         """`count` images drawn as by `subset_indices`."""
@@ -126,6 +125,7 @@ class ArraySource:
 
 
 SUBSET_SEED = 0  # the same subset for every run and training seed
+STATS_SAMPLE = 10_000  # images behind the normalisation statistics, drawn by subset_indices
 
 
 def subset_indices(total: int, count: int) -> np.ndarray:

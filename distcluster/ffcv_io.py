@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from distcluster.checkpoint import write_json_atomic
-from distcluster.data import channel_stats_of, shard_batches, subset_indices
+from distcluster.data import STATS_SAMPLE, channel_stats_of, shard_batches, subset_indices
 from distcluster.errors import UserError
 from distcluster.images import BadImage, Collection, fit_image, target_size
 
@@ -220,7 +220,7 @@ class BetonSource:
         return len(self.indices)
 
     def _loader(self, batch: int, fields: tuple[str, ...], order=None, distributed: bool = False,
-                count: int | None = None):
+                indices: np.ndarray | None = None):
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToTensor, ToTorchImage
@@ -230,7 +230,7 @@ class BetonSource:
                      "label": [IntDecoder(), ToTensor()] if "label" in fields else None}
         return Loader(str(self.path), batch_size=batch, num_workers=self.threads,
                       order=order or OrderOption.SEQUENTIAL, distributed=distributed,
-                      indices=self.indices[:count], pipelines=pipelines,
+                      indices=self.indices if indices is None else indices, pipelines=pipelines,
                       drop_last=order is not None, seed=0)
 
     def _read_labels(self) -> torch.Tensor:
@@ -241,7 +241,8 @@ class BetonSource:
         return batch[:, :1] if self.channels == 1 else batch
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        loader = self._loader(1024, ("image",), count=10_000)
+        sample = self.indices[subset_indices(len(self), STATS_SAMPLE)]
+        loader = self._loader(1024, ("image",), indices=sample)
         return channel_stats_of(self._images(batch[0]) for batch in loader)
 
     def epoch_batches(self, epoch: int, global_batch: int, world_size: int, rank: int,

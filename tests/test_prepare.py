@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distcluster.data import subset_indices
+from distcluster.data import STATS_SAMPLE, load_source, subset_indices
 from distcluster.ffcv_io import BetonSource, read_metadata
 from distcluster.images import digits_arrays, files_under
 from distcluster.prepare import main as prepare_main
@@ -321,3 +321,15 @@ def test_a_photo_is_read_turned_as_its_exif_orientation_says(tmp_path):
     assert images.shape == (1, 32, 16, 3)  # upright: tall, not wide
     red = images[0, ..., 0]
     assert red[:12].max() < 40 and red[20:].min() > 215  # the right half is now the bottom
+
+
+def test_normalisation_statistics_come_from_images_spread_over_a_class_sorted_collection(tmp_path):
+    dark_then_bright = np.zeros((12_000, 2, 2, 3), np.uint8)
+    dark_then_bright[6_000:] = (255, 128, 0)  # the first 10,000 would be 60% dark
+    np.savez(tmp_path / "sorted.npz", x=dark_then_bright)
+    bright = (subset_indices(12_000, STATS_SAMPLE) >= 6_000).mean()  # the exact share in the sample
+    prepare(tmp_path / "sorted.npz", tmp_path / "sorted.beton")
+    for source in (load_source(str(tmp_path / "sorted.npz")), BetonSource(tmp_path / "sorted.beton")):
+        mean, std = source.channel_stats()
+        np.testing.assert_allclose(mean, [bright, bright * 128 / 255, 0], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(std[0], np.sqrt(bright * (1 - bright)), rtol=1e-6)
