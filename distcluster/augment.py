@@ -159,13 +159,17 @@ def colour_jitter(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> 
 
 
 def _crop_group(x: torch.Tensor, group: CropGroup, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """`group.count` crops of every image in x (B, C, H, W) in [0, 1], crop-major, colour-jittered."""
+    """`group.count` crops of every image in x (B, C, H, W) in [0, 1], crop-major, colour-jittered
+    (a `plain` group: cropped and resized only)."""
     n = group.count * x.shape[0]
-    theta = crop_affines(n, group, aug, gen).to(x)
+    geometry = aug
+    if group.plain:
+        geometry = dataclasses.replace(aug, flip=0.0, rotate_degrees=0.0, shear_degrees=0.0)
+    theta = crop_affines(n, group, geometry, gen).to(x)
     grid = F.affine_grid(theta, [n, x.shape[1], group.size, group.size], align_corners=False)
     crops = F.grid_sample(x.repeat(group.count, 1, 1, 1), grid, mode="bilinear", padding_mode="zeros",
                           align_corners=False)
-    return colour_jitter(crops, aug, gen)
+    return crops if group.plain else colour_jitter(crops, aug, gen)
 
 
 class MultiCrop:

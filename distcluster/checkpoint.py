@@ -12,15 +12,19 @@ to unpickle arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from distcluster.errors import one_line
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_META = "checkpoint.json"
@@ -38,8 +42,9 @@ def write_atomic_dir(target: Path, fill) -> Path:
     try:
         fill(staging)
         if target.exists():
-            retired = target.with_name(f".{target.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
+            # an empty folder of our own, under an unpredictable name: renaming over it cannot
+            # follow a link someone planted at a fixed name
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, retired)
             os.replace(staging, target)
             shutil.rmtree(retired, ignore_errors=True)
@@ -50,18 +55,32 @@ def write_atomic_dir(target: Path, fill) -> Path:
     return target
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A new temporary file beside `path` (unpredictable name, created with O_EXCL, so no
+    planted link is ever followed) to write into; renamed to `path` when the block ends
+    without an error, removed otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(staging, path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    with atomic_file(path) as staging:
+        staging.write_text(json.dumps(value, indent=2) + "\n")
 
 
 class CorruptCheckpoint(Exception):
     """A checkpoint folder that fails verification."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -72,7 +91,7 @@ def _sha256(path: Path) -> str:
 def save_checkpoint(state: dict[str, Any], folder: Path) -> None:
     path = Path(folder) / CHECKPOINT_FILE
     torch.save(state, path)
-    meta = {"epoch": state.get("epoch"), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    meta = {"epoch": state.get("epoch"), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
     (Path(folder) / CHECKPOINT_META).write_text(json.dumps(meta) + "\n")
 
 
@@ -89,11 +108,11 @@ def verified_checkpoint(folder: Path) -> dict[str, Any]:
     path = Path(folder) / CHECKPOINT_FILE
     try:
         meta = json.loads((Path(folder) / CHECKPOINT_META).read_text())
-        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != meta["bytes"] or file_sha256(path) != meta["sha256"]:
             raise CorruptCheckpoint(f"{path}: size or hash differs from {CHECKPOINT_META}")
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CorruptCheckpoint(f"{folder}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever fails to load (a refused pickle too) is unusable
+        raise CorruptCheckpoint(f"{folder}: {one_line(str(exc), 200)}") from None
 
 
 def newest_valid_checkpoint(folders: list[Path], warn=print) -> tuple[dict[str, Any], Path] | None:

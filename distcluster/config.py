@@ -8,6 +8,7 @@ address the same dotted keys, e.g. `optim.lr` or `imc_swav.temperature`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from distcluster.errors import ConfigError, UserError
 
 OBJECTIVES = ("iic", "imc_swav", "crlc")
 BACKBONES = ("small_cnn", "resnet18", "resnet34")
+MAX_CLUSTERS = 100_000
+MAX_YAML_BYTES = 1 << 20  # a recipe or search space is a few kB
+MAX_YAML_ALIASES = 20  # at most ~1,500 values after expansion; recipes need none
 
 
 def _check(ok: bool, key: str, value: object, reason: str) -> None:
@@ -43,12 +47,15 @@ def _check_range(key: str, pair: tuple[float, float], low: float, high: float) -
 
 @dataclass
 class CropGroup:
-    """`count` crops of `size` px covering `scale` of the image area, aspect `ratio`."""
+    """`count` crops of `size` px covering `scale` of the image area, aspect `ratio`. A `plain`
+    group is cropped and resized only: no flip, rotation, shear, colour, blur or solarize
+    (IIC's anchor view x, paired with transformed views g(x))."""
 
     count: int = 2
     size: int = 28
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    plain: bool = False
 
     def validate(self, key: str) -> None:
         _check(self.count >= 1, f"{key}.count", self.count, "must be >= 1")
@@ -104,25 +111,44 @@ class AugmentConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     width: int = 64  # small_cnn only: channels of the first stage
+    # BatchNorm statistics over the global batch (true), per worker (false), or auto: global on
+    # GPUs (SyncBatchNorm over NCCL), per worker on CPUs (two gloo collectives per layer cost more
+    # than they give there). Only global statistics make N workers equal one process in training.
+    sync_batchnorm: bool | str = "auto"
 
     def validate(self) -> None:
         _check(self.backbone in BACKBONES, "model.backbone", self.backbone,
                f"must be one of {', '.join(BACKBONES)}")
         _check(self.width >= 4, "model.width", self.width, "must be >= 4")
+        _check(isinstance(self.sync_batchnorm, bool) or self.sync_batchnorm == "auto",
+               "model.sync_batchnorm", self.sync_batchnorm, "must be true, false or auto")
 
 
 @dataclass
 class IICConfig:
-    """IIC (arXiv 1807.06653): over-clustering head + main head, each with sub-heads."""
+    """IIC (arXiv 1807.06653): over-clustering head + main head, each with sub-heads.
+
+    As the authors' code: the first crop is the anchor x and every other crop a g(x); all
+    (x, g(x)) pairs are pooled into one joint per sub-head (`pairing: anchor`), and the heads
+    take turns by epoch, over-clustering head for head_epochs[0] epochs, then the main head
+    for head_epochs[1]. `pairing: all_pairs` (one loss per pair of crops, averaged) and
+    head_epochs [0, 0] (both heads every step) are distcluster variants."""
 
     overclusters: int = 70
     subheads: int = 5
     lamb: float = 1.0  # marginal weight; > 1 pushes towards balanced clusters
+    pairing: str = "anchor"
+    head_epochs: tuple[int, int] = (1, 2)  # (over-clustering, main); (0, 0) = both every step
 
     def validate(self) -> None:
         _check(self.overclusters >= 2, "iic.overclusters", self.overclusters, "must be >= 2")
         _check(self.subheads >= 1, "iic.subheads", self.subheads, "must be >= 1")
         _check(self.lamb > 0, "iic.lamb", self.lamb, "must be > 0")
+        _check(self.pairing in ("anchor", "all_pairs"), "iic.pairing", self.pairing,
+               "must be anchor or all_pairs")
+        over, main = self.head_epochs
+        _check((over >= 1 and main >= 1) or over == main == 0, "iic.head_epochs",
+               list(self.head_epochs), "must be two counts >= 1, or [0, 0] for both heads every step")
 
 
 @dataclass
@@ -139,7 +165,9 @@ class IMCSwAVConfig:
     entropy_weight: float = 4.0  # b in H(Y|U) - b H(Y)
     logit_penalty: float = 0.01
     logit_bound: float = 5.0
-    freeze_prototypes_steps: int = 313
+    freeze_prototypes_steps: int = 500  # the authors' warm-up: 500 updates (with optim.warmup_steps)
+    same_crop_pairs: bool = True  # the MI term averages all V x V crop pairs, (j, j) included
+    projection_nonlinear: bool = False  # BN + ReLU inside the projection (authors: Linear, Linear)
 
     def validate(self) -> None:
         for name in ("prototypes", "projection_hidden", "projection_dim", "classifier_hidden"):
@@ -168,6 +196,7 @@ class CRLCConfig:
     entropy_weight: float = 2.0
     feature_weight: float = 10.0
     logit_bound: float = 25.0
+    logit_penalty: float = 0.01  # weight of the penalty on logits outside +-logit_bound
 
     def validate(self) -> None:
         for name in ("subheads", "hidden", "feature_dim"):
@@ -175,7 +204,7 @@ class CRLCConfig:
             _check(value >= 1, f"crlc.{name}", value, "must be >= 1")
         _check(self.temperature > 0, "crlc.temperature", self.temperature, "must be > 0")
         _check(0 <= self.smoothing < 1, "crlc.smoothing", self.smoothing, "must be in [0, 1)")
-        for name in ("entropy_weight", "feature_weight", "logit_bound"):
+        for name in ("entropy_weight", "feature_weight", "logit_bound", "logit_penalty"):
             value = getattr(self, name)
             _check(value >= 0, f"crlc.{name}", value, "must be >= 0")
 
@@ -190,6 +219,8 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=list)  # epochs where lr *= gamma
     gamma: float = 0.4
     warmup_epochs: int = 0
+    warmup_steps: int = 0  # lr rises linearly over the first N updates (IMC-SwAV's authors: 500)
+    decay_1d: bool = False  # weight decay on 1-D parameters (biases, BN) too, as plain Adam does
 
     def validate(self) -> None:
         _check(self.name in ("adam", "adamw", "sgd"), "optim.name", self.name,
@@ -201,6 +232,7 @@ class OptimConfig:
         _check(0 < self.gamma <= 1, "optim.gamma", self.gamma, "must be in (0, 1]")
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs,
                "must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
 
 
 @dataclass
@@ -266,7 +298,9 @@ class Config:
     def validate(self, image_size: int | None = None) -> Config:
         _check(self.objective in OBJECTIVES, "objective", self.objective,
                f"must be one of {', '.join(OBJECTIVES)}")
-        _check(self.clusters >= 2, "clusters", self.clusters, "K must be >= 2")
+        _check(2 <= self.clusters <= MAX_CLUSTERS, "clusters", self.clusters,
+               f"K must be in [2, {MAX_CLUSTERS}]")
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         _check(self.max_samples >= 0, "max_samples", self.max_samples, "must be >= 0")
         _check(self.workers >= 0, "workers", self.workers, "must be >= 0")
@@ -288,9 +322,12 @@ class Config:
                "must be >= 0")
         if self.register:
             check_model_name(self.register)
-        if self.objective == "crlc":
+        _check(self.run_name == "" or (self.run_name not in (".", "..") and not any(
+            c in self.run_name for c in "/\\\0")), "run_name", self.run_name,
+            "must be one folder name: no '/', '\\', '.' or '..'")
+        if self.objective in ("crlc", "iic"):
             _check(self.augment.num_crops >= 2, "augment.crops", self.augment.num_crops,
-                   "crlc needs at least 2 crops")
+                   f"{self.objective} needs at least 2 crops")
         if self.objective == "imc_swav":
             _check(self.augment.crops[0].count >= 2, "augment.crops[0].count",
                    self.augment.crops[0].count, "imc_swav needs 2 large crops in the first group")
@@ -349,6 +386,7 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     if annotation is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value,
                "must be a number")
+        _check(math.isfinite(value), key, value, "must be a finite number")
         return float(value)
     if annotation is str:
         _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, value,
@@ -387,10 +425,7 @@ def parse_override(text: str) -> dict[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set expects KEY=VALUE, got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
+    value = safe_yaml(raw, f"--set {key}") if raw.strip() else ""
     return nest(key.strip(), value)
 
 
@@ -428,19 +463,14 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     """A packaged recipe by name (`digits-imc-swav`) or a YAML file path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise UserError(f"config file not found: {name_or_path}")
-        text = path.read_text()
+        text = read_text_file(path, "config file")
     else:
         resource = resources.files("distcluster") / "recipes" / f"{name_or_path}.yaml"
         if not resource.is_file():
             raise UserError(f"unknown recipe '{name_or_path}' (packaged recipes: "
                             f"{', '.join(recipe_names())})")
         text = resource.read_text()
-    try:
-        values = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config {name_or_path}: invalid YAML ({exc})") from None
+    values = safe_yaml(text, f"config {name_or_path}")
     if not isinstance(values, dict):
         raise UserError(f"config {name_or_path}: top level must be a mapping")
     return values
@@ -449,3 +479,41 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
 def default_recipe(objective: str, data: str) -> str | None:
     """The recipe used when --config is not given: tuned settings for the embedded data."""
     return f"digits-{objective.replace('_', '-')}" if data == "digits" else None
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A small UTF-8 text file (a regular file, at most MAX_YAML_BYTES), or one line, exit 2."""
+    if not path.is_file():
+        raise UserError(f"{what} not found (or not a regular file): {path}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(f"{what} {path}: larger than {MAX_YAML_BYTES} bytes")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents with more than MAX_YAML_ALIASES aliases: a few
+    nested aliases expand into billions of values ("billion laughs")."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name)")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, what: str) -> Any:
+    """Parse YAML text with no Python tags and bounded aliases; errors as one line."""
+    if len(text) > MAX_YAML_BYTES:
+        raise UserError(f"{what}: YAML larger than {MAX_YAML_BYTES} characters")
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what}: invalid YAML ({exc})") from None

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 # torch marks torch.distributed.nn.functional deprecated in favour of a private module;
 # it is still the public, documented differentiable collective API.
@@ -110,3 +111,61 @@ def all_gather_stack(tensor: torch.Tensor) -> torch.Tensor:
 def global_offset(local_batch: int) -> int:
     """Index of this rank's first sample in the rank-ordered global batch."""
     return rank() * local_batch
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, on any backend
+    (torch's SyncBatchNorm runs on GPUs only). One differentiable all-reduce per layer of
+    (sum, sum of squares, count), accumulated in float64 so that E[x^2] - E[x]^2 keeps its
+    digits; running statistics are updated from the same global numbers on every rank. Out
+    of training, or without a process group, it is plain BatchNorm."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {input.dim()}-D)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]
+        wide = x.double()
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float64, device=x.device)
+        local = torch.cat([wide.sum(dims), wide.square().sum(dims), count])
+        total = all_reduce(local)
+        channels = x.shape[1]
+        n = total[-1]
+        mean = total[:channels] / n
+        var = total[channels:2 * channels] / n - mean.square()
+        self._update_running(mean, var, n)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (wide - mean.view(shape)) / (var.view(shape) + self.eps).sqrt()
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+        unbiased = var * n / (n - 1).clamp_min(1)
+        self.running_mean.lerp_(mean.to(self.running_mean), momentum)
+        self.running_var.lerp_(unbiased.to(self.running_var), momentum)
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm layer replaced by a GlobalBatchNorm holding the same
+    parameter and buffer objects (an optimiser built before keeps updating them)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                    module.track_running_stats)
+        for name, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            setattr(converted, name, value)
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, global_batchnorm(child))
+    return module

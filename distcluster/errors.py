@@ -1,15 +1,27 @@
 """Errors with their own exit codes: user mistakes (2) and runs that failed cleanly (1)."""
 
 
+MAX_MESSAGE = 400  # characters: an error is one readable line, whatever the input held
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` with its whitespace runs (newlines included) as single spaces, cut to `limit`."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
 class UserError(Exception):
     """A mistake in the user's input or configuration; printed as one line, exit 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 class ConfigError(UserError):
     """An unknown config key or an impossible value."""
 
     def __init__(self, key: str, value: object, reason: str) -> None:
-        super().__init__(f"config key '{key}': {reason} (got {value!r})")
+        super().__init__(f"config key '{key}': {reason} (got {one_line(repr(value), 120)})")
         self.key = key
         self.value = value
 

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distcluster.checkpoint import write_json_atomic
+from distcluster.checkpoint import file_sha256, write_json_atomic
 from distcluster.data import STATS_SAMPLE, channel_stats_of, shard_batches, subset_indices
 from distcluster.errors import UserError
 from distcluster.images import BadImage, Collection, fit_image, target_size
 
-METADATA_VERSION = 1
+METADATA_VERSION = 2  # 2: the file's size and SHA-256 are recorded
+FULL_CHECK_BYTES = 1 << 30  # .beton files up to 1 GiB are checksummed on every open (~2 s)
 # FFCV sets torch's thread count to its loader's (to 1 when imported): remember the real one.
 TORCH_THREADS = torch.get_num_threads()
 RAW_MAX_PIXELS = 96 * 96  # larger images are stored as JPEG (quality 90)
@@ -135,6 +136,7 @@ def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on
             "skipped_count": len(found.skipped), "skipped": found.skipped,
             "paths": [collection.path(i) for i in found.good] if collection.path(0) else None,
         }
+        metadata.update(bytes=tmp.stat().st_size, sha256=file_sha256(tmp))
         metadata_path(out).unlink(missing_ok=True)  # an old JSON must not vouch for the new file
         os.replace(tmp, out)
         write_json_atomic(metadata_path(out), metadata)
@@ -152,9 +154,48 @@ def read_metadata(beton: Path) -> dict[str, Any]:
         raise UserError(f"{beton}: no {meta.name} beside it (interrupted prepare?); run "
                         "python -m distcluster.prepare again")
     try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as exc:
+        metadata = json.loads(meta.read_text())
+    except (ValueError, OSError) as exc:
         raise UserError(f"{meta}: unreadable metadata ({exc})") from None
+    _check_metadata(metadata, meta)
+    _check_beton(beton, metadata)
+    return metadata
+
+
+_METADATA_TYPES = {"count": int, "image_shape": list, "channels": int, "labelled": bool}
+
+
+def _check_metadata(metadata: Any, meta: Path) -> None:
+    """The fields every reader relies on, with their types and sane values."""
+    ok = isinstance(metadata, dict) and all(
+        isinstance(metadata.get(key), kind) for key, kind in _METADATA_TYPES.items())
+    if ok:
+        shape = metadata["image_shape"]
+        ok = (metadata["count"] > 0 and metadata["channels"] in (1, 3) and len(shape) == 3
+              and all(isinstance(v, int) and v > 0 for v in shape))
+    if not ok:
+        raise UserError(f"{meta}: not the metadata distcluster.prepare writes (edited or damaged?); "
+                        "prepare the data again")
+
+
+def _check_beton(beton: Path, metadata: dict[str, Any]) -> None:
+    """Before FFCV opens it (a damaged file can crash the interpreter): FFCV's header against
+    the metadata, the recorded size, and the SHA-256 for files up to FULL_CHECK_BYTES."""
+    from ffcv.types import CURRENT_VERSION, HeaderType
+
+    size = beton.stat().st_size
+    damaged = f"{beton}: damaged or not the file its metadata describes"
+    if size < HeaderType.itemsize:
+        raise UserError(f"{damaged} (only {size} bytes); prepare it again")
+    header = np.fromfile(beton, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION or header["num_samples"] != metadata["count"] \
+            or header["num_fields"] != 2:
+        raise UserError(f"{damaged} (its header says {int(header['num_samples'])} images, version "
+                        f"{int(header['version'])}); prepare it again")
+    if "bytes" in metadata and size != metadata["bytes"]:
+        raise UserError(f"{damaged} ({size} bytes, {metadata['bytes']} written); prepare it again")
+    if "sha256" in metadata and size <= FULL_CHECK_BYTES and file_sha256(beton) != metadata["sha256"]:
+        raise UserError(f"{damaged} (its SHA-256 changed); prepare it again")
 
 
 def _traversal_order_class():
@@ -260,5 +301,7 @@ class BetonSource:
             yield self._images(batch[0])
 
     def batches(self, size: int) -> Iterator[torch.Tensor]:
+        # FFCV refills the same memory for the next batches: a copy may be kept by the caller
+        # (training batches in epoch_batches are used up at once and are not copied).
         for batch in self._loader(size, ("image",)):
-            yield self._images(batch[0])
+            yield self._images(batch[0]).clone()

@@ -36,6 +36,8 @@ from distcluster.errors import UserError
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                             ".ppm", ".pgm", ".pbm"})
 FORMATS = ("auto", "imagefolder", "cifar10", "cifar100-20", "npz", "digits")
+MAX_MEMBER_BYTES = 256 << 20  # one image file inside a zip, inflated (a 50 MP JPEG is ~20 MB)
+MAX_CLASSES = 100_000  # labels are class numbers below this
 SPLITS = ("train", "test", "all")
 _CIFAR = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
@@ -116,10 +118,13 @@ class FileCollection:
 
     def _open(self, member: str):
         if self.root.is_dir():
-            return open(self.root / member, "rb")
+            path = self.root / member
+            if not path.is_file():  # a FIFO or a device would hang or never end
+                raise OSError(f"not a regular file: {path}")
+            return open(path, "rb")
         if self._zip is None or self._zip_pid != os.getpid():  # one handle per process
             self._zip, self._zip_pid = zipfile.ZipFile(self.root), os.getpid()
-        return io.BytesIO(self._zip.read(member))
+        return io.BytesIO(read_member(self._zip, member))
 
     def read(self, index: int) -> np.ndarray:
         member = self.members[index]
@@ -135,6 +140,19 @@ class FileCollection:
         state = dict(self.__dict__)
         state["_zip"], state["_zip_pid"] = None, -1
         return state
+
+
+def read_member(archive: zipfile.ZipFile, member: str, limit: int = MAX_MEMBER_BYTES) -> bytes:
+    """A zip member's bytes, never inflating more than `limit` (a 4 MB zip bomb can declare a
+    small size and hold gigabytes): the declared size is checked first, then the stream."""
+    info = archive.getinfo(member)
+    if info.file_size > limit:
+        raise OSError(f"declares {info.file_size} bytes, more than the {limit} allowed per image")
+    with archive.open(info) as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"inflates past the {limit} bytes allowed per image")
+    return data
 
 
 def rgb_image(image: Image.Image) -> Image.Image:
@@ -248,12 +266,29 @@ def open_imagefolder(path: Path) -> FileCollection:
     return FileCollection(path, members, labels, str(path), class_names)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR python batch holds: dicts, lists, strings, bytes, numbers and
+    numpy arrays of numbers. Any other global (os.system, builtins.eval, ...) is refused, so
+    a hostile batch file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of a CIFAR batch")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            batch = _CifarUnpickler(handle, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise UserError(f"{path}: not a readable CIFAR python file ({exc})") from None
+    if not isinstance(batch, dict):
+        raise UserError(f"{path}: not a CIFAR python file (holds a {type(batch).__name__}, not a dict)")
+    return batch
 
 
 def open_cifar(root: Path, fmt: str, split: str = "train") -> ArrayCollection:
@@ -279,22 +314,27 @@ def open_cifar(root: Path, fmt: str, split: str = "train") -> ArrayCollection:
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """`x` as (N, H, W, C) uint8 and `y` as int64, validated."""
     try:
-        arrays = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable .npz file ({exc})") from None
-    if "x" not in arrays:
-        raise UserError(f"{path}: .npz has no array 'x' (found: {', '.join(arrays.files) or 'none'})")
-    x = arrays["x"]
+        arrays = np.load(path, allow_pickle=False)  # never unpickle: object arrays are refused
+        if not hasattr(arrays, "files"):
+            raise ValueError("a single .npy array, not an .npz archive")
+        if "x" not in arrays:
+            raise UserError(f"{path}: .npz has no array 'x' (found: {', '.join(arrays.files) or 'none'})")
+        x = arrays["x"]
+        y = arrays["y"] if "y" in arrays else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: not a readable .npz file of numbers ({exc})") from None
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.dtype != np.uint8 or len(x) == 0 or x.shape[-1] not in (1, 3, 4):
         raise UserError(f"{path}: 'x' must be non-empty uint8 (N, H, W[, C]) with C in 1, 3, 4; "
                         f"got {x.dtype} {x.shape}")
     labels = None
-    if "y" in arrays:
-        y = arrays["y"]
+    if y is not None:
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
             raise UserError(f"{path}: 'y' must be integers of shape ({len(x)},), got {y.dtype} {y.shape}")
+        if y.min() < 0 or y.max() >= MAX_CLASSES:
+            raise UserError(f"{path}: labels 'y' must be class numbers in [0, {MAX_CLASSES}), "
+                            f"got {y.min()} to {y.max()}")
         labels = y.astype(np.int64)
     return x, labels
 
@@ -318,6 +358,8 @@ def detect_format(spec: str) -> tuple[str, Path | None]:
     path = Path(spec)
     if not path.exists():
         raise UserError(f"data not found: {spec}")
+    if not (path.is_dir() or path.is_file()):  # a FIFO or a device (/dev/zero) never ends
+        raise UserError(f"{spec}: not a regular file or a folder")
     if path.suffix == ".npz":
         return "npz", path
     if path.is_dir():

@@ -67,24 +67,33 @@ def load_model(folder: Path) -> LoadedModel:
     from distcluster.loop import build_model
 
     folder = _model_folder(Path(folder))
-    if (folder / WEIGHTS_FILE).is_file():
-        meta = json.loads((folder / MODEL_CONFIG_FILE).read_text())
-        weights = _safe_load(folder / WEIGHTS_FILE)
-    else:  # a training checkpoint: the same fields, in one file
-        meta = _safe_load(folder / CHECKPOINT_FILE)
-        weights = meta["model"]
     try:
-        cfg = from_dict(meta["config"])
+        if (folder / WEIGHTS_FILE).is_file():
+            meta = json.loads((folder / MODEL_CONFIG_FILE).read_text())
+            weights = _safe_load(folder / WEIGHTS_FILE)
+        else:  # a training checkpoint: the same fields, in one file
+            meta = _safe_load(folder / CHECKPOINT_FILE)
+            weights = meta["model"]
+        cfg = from_dict(_upgraded(meta["config"]))
         spec = meta["input"]
         model = build_model(cfg, spec["channels"])
         model.load_state_dict(weights)
-    except (KeyError, RuntimeError, UserError) as exc:
-        detail = " ".join(str(exc).split())[:200]  # one line
-        raise UserError(f"{folder}: model config and weights do not match ({detail})") from None
-    model.eval()
-    mean, std = (torch.tensor(spec[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
-    return LoadedModel(model, meta["head"], cfg.clusters, spec["channels"], tuple(spec["size"]), mean, std,
-                       spec.get("class_names"))
+        model.eval()
+        mean, std = (torch.tensor(spec[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+        return LoadedModel(model, int(meta["head"]), cfg.clusters, spec["channels"], tuple(spec["size"]),
+                           mean, std, spec.get("class_names"))
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+        raise UserError(f"{folder}: not a readable distcluster model ({type(exc).__name__}: {exc})") from None
+    except RuntimeError as exc:
+        raise UserError(f"{folder}: model config and weights do not match ({exc})") from None
+
+
+def _upgraded(values: dict) -> dict:
+    """A model config written by an older distcluster, with the settings it was trained with:
+    before `imc_swav.projection_nonlinear` existed the projection had BN + ReLU."""
+    if values.get("objective") == "imc_swav" and "projection_nonlinear" not in values.get("imc_swav", {}):
+        values = {**values, "imc_swav": {**values.get("imc_swav", {}), "projection_nonlinear": True}}
+    return values
 
 
 def fit_input(images: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:

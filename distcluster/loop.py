@@ -55,9 +55,10 @@ def build_optimizer(cfg: Config, model: nn.Module,
                     fused: bool = False) -> tuple[torch.optim.Optimizer, Any]:
     """The optimiser (one fused kernel per step with `fused`) and its epoch-wise lr schedule."""
     o = cfg.optim
-    # No weight decay on 1-D parameters (biases, BN), as in CRLC's code.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # No weight decay on 1-D parameters (biases, BN), as in CRLC's code, unless decay_1d
+    # (IMC-SwAV's code decays every parameter).
+    decay = [p for p in model.parameters() if p.ndim > 1 or o.decay_1d]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not o.decay_1d]
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kernel = {"fused": True} if fused else {}
@@ -198,10 +199,18 @@ def _build_state(cfg: Config, channels: int, ctx: WorkerContext,
         torch._dynamo.config.suppress_errors = True
         model.backbone.compile(dynamic=False)  # in place: state_dict keys stay the same
     if dist.is_distributed():
-        if ctx.device.type == "cuda":  # SyncBatchNorm runs on GPUs only; on CPU BN stays per worker
-            state.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        state.model = model = _batchnorm_for(cfg, model, ctx.device)
         state.trained = _data_parallel(model, ctx.device)
     return state
+
+
+def _batchnorm_for(cfg: Config, model: ClusterModel, device: torch.device) -> ClusterModel:
+    """BatchNorm over the global batch (model.sync_batchnorm; auto: on GPUs) or per worker."""
+    gpu = device.type == "cuda"
+    wanted = cfg.model.sync_batchnorm
+    if not (gpu if wanted == "auto" else wanted):
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if gpu else dist.global_batchnorm(model)
 
 
 CPU_BUCKET_MB = 256  # ResNet-18's 45 MB of gradients and every smaller model: one bucket
@@ -268,8 +277,9 @@ def _train_step(cfg: Config, state: _State, crops: list[torch.Tensor], local_bat
     finite. Returns the objective's result and the finite flag (a 0-d tensor, the same on
     every rank)."""
     state.model.objective_hook("on_step_start")
+    warm_up_learning_rate(cfg, state)
     with autocast_for(cfg, device):
-        result = state.trained(crops, local_batch, state.step)
+        result = state.trained(crops, local_batch, state.step, state.epoch)
     loss = result.loss * float("nan") if poisoned else result.loss
     state.optimizer.zero_grad(set_to_none=True)
     # A non-finite loss makes every gradient of its rank NaN, and DDP's averaging carries
@@ -290,6 +300,17 @@ def _train_step(cfg: Config, state: _State, crops: list[torch.Tensor], local_bat
     else:  # a good step cannot lengthen a bad run
         guard.look(state.step, state.epoch + 1)
     return result, finite
+
+
+def warm_up_learning_rate(cfg: Config, state: _State) -> None:
+    """During the first optim.warmup_steps updates the lr rises linearly to the schedule's,
+    (step + 1) / warmup_steps of it, as IMC-SwAV's code does; the epoch schedule sets it
+    again at every epoch's end."""
+    warmup = cfg.optim.warmup_steps
+    if state.step < warmup:
+        scale = (state.step + 1) / warmup
+        for group, lr in zip(state.optimizer.param_groups, state.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr * scale
 
 
 def _one_or_nan(value: torch.Tensor) -> torch.Tensor:

@@ -87,14 +87,14 @@ class ClusterHead(nn.Module):
         return self.out(x)
 
 
-def mlp(dims: list[int], batch_norm: bool = True) -> nn.Sequential:
-    """Linear layers with (BN +) ReLU between them, none after the last."""
+def mlp(dims: list[int], batch_norm: bool = True, relu: bool = True) -> nn.Sequential:
+    """Linear layers with (BN +) (ReLU) between them, none after the last."""
     layers: list[nn.Module] = []
     for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         layers.append(nn.Linear(cin, cout))
         if i < len(dims) - 2:
             layers += [nn.BatchNorm1d(cout)] if batch_norm else []
-            layers.append(nn.ReLU(inplace=True))
+            layers += [nn.ReLU(inplace=True)] if relu else []
     return nn.Sequential(*layers)
 
 
@@ -127,14 +127,14 @@ class ClusterModel(nn.Module):
         self.backbone = backbone
         self.objective = objective
 
-    def forward(self, crop_groups: list[torch.Tensor], batch: int, step: int = 0):
+    def forward(self, crop_groups: list[torch.Tensor], batch: int, step: int = 0, epoch: int = 0):
         features: list[torch.Tensor] = []
         for group in crop_groups:
             features.extend(self.backbone(group).split(batch))
         # Heads and batch statistics (exp(u / 0.05), logs of joints) need fp32 even
         # when the backbone runs under bf16 autocast.
         with torch.autocast(features[0].device.type, enabled=False):
-            return self.objective.loss([f.float() for f in features], step)
+            return self.objective.loss([f.float() for f in features], step, epoch)
 
     def objective_hook(self, name: str, *args) -> None:
         """Run an optional per-step hook of the objective (e.g. prototype normalisation)."""

@@ -7,11 +7,11 @@ progress bar; the output is written to a temporary name and renamed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from distcluster.checkpoint import atomic_file
 from distcluster.cli import ArgumentParser, run_command
 from distcluster.errors import UserError
 
@@ -57,13 +57,12 @@ def run_model(args):
 def write_table(out: Path, columns: dict[str, list]) -> None:
     import pandas as pd
 
-    staging = out.with_name(f".{out.name}.tmp")
     frame = pd.DataFrame(columns)
-    if out.suffix == ".parquet":
-        frame.to_parquet(staging, index=False)
-    else:
-        frame.to_csv(staging, index=False)
-    os.replace(staging, out)
+    with atomic_file(out) as staging:
+        if out.suffix == ".parquet":
+            frame.to_parquet(staging, index=False)
+        else:
+            frame.to_csv(staging, index=False)
 
 
 def predict(argv: list[str] | None = None) -> Path:

@@ -50,6 +50,10 @@ def prepare(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     if out.suffix != ".beton":
         raise UserError(f"--out must end in .beton (got {out})")
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out} exists and is not a file")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0 = CPU count, at most 8), got {args.workers}")
     from distcluster.ffcv_io import write_beton
 
     collection = open_collection(args.src, args.format, args.split)

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
 from distcluster.config import Config, from_dict
-from distcluster.errors import TrainingDiverged
+from distcluster.errors import TrainingDiverged, UserError
 from distcluster.loop import WorkerContext, set_cpu_speedups, train_loop
 from distcluster.sources import open_source
 from distcluster.tracking import RunTracker
@@ -71,10 +72,38 @@ def init_ray() -> None:
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
-    else:
-        ray.init(configure_logging=False, runtime_env=runtime_env)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_ray_address(address)
+        ray.init(address=address, runtime_env=runtime_env)
+    else:  # never join whatever a stale address file points at
+        ray.init(address="local", configure_logging=False, runtime_env=runtime_env)
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Stop within seconds, in one line, when RAY_ADDRESS names a host and port that do not
+    answer (Ray itself retries for minutes). `auto` and addresses without a port are left
+    to Ray."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: "
+                        f"{exc.strerror or exc}") from None
+
+
+def warn_if_oversubscribed(cfg: Config, resources: dict[str, float], warn=print) -> None:
+    """More workers than the cluster's GPUs (with --gpu) or CPUs: they would share them and
+    run slower than fewer workers would (or, for GPUs, wait for ever)."""
+    kind = "GPU" if cfg.gpu else "CPU"
+    have = resources.get(kind, 0.0)
+    if cfg.workers > have:
+        warn(f"warning: {cfg.workers} workers on a cluster with {have:g} {kind}s: "
+             f"{'they wait for GPUs that are not there' if cfg.gpu else 'each gets a fraction of a CPU'}; "
+             f"use --workers {max(1, int(have))} or fewer")
 
 
 def cpus_per_worker(cfg: Config) -> float:
@@ -159,6 +188,7 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
     """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data.
     `callbacks`: Ray Train UserCallbacks (Tune's TuneReportCallback in a sweep)."""
     init_ray()
+    warn_if_oversubscribed(cfg, ray.cluster_resources())
     cpus = cpus_per_worker(cfg)
     monitor = RunMonitor.remote()
     trainer = TorchTrainer(

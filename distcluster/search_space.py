@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distcluster import config as configuration
 from distcluster.config import Config
 from distcluster.errors import ConfigError, UserError
@@ -107,10 +105,8 @@ def load_space(name_or_path: str) -> SearchSpace:
     """Read and check a space; every problem is a UserError naming the space and key."""
     path = find_space(name_or_path)
     name = path.stem
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"tune space {name}: invalid YAML ({exc})") from None
+    text = configuration.read_text_file(path, "tune space")
+    raw = configuration.safe_yaml(text, f"tune space {name}") or {}
     try:
         return _parse(name, raw)
     except ConfigError as exc:

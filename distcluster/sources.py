@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from distcluster.data import ImageSource, load_source
+from distcluster.errors import UserError
 from distcluster.images import detect_format, files_under, open_collection
 
 IN_MEMORY = ("digits", "npz")
@@ -21,7 +22,10 @@ CACHE_VERSION = 2  # bump when prepare writes different pixels (2: EXIF orientat
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DISTCLUSTER_CACHE") or Path.home() / ".cache" / "distcluster")
+    folder = Path(os.environ.get("DISTCLUSTER_CACHE") or Path.home() / ".cache" / "distcluster")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"DISTCLUSTER_CACHE={folder} is not a folder")
+    return folder
 
 
 def fingerprint(path: Path) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from distcluster.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
 # A lost server must not stall training for minutes of retries (the user's values win).
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -38,10 +39,27 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise UserError(f"cannot reach MLflow at {uri}: {reason}") from None
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir():
-            raise UserError(f"cannot use MLflow at {uri}: folder {folder} does not exist")
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise UserError(f"tracking URI {uri}: unknown scheme '{scheme}' (expected one of "
+                        f"{', '.join(TRACKING_SCHEMES)})")
+    if scheme == "sqlite":
+        _check_sqlite(uri, Path(uri.removeprefix("sqlite:///")))
+
+
+def _check_sqlite(uri: str, path: Path) -> None:
+    """An SQLite store is a creatable or existing, writable SQLite file."""
+    if not path.parent.is_dir():
+        raise UserError(f"cannot use MLflow at {uri}: folder {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise UserError(f"cannot use MLflow at {uri}: {path} is not a file")
+    if path.is_file():
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+        if head and head != b"SQLite format 3\0":
+            raise UserError(f"cannot use MLflow at {uri}: {path} is not an SQLite database")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise UserError(f"cannot use MLflow at {uri}: {path} is read-only")
 
 
 class RunTracker:

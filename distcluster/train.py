@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -174,15 +175,34 @@ def draw_plots(state: dict[str, Any], source: ImageSource, probs: np.ndarray, fo
 
 
 def _previous_run(out: Path, name: str) -> dict[str, Any] | None:
-    """This run's record in out/run.json, if an earlier invocation started it."""
+    """This run's record in out/run.json, if an earlier invocation started it. An output that
+    is not a folder, or a non-empty folder that distcluster did not write, is refused: nothing
+    of the user's is ever replaced."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a folder")
     path = out / RUN_RECORD
     if not path.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"--output {out} is not empty and holds no distcluster run: "
+                            "name a new or empty folder")
+        _check_writable(out)
         return None
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+        record["run_name"], record["run_id"]  # noqa: B018 - both must be there
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not a distcluster run record (unreadable JSON)") from None
     if record["run_name"] != name:
         raise UserError(f"{out} holds run '{record['run_name']}'; use --run-name {record['run_name']} "
                         "to resume it, or another --output")
     return record
+
+
+def _check_writable(out: Path) -> None:
+    """Stop with one line before any training when `out` cannot be created or written."""
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --output {out}: {existing} is not a writable folder")
 
 
 def _open_tracker(cfg: Config, record: dict[str, Any] | None, out: Path, name: str) -> RunTracker:

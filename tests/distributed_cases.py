@@ -9,6 +9,7 @@ from torch import nn
 
 from distcluster import config
 from distcluster.config import CRLCConfig, IICConfig, IMCSwAVConfig
+from distcluster.distributed import global_batchnorm
 from distcluster.loop import WorkerContext, _build_state, _train_step
 from distcluster.objectives import CRLC, IIC, IMCSwAV, iic_loss, sinkhorn
 
@@ -41,15 +42,10 @@ def run_cases(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
     features = [torch.randn(BATCH, FEATURES, generator=gen) for _ in range(VIEWS)]
     results: dict[str, dict[str, torch.Tensor]] = {}
     for name, objective in _objectives().items():
-        objective.eval()  # BatchNorm statistics are per worker; the objective's are global
-        result = objective.loss([f[local] for f in features])
-        result.loss.backward()
-        loss = result.loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(loss)
-            loss /= world
-        grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
-        results[name] = {"loss": loss, **_average_like_ddp(grads, world)}
+        # eval: BatchNorm uses its running statistics; train: the global batch's (GlobalBatchNorm)
+        results[name] = _objective_case(objective.eval(), features, local, world)
+        trained = global_batchnorm(objective).train()
+        results[f"{name}_train"] = _objective_case(trained, features, local, world)
 
     logits = torch.randn(BATCH, CLUSTERS, generator=gen, requires_grad=True)
     other = torch.randn(BATCH, CLUSTERS, generator=gen)
@@ -63,7 +59,48 @@ def run_cases(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
         "codes_reduced": sinkhorn(scores[local], epsilon=0.05, iterations=3, gather_limit=0)}
     for mode, speed in SKIP_MODES.items():
         results[mode] = skipped_step_case(rank, world, speed)
+    results["training_global_bn"] = training_case(rank, world, sync_batchnorm=True)
+    results["training_worker_bn"] = training_case(rank, world, sync_batchnorm=False)
     return results
+
+
+def _objective_case(objective: nn.Module, features: list[torch.Tensor], local: slice,
+                    world: int) -> dict[str, torch.Tensor]:
+    """Loss (averaged over ranks), gradients (averaged as DDP does) and BatchNorm running
+    statistics after one forward of this rank's share."""
+    objective.zero_grad(set_to_none=True)
+    result = objective.loss([f[local] for f in features])
+    result.loss.backward()
+    loss = result.loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+    stats = {n: b.clone() for n, b in objective.named_buffers() if "running" in n}
+    return {"loss": loss, **_average_like_ddp(grads, world), **stats}
+
+
+def training_case(rank: int, world: int, sync_batchnorm: bool) -> dict[str, torch.Tensor]:
+    """Weights and BatchNorm statistics after three whole training steps (small CNN with
+    BatchNorm in train mode, IMC-SwAV, SGD) on this rank's share of one global batch."""
+    cfg = config.from_dict({**config.load_recipe("digits-imc-swav"), "precision": "fp32",
+                            "model": {"backbone": "small_cnn", "width": 8, "sync_batchnorm": sync_batchnorm},
+                            "optim": {"name": "sgd", "lr": 0.05},
+                            "imc_swav": {"prototypes": 16, "projection_hidden": 16, "projection_dim": 8,
+                                         "classifier_hidden": 16, "freeze_prototypes_steps": 0},
+                            "speed": {"channels_last": False, "compile": False}})
+    gen = torch.Generator().manual_seed(7)
+    local = BATCH // world
+    crops = []
+    for group in cfg.augment.crops:  # crop-major rows: crop c of every image, then crop c + 1
+        everyone = torch.randn(group.count, BATCH, 1, group.size, group.size, generator=gen)
+        crops.append(everyone[:, rank * local:(rank + 1) * local].flatten(0, 1))
+    state = _build_state(cfg, 1, WorkerContext(rank, world), None)
+    for _ in range(3):
+        _train_step(cfg, state, crops, local, torch.device("cpu"), poisoned=False)
+    model = state.model
+    stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+    return {"weights": nn.utils.parameters_to_vector(model.parameters()).detach(), **stats}
 
 
 SKIP_MODES = {  # the host skips the update / the fused optimiser skips it on the device

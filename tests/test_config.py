@@ -85,7 +85,7 @@ def test_a_real_process_exits_2(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == ("distcluster.train: error: config key 'clusters': "
-                                   "K must be >= 2 (got 1)")
+                                   "K must be in [2, 100000] (got 1)")
 
 
 def test_assign_sets_dotted_keys_and_list_items_without_touching_the_original():

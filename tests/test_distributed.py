@@ -16,7 +16,10 @@ def both(tmp_path_factory):
     return run_cases(0, 1), ranks
 
 
-@pytest.mark.parametrize("objective", ["iic", "imc_swav", "crlc"])
+OBJECTIVE_CASES = ["iic", "imc_swav", "crlc", "iic_train", "imc_swav_train", "crlc_train"]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVE_CASES)
 def test_objective_loss_and_gradients_match_single_process(both, objective):
     single, ranks = both
     for rank in ranks:
@@ -50,3 +53,22 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(both, mode):
         # the weights are those of the two good steps alone, as if the bad one never was
         torch.testing.assert_close(rank[mode]["poisoned"], rank[mode]["clean"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(ranks[0][mode]["poisoned"], ranks[1][mode]["poisoned"], rtol=0, atol=0)
+
+
+def test_training_with_global_batchnorm_equals_one_process_on_the_global_batch(both):
+    """model.sync_batchnorm=true: three whole steps in train mode, weights and running statistics."""
+    single, ranks = both
+    for rank in ranks:
+        for name, expected in single["training_global_bn"].items():
+            torch.testing.assert_close(rank["training_global_bn"][name], expected, atol=1e-5, rtol=1e-4,
+                                       msg=f"{name} differs")
+
+
+def test_per_worker_batchnorm_is_not_world_size_invariant(both):
+    """The documented exception (sync_batchnorm false, the CPU default): each worker normalises
+    with its own half of the batch, so the workers drift apart from one process (and their
+    running statistics from each other) while DDP keeps their weights equal to each other."""
+    single, ranks = both
+    first, second = (rank["training_worker_bn"]["weights"] for rank in ranks)
+    assert not torch.allclose(first, single["training_worker_bn"]["weights"], atol=1e-4)
+    torch.testing.assert_close(first, second)

@@ -30,6 +30,7 @@ def logit_penalty(logits: torch.Tensor, bound: float) -> torch.Tensor:
     return F.relu(logits.abs() - bound).sum(-1).mean()
 
 
-def pairs(num_views: int) -> list[tuple[int, int]]:
-    """Every ordered pair of distinct views."""
-    return [(i, j) for i in range(num_views) for j in range(num_views) if i != j]
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or left in float64: batch statistics need at least single precision
+    (the backbone may run in bf16), and the float64 reference tests need their digits."""
+    return x if x.dtype == torch.float64 else x.float()

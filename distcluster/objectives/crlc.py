@@ -9,7 +9,7 @@ from torch import nn
 from distcluster import distributed as dist
 from distcluster.config import CRLCConfig
 from distcluster.models import ClusterHead, mlp
-from distcluster.objectives.base import EPS, ObjectiveResult, entropy, logit_penalty
+from distcluster.objectives.base import EPS, ObjectiveResult, entropy, wide
 
 
 def _two_view_nce(view_a: torch.Tensor, view_b: torch.Tensor, critic) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 def nt_xent(r_a: torch.Tensor, r_b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """SimCLR's NT-Xent; r_a, r_b: (B, d) L2-normalised features of two views."""
-    return _two_view_nce(r_a.float(), r_b.float(), lambda q, k: q @ k.transpose(-2, -1) / temperature)
+    return _two_view_nce(wide(r_a), wide(r_b), lambda q, k: q @ k.transpose(-2, -1) / temperature)
 
 
 def crlc_cluster_nce(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def crlc_cluster_nce(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
 
     p_a, p_b: (..., B, K) cluster probabilities of two views (already smoothed).
     """
-    return _two_view_nce(p_a.float(), p_b.float(),
+    return _two_view_nce(wide(p_a), wide(p_b),
                          lambda q, k: (q @ k.transpose(-2, -1)).clamp_min(EPS).log())
 
 
@@ -58,12 +58,25 @@ def global_mean_probs(probs: torch.Tensor) -> torch.Tensor:
     """Mean over the global batch of probs (..., b, K) -> (..., K), differentiable. Every
     row sums to 1, so the summed rows sum to the global batch size: dividing by that
     normalises without a second collective for the batch size."""
-    total = dist.all_reduce_sum(probs.float().sum(-2))
+    total = dist.all_reduce_sum(wide(probs).sum(-2))
     return total / total.sum(-1, keepdim=True)
 
 
+def violation_penalty(logits: torch.Tensor, bound: float) -> torch.Tensor:
+    """CRLC's logit clamp, mean over samples of sum_k logit * sg(violation), violation the
+    distance past +-bound (0 inside): its gradient is the violation itself, so it grows
+    with the distance. logits: (..., B, K) -> (...)."""
+    violation = (logits - logits.clamp(-bound, bound)).detach()
+    return (logits * violation).sum(-1).mean(-1)
+
+
 class CRLC(nn.Module):
-    """Representation head (NT-Xent) + S cluster sub-heads (probability InfoNCE + balance)."""
+    """Representation head (NT-Xent) + S cluster sub-heads (probability InfoNCE + balance).
+
+    As the authors' code, per sub-head: the probability InfoNCE on smoothed probabilities,
+    minus entropy_weight * (H(mean p_a) + H(mean p_b)) / 2 on the unsmoothed ones (one
+    marginal per view, over the global batch), plus logit_penalty * violation_penalty.
+    """
 
     def __init__(self, feature_dim: int, clusters: int, cfg: CRLCConfig) -> None:
         super().__init__()
@@ -71,21 +84,21 @@ class CRLC(nn.Module):
         self.representation = mlp([feature_dim, cfg.hidden, cfg.feature_dim], batch_norm=False)
         self.cluster = ClusterHead(feature_dim, clusters, cfg.subheads, cfg.hidden)
 
-    def loss(self, features: list[torch.Tensor], step: int = 0) -> ObjectiveResult:
+    def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
         f_a, f_b = features[0], features[1]  # CRLC contrasts two views
         r_a = F.normalize(self.representation(f_a), dim=-1)
         r_b = F.normalize(self.representation(f_b), dim=-1)
         feature_nce = nt_xent(r_a, r_b, self.cfg.temperature)
 
-        logits_a, logits_b = self.cluster(f_a), self.cluster(f_b)  # (S, b, K)
-        p_a, p_b = self._smooth(logits_a.softmax(-1)), self._smooth(logits_b.softmax(-1))
-        cluster_nce = crlc_cluster_nce(p_a, p_b)  # (S,)
-        marginal = global_mean_probs(torch.cat([p_a, p_b], dim=-2))  # (S, K)
-        per_head = cluster_nce - self.cfg.entropy_weight * entropy(marginal)
-        penalty = logit_penalty(torch.cat([logits_a, logits_b], dim=-2), self.cfg.logit_bound)
-        loss = self.cfg.feature_weight * feature_nce + per_head.mean() + penalty
+        logits = wide(torch.stack([self.cluster(f_a), self.cluster(f_b)]))  # (2, S, b, K)
+        probs = logits.softmax(-1)
+        cluster_nce = crlc_cluster_nce(*self._smooth(probs).unbind(0))  # (S,)
+        balance = entropy(global_mean_probs(probs)).mean(0)  # (S,): mean over the two views
+        penalty = violation_penalty(logits, self.cfg.logit_bound).mean(0)  # (S,)
+        per_head = cluster_nce - self.cfg.entropy_weight * balance + self.cfg.logit_penalty * penalty
+        loss = self.cfg.feature_weight * feature_nce + per_head.mean()
         logs = {"feature_nce": feature_nce.detach(), "cluster_nce": cluster_nce.mean().detach(),
-                "marginal_entropy": entropy(marginal).mean().detach()}
+                "marginal_entropy": balance.mean().detach()}
         return ObjectiveResult(loss, logs, per_head.detach())
 
     def _smooth(self, probs: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from distcluster import distributed as dist
 from distcluster.config import IICConfig
 from distcluster.models import ClusterHead
-from distcluster.objectives.base import EPS, ObjectiveResult, pairs
+from distcluster.objectives.base import EPS, ObjectiveResult, wide
 
 
 def iic_loss(z_a: torch.Tensor, z_b: torch.Tensor, lamb: float = 1.0) -> torch.Tensor:
@@ -27,7 +29,7 @@ def global_joints(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
     to 1, so each joint sums to the global batch size: dividing by that sum normalises
     it without a second collective for the batch size.
     """
-    joint = dist.all_reduce_sum(z_a.float().transpose(-1, -2) @ z_b.float())
+    joint = dist.all_reduce_sum(wide(z_a).transpose(-1, -2) @ wide(z_b))
     return joint / joint.sum(dim=(-2, -1), keepdim=True)
 
 
@@ -42,9 +44,12 @@ def iic_from_joints(joint: torch.Tensor, lamb: float) -> torch.Tensor:
 class IIC(nn.Module):
     """Main head (K clusters) + over-clustering head, each with `subheads` linear heads.
 
-    Both heads are trained every step (the paper alternates by epoch; summing is
-    the same objective in expectation and keeps every rank's graph identical).
-    The loss is averaged over all ordered pairs of crops.
+    features[0] is the anchor view x, every later crop a transformed view g(x). With
+    `pairing: anchor` (the authors' code) the (x, g(x)) pairs of all crops are pooled into
+    one joint per sub-head; with `all_pairs` each pair of crops has its own loss and they
+    are averaged. The heads take turns by epoch (`head_epochs`); the resting head's loss
+    enters with weight 0, so it gets zero gradients (as the authors' zeroed gradients: Adam
+    still carries its momentum) and every rank's graph is the same.
     """
 
     def __init__(self, feature_dim: int, clusters: int, cfg: IICConfig) -> None:
@@ -53,21 +58,34 @@ class IIC(nn.Module):
         self.main = ClusterHead(feature_dim, clusters, cfg.subheads)
         self.over = ClusterHead(feature_dim, cfg.overclusters, cfg.subheads)
 
-    def loss(self, features: list[torch.Tensor], step: int = 0) -> ObjectiveResult:
-        main = [self.main(f).float().softmax(-1) for f in features]  # each (S, B, K)
-        over = [self.over(f).float().softmax(-1) for f in features]
-        view_pairs = pairs(len(features))
-        per_head_main = self._pair_mean(main, view_pairs)  # (S,)
-        per_head_over = self._pair_mean(over, view_pairs)
-        loss = per_head_main.mean() + per_head_over.mean()
+    def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
+        main = torch.stack([wide(self.main(f)).softmax(-1) for f in features])  # (V, S, B, K)
+        over = torch.stack([wide(self.over(f)).softmax(-1) for f in features])
+        per_head_main, per_head_over = self.per_subhead(main), self.per_subhead(over)  # (S,) each
+        weight_main, weight_over = self.head_weights(epoch)
+        loss = weight_main * per_head_main.mean() + weight_over * per_head_over.mean()
         logs = {"iic_main": per_head_main.mean().detach(), "iic_over": per_head_over.mean().detach()}
         return ObjectiveResult(loss, logs, per_head_main.detach())
 
-    def _pair_mean(self, probs: list[torch.Tensor], view_pairs: list[tuple[int, int]]) -> torch.Tensor:
-        """(S,) loss of each sub-head, averaged over view pairs (symmetric, so i < j only)."""
-        firsts = torch.stack([probs[i] for i, j in view_pairs if i < j])  # (P, S, B, K)
-        seconds = torch.stack([probs[j] for i, j in view_pairs if i < j])
-        return iic_from_joints(global_joints(firsts, seconds), self.cfg.lamb).mean(0)
+    def per_subhead(self, probs: torch.Tensor) -> torch.Tensor:
+        """(V, S, B, K) probabilities of every crop -> (S,) loss of each sub-head."""
+        if self.cfg.pairing == "anchor":
+            anchors = probs[:1].expand_as(probs[1:])
+            # Every pair holds the same B samples, so the mean of the normalised joints is
+            # the joint of all the pairs pooled.
+            return iic_from_joints(global_joints(anchors, probs[1:]).mean(0), self.cfg.lamb)
+        firsts, seconds = zip(*itertools.combinations(probs, 2), strict=True)  # IIC is symmetric
+        joints = global_joints(torch.stack(firsts), torch.stack(seconds))
+        return iic_from_joints(joints, self.cfg.lamb).mean(0)
+
+    def head_weights(self, epoch: int) -> tuple[float, float]:
+        """(main, over-clustering) weights in this epoch: the over-clustering head trains for
+        head_epochs[0] epochs, then the main head for head_epochs[1], and again."""
+        over_epochs, main_epochs = self.cfg.head_epochs
+        if over_epochs == 0:
+            return 1.0, 1.0
+        main_turn = epoch % (over_epochs + main_epochs) >= over_epochs
+        return (1.0, 0.0) if main_turn else (0.0, 1.0)
 
     def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
-        return self.main(features).float().softmax(-1)
+        return wide(self.main(features)).softmax(-1)

@@ -9,7 +9,7 @@ from torch import nn
 from distcluster import distributed as dist
 from distcluster.config import IMCSwAVConfig
 from distcluster.models import Prototypes, mlp
-from distcluster.objectives.base import EPS, ObjectiveResult, entropy, logit_penalty
+from distcluster.objectives.base import EPS, ObjectiveResult, entropy, logit_penalty, wide
 from distcluster.objectives.sinkhorn import sinkhorn
 
 
@@ -22,7 +22,7 @@ def swav_loss(codes: list[torch.Tensor], scores: list[torch.Tensor], temperature
     for i, q in enumerate(codes):
         for t, u in enumerate(scores):
             if t != i:
-                terms.append(-(q * F.log_softmax(u.float() / temperature, dim=-1)).sum(-1).mean())
+                terms.append(-(q * F.log_softmax(wide(u) / temperature, dim=-1)).sum(-1).mean())
     return torch.stack(terms).mean()
 
 
@@ -41,34 +41,42 @@ def imc_mi_loss(p_y: torch.Tensor, p_u: torch.Tensor, entropy_weight: float = 4.
     With P_yu = p_y^T p_u / sum, L = H(Y|U) - b H(Y) (= -I(Y;U) - (b-1) H(Y)),
     the joint taken over the global batch.
     """
-    return mi_from_joint(dist.all_reduce_sum(p_y.float().t() @ p_u.float()), entropy_weight)
+    return mi_from_joint(dist.all_reduce_sum(wide(p_y).t() @ wide(p_u)), entropy_weight)
 
 
 class IMCSwAV(nn.Module):
-    """Projection + prototypes trained by SwAV; a K-way classifier trained by MI on detached features."""
+    """Projection + prototypes trained by SwAV; a K-way classifier trained by MI on detached features.
+
+    As the authors' code: the projection is Linear -> Linear (`projection_nonlinear` puts
+    BN + ReLU between them), the MI term averages every (classifier crop, prototype crop)
+    pair, the same crop's pairs included (`same_crop_pairs`), and the prototypes are
+    frozen for the first `freeze_prototypes_steps` updates."""
 
     def __init__(self, feature_dim: int, clusters: int, cfg: IMCSwAVConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.projection = mlp([feature_dim, cfg.projection_hidden, cfg.projection_dim])
+        self.projection = mlp([feature_dim, cfg.projection_hidden, cfg.projection_dim],
+                              batch_norm=cfg.projection_nonlinear, relu=cfg.projection_nonlinear)
         self.prototypes = Prototypes(cfg.projection_dim, cfg.prototypes)
         hidden = cfg.classifier_hidden
         self.classifier = mlp([feature_dim, hidden, hidden, clusters])
 
-    def loss(self, features: list[torch.Tensor], step: int = 0) -> ObjectiveResult:
-        scores = [self.prototypes(F.normalize(self.projection(f).float(), dim=-1)) for f in features]
+    def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
+        scores = [self.prototypes(F.normalize(wide(self.projection(f)), dim=-1)) for f in features]
         large = torch.stack([u.detach() for u in scores[:2]])  # both large crops in one problem
         codes = list(sinkhorn(large, self.cfg.epsilon, self.cfg.sinkhorn_iterations).unbind(0))
         swav = swav_loss(codes, scores, self.cfg.temperature)
 
         # The MI term trains only the classifier: its input and the prototype side are detached.
-        logits = torch.stack([self.classifier(f.detach()) for f in features]).float()  # (V, B, K)
+        logits = wide(torch.stack([self.classifier(f.detach()) for f in features]))  # (V, B, K)
         p_y = logits.softmax(-1)
         p_u = torch.stack([(u.detach() / self.cfg.temperature).softmax(-1) for u in scores])
         joints = dist.all_reduce_sum(torch.einsum("jbk,tbp->jtkp", p_y, p_u))  # (V, V, K, P)
-        per_pair = mi_from_joint(joints, self.cfg.entropy_weight)
-        off_diagonal = ~torch.eye(len(features), dtype=torch.bool, device=per_pair.device)
-        mi = per_pair[off_diagonal].mean()
+        per_pair = mi_from_joint(joints, self.cfg.entropy_weight)  # (V, V)
+        if self.cfg.same_crop_pairs:
+            mi = per_pair.mean()
+        else:
+            mi = per_pair[~torch.eye(len(features), dtype=torch.bool, device=per_pair.device)].mean()
         penalty = self.cfg.logit_penalty * logit_penalty(logits, self.cfg.logit_bound)
         loss = swav + mi + penalty
         logs = {"swav": swav.detach(), "mi": mi.detach(), "logit_penalty": penalty.detach()}
@@ -82,4 +90,4 @@ class IMCSwAV(nn.Module):
             self.prototypes.weight.grad = None  # frozen during warm-up, as in SwAV
 
     def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features).float().softmax(-1).unsqueeze(0)
+        return wide(self.classifier(features)).softmax(-1).unsqueeze(0)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from distcluster import distributed as dist
+from distcluster.objectives.base import wide
 
 # Global score tables up to this many numbers are gathered whole (one collective per call);
 # larger ones are reduced at every iteration (small messages, but one wait each).
@@ -50,7 +51,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
     if scores.numel() * dist.world_size() > gather_limit:
         return _solve(scores, epsilon, iterations, _logsumexp_over_ranks, dist.world_size())
     local = scores.shape[-2]
-    everyone = torch.cat(list(dist.all_gather_stack(scores.float())), dim=-2)  # rank order
+    everyone = torch.cat(list(dist.all_gather_stack(wide(scores))), dim=-2)  # rank order
     codes = _solve(everyone, epsilon, iterations, _local_logsumexp, 1)
     first = dist.global_offset(local)
     return codes[..., first:first + local, :]
@@ -60,7 +61,7 @@ def _solve(scores: torch.Tensor, epsilon: float, iterations: int,
            row_logsumexp: Callable[[torch.Tensor], torch.Tensor], shards: int) -> torch.Tensor:
     """Sinkhorn on scores (..., b, P) that are one of `shards` equal shards of the batch;
     `row_logsumexp` sums a prototype's row over the whole batch."""
-    log_q = scores.float().transpose(-1, -2) / epsilon  # (..., P, b)
+    log_q = wide(scores).transpose(-1, -2) / epsilon  # (..., P, b)
     num_prototypes = log_q.shape[-2]
     log_global_batch = math.log(log_q.shape[-1] * shards)
     for _ in range(iterations):
