@@ -24,11 +24,11 @@ from common import machine, write_section  # noqa: E402
 TARGETS = {"imc_swav": "ACC >= 0.88, NMI >= 0.85", "iic": "ACC >= 0.82", "crlc": "ACC >= 0.82"}
 
 
-def run(objective: str, seed: int, workers: int, folder: Path) -> dict:
+def run(objective: str, seed: int, workers: int, folder: Path, overrides: list[str]) -> dict:
     out = folder / f"{objective}-{seed}"
     argv = [sys.executable, "-m", "distcluster.train", "--objective", objective, "--seed", str(seed),
             "--workers", str(workers), "--output", str(out), "--run-name", f"bench-{objective}-{seed}",
-            "--experiment", "benchmark-digits"]
+            "--experiment", "benchmark-digits", *[arg for o in overrides for arg in ("--set", o)]]
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())
 
@@ -38,12 +38,15 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=["imc_swav", "iic", "crlc"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="config override for every run (compare a variant with the recipe)")
+    parser.add_argument("--label", default="", help="names the RESULTS.md section of a variant")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for objective in args.objectives:
             for seed in args.seeds:
-                s = run(objective, seed, args.workers, Path(tmp))
+                s = run(objective, seed, args.workers, Path(tmp), args.overrides)
                 m = s["metrics"]
                 rows.append((objective, seed, m["acc"], m["nmi"], m["ari"], s["epochs"],
                              s["fit_seconds"], s["train_images_per_second"]))
@@ -51,7 +54,9 @@ def main() -> None:
                       .format(*rows[-1]), flush=True)
     lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
              f"Command: `.venv/bin/python benchmarks/digits_accuracy.py --objectives "
-             f"{' '.join(args.objectives)} --seeds {' '.join(map(str, args.seeds))}` "
+             f"{' '.join(args.objectives)} --seeds {' '.join(map(str, args.seeds))}"
+             + "".join(f" --set '{o}'" for o in args.overrides)
+             + (f" --label {args.label}" if args.label else "") + "` "
              f"(each run: `python -m distcluster.train --objective X --seed S`, "
              f"{args.workers} Ray workers, recipe `digits-X`).",
              "Training seconds = Ray start-up + all epochs + per-epoch evaluation.", "",
@@ -66,8 +71,9 @@ def main() -> None:
                      f"{TARGETS.get(objective, '')} |")
     table = "\n".join(lines)
     print(table)
-    section = "digits-accuracy-" + "-".join(args.objectives)
-    write_section(section, "## Digits accuracy (" + ", ".join(args.objectives) + ")\n\n" + table)
+    section = "digits-accuracy-" + "-".join(args.objectives) + (f"-{args.label}" if args.label else "")
+    title = ", ".join(args.objectives) + (f"; {args.label}: {' '.join(args.overrides)}" if args.label else "")
+    write_section(section, f"## Digits accuracy ({title})\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ class Bench:
         values = {**config.load_recipe(recipe), "batch_size": batch, "workers": 0,
                   "gpu": device.type == "cuda"}
         for override in overrides + ([] if compile_ok else ["speed.compile=false"]):
-            values = config.merge(values, config.parse_override(override))
+            values = config.apply_override(values, override)
         self.cfg = config.from_dict(values).validate()
         channels, size = input_shape(recipe)
         self.device, self.batch = device, batch

@@ -55,6 +55,10 @@ def write_atomic_dir(target: Path, fill) -> Path:
     return target
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # the process's umask: reading it means setting it, so set it straight back
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """A new temporary file beside `path` (unpredictable name, created with O_EXCL, so no
@@ -62,6 +66,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     without an error, removed otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result reads like any file written here
     os.close(fd)
     staging = Path(name)
     try:

@@ -7,7 +7,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from distcluster.errors import RunFailed, UserError
+from distcluster.errors import CorruptImage, RunFailed, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -17,10 +17,19 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def run_command(prog: str, body: Callable[[], object]) -> int:
-    """Run a command body: 0 on success, 2 on a user mistake, 1 on a failed run or an internal error."""
+SKIP_HINT = "use --on-error skip to leave it out"
+PREPARE_HINT = ("prepare the data with python -m distcluster.prepare SRC --out FILE.beton --on-error skip "
+                "and pass the .beton")
+
+
+def run_command(prog: str, body: Callable[[], object], corrupt_hint: str = SKIP_HINT) -> int:
+    """Run a command body: 0 on success, 2 on a user mistake, 1 on a failed run or an internal error.
+    `corrupt_hint`: how this command's user gets past a corrupt image."""
     try:
         body()
+    except CorruptImage as exc:
+        print(f"{prog}: error: {exc} ({corrupt_hint})", file=sys.stderr)
+        return 2
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -281,6 +281,8 @@ class Config:
     collapse_threshold: float = 0.0  # largest-cluster fraction called collapse; 0 = min(0.9, 3/K)
     collapse_after_epochs: int = 5  # no collapse warnings during the first epochs
     max_failures: int = 3  # Ray worker-group restarts before the run fails
+    on_error: str = "fail"  # a corrupt image in a folder or zip: stop (fail) or leave it out (skip)
+    max_resolution: int = 256  # folders and zips are prepared with images of at most this side
     cpus_per_worker: float = 0.0  # 0 = fit the workers onto the machine's CPUs
     output: str = ""  # default: runs/<run_name>
     experiment: str = "distcluster"
@@ -318,6 +320,8 @@ class Config:
         _check(self.collapse_after_epochs >= 0, "collapse_after_epochs", self.collapse_after_epochs,
                "must be >= 0")
         _check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= 0 (-1 = no limit)")
+        _check(self.on_error in ("fail", "skip"), "on_error", self.on_error, "must be fail or skip")
+        _check(self.max_resolution >= 2, "max_resolution", self.max_resolution, "must be >= 2")
         _check(self.cpus_per_worker >= 0, "cpus_per_worker", self.cpus_per_worker,
                "must be >= 0")
         if self.register:
@@ -420,13 +424,15 @@ def from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, merge(Config().to_dict(), values))
 
 
-def parse_override(text: str) -> dict[str, Any]:
-    """`optim.lr=1e-3` -> {"optim": {"lr": 0.001}}; the value is parsed as YAML."""
+def apply_override(values: dict[str, Any], text: str) -> dict[str, Any]:
+    """`values` (a partial config dict) with `KEY=VALUE` applied, the value parsed as YAML. The
+    one resolver of dotted keys for recipes, --set and Tune: numeric parts index lists
+    (`augment.crops.1.size=16`), and an unknown key raises ConfigError."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set expects KEY=VALUE, got {text!r}")
     value = safe_yaml(raw, f"--set {key}") if raw.strip() else ""
-    return nest(key.strip(), value)
+    return assign(merge(Config().to_dict(), values), key.strip(), value)
 
 
 def assign(values: Any, dotted: str, value: Any, _done: str = "") -> Any:
@@ -442,16 +448,6 @@ def assign(values: Any, dotted: str, value: Any, _done: str = "") -> Any:
         return copied
     _check(isinstance(values, dict) and head in values, where, value, "unknown config key")
     return {**values, head: assign(values[head], rest, value, where + ".") if rest else value}
-
-
-def nest(dotted: str, value: Any) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return tree
 
 
 def recipe_names() -> list[str]:

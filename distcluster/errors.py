@@ -17,6 +17,10 @@ class UserError(Exception):
         super().__init__(one_line(message))
 
 
+class CorruptImage(UserError):
+    """An image that cannot be decoded; each command words its own way around it."""
+
+
 class ConfigError(UserError):
     """An unknown config key or an impossible value."""
 

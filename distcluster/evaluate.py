@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distcluster.cli import run_command
+from distcluster.cli import PREPARE_HINT, run_command
 from distcluster.errors import UserError
 from distcluster.predict import build_parser, run_model
 
@@ -43,7 +43,7 @@ def evaluate(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(PROG, lambda: evaluate(argv))
+    return run_command(PROG, lambda: evaluate(argv), corrupt_hint=PREPARE_HINT)
 
 
 if __name__ == "__main__":

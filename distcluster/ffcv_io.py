@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from distcluster.checkpoint import file_sha256, write_json_atomic
 from distcluster.data import STATS_SAMPLE, channel_stats_of, shard_batches, subset_indices
-from distcluster.errors import UserError
+from distcluster.errors import CorruptImage, UserError
 from distcluster.images import BadImage, Collection, fit_image, target_size
 
 METADATA_VERSION = 2  # 2: the file's size and SHA-256 are recorded
@@ -54,7 +54,7 @@ def scan(collection: Collection, on_error: str, progress: bool = True) -> ScanRe
             image = collection.read(index)
         except BadImage as exc:
             if on_error == "fail":
-                raise UserError(f"corrupt image {exc} (use --on-error skip to leave it out)") from None
+                raise CorruptImage(f"corrupt image {exc}") from None
             skipped.append({"index": index, "path": collection.path(index), "error": str(exc)})
             continue
         good.append(index)

@@ -9,6 +9,7 @@ statistic of the objective is global (see distcluster.distributed).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import time
 from collections.abc import Callable
@@ -408,3 +409,21 @@ def input_spec(source: ImageSource, mean: list[float], std: list[float]) -> dict
 def set_cpu_speedups() -> None:
     # Sharpening cluster probabilities produce denormals that slow CPU math ~2x.
     torch.set_flush_denormal(True)
+    keep_freed_memory()
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep the memory of freed activations for the next step. By default it gives
+    large blocks back to the kernel and faults them in again, page by page, at the next step:
+    on 2 CPU cores that was 10,000 to 200,000 page faults per training step and up to half of
+    the time in the kernel. No-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass

@@ -95,12 +95,13 @@ def consensus(partitions: list[np.ndarray], weights: list[float]) -> list[float]
     return scores
 
 
-def matched_confusion(y_true: np.ndarray, y_pred: np.ndarray, clusters: int) -> np.ndarray:
-    """counts[class, column]: columns are clusters reordered so that cluster matched to class c
-    comes c-th (unmatched clusters follow), making the diagonal the agreement ACC counts."""
+def matched_confusion(y_true: np.ndarray, y_pred: np.ndarray, clusters: int) -> tuple[np.ndarray, list[int]]:
+    """counts[class, column] and the cluster id of each column: columns are clusters reordered
+    so that the cluster matched to class c comes c-th (unmatched clusters follow), making the
+    diagonal the agreement ACC counts. The ids are the model's own, as in every other output."""
     counts = contingency(np.asarray(y_true), np.asarray(y_pred))
     counts = np.pad(counts, ((0, 0), (0, max(0, clusters - counts.shape[1]))))
     matched = sorted(hungarian_match(y_true, y_pred).items(), key=lambda kc: kc[1])
     order = [k for k, _ in matched]
     order += [k for k in range(counts.shape[1]) if k not in order]
-    return counts[:, order]
+    return counts[:, order], order

@@ -84,24 +84,26 @@ def learning_curves(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def time_curves(curves: dict[str, list[tuple[float, dict[str, float]]]], path: Path) -> None:
-    """ACC, NMI and ARI against wall-clock minutes, one panel per data set (`curves`:
-    name -> [(minutes, scores)])."""
+def held_out_curves(curves: dict[str, list[tuple[float, dict[str, float]]]], path: Path, ylabel: str) -> None:
+    """ACC against wall-clock minutes, one line per run (`curves`: run -> [(minutes, scores)]);
+    runs that share the name's first word (the recipe) share a colour."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
-    for ax, (name, points) in zip(axes[0], curves.items(), strict=True):
-        for key in ("acc", "nmi", "ari"):
-            ax.plot([m for m, _ in points], [s[key] for _, s in points], marker=".", label=key.upper())
-        ax.set(xlabel="minutes since start", ylim=(0, 1), title=name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours: dict[str, str] = {}
+    for name, points in curves.items():
+        colour = colours.setdefault(name.split()[0], f"C{len(colours)}")
+        ax.plot([m for m, _ in points], [s["acc"] for _, s in points], marker=".", color=colour, label=name)
+    ax.set(xlabel="minutes since start", ylabel=ylabel, ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
-    """matrix: (classes, clusters) counts with clusters already ordered by their matched class."""
+def confusion(matrix: np.ndarray, class_names: list[str], cluster_ids: list[int], path: Path) -> None:
+    """matrix: (classes, clusters) counts with clusters already ordered by their matched class;
+    `cluster_ids`: the model's id of each column (the ids predict and the gallery show)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * matrix.shape[1] + 2), max(3, 0.45 * matrix.shape[0] + 1)))
     ax.imshow(matrix, cmap="Blues")
@@ -109,7 +111,8 @@ def confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
         if value:
             ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
-    ax.set(xlabel="cluster (matched to classes)", ylabel="class", title="confusion matrix")
+    ax.set_xticks(range(len(cluster_ids)), [str(k) for k in cluster_ids], fontsize=8)
+    ax.set(xlabel="cluster id (ordered by the class it matches)", ylabel="class", title="confusion matrix")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -27,7 +27,9 @@ def build_parser(prog: str = PROG, doc: str = __doc__) -> ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--tracking-uri", default="", help="MLflow URI for models:/ and runs:/ URIs")
     p.add_argument("--gpu", action="store_true", help="require a GPU (default: use one when present)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="a corrupt image in a folder or zip stops predict (fail) or is left out (skip)")
     return p
 
 
@@ -41,13 +43,13 @@ def run_model(args):
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.gpu and not torch.cuda.is_available():
         raise UserError("--gpu: no CUDA GPU is visible to this process")
-    folder, scratch = fetch_model(args.model, args.tracking_uri)
+    folder, scratch = fetch_model(args.model, args.tracking_uri, progress=not args.quiet)
     try:
         loaded = load_model(folder)
     finally:
         if scratch is not None:
             scratch.cleanup()
-    source = open_source(resolve_data(args.data, progress=not args.quiet))
+    source = open_source(resolve_data(args.data, progress=not args.quiet, on_error=args.on_error))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clusters, confidence = assign(loaded, source.batches(args.batch_size), len(source), device,
                                   progress=not args.quiet)

@@ -19,8 +19,11 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +186,27 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             ray.get(monitor.diverged.remote(str(exc)))
 
 
+@contextlib.contextmanager
+def _interrupt_watch() -> Iterator[threading.Event]:
+    """An event set when SIGINT (Ctrl-C) arrives, which still does what it did before."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):  # noqa: ANN001 - signal's signature
+        interrupted.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: str,
         callbacks: tuple = ()) -> FitOutcome:
     """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data.
@@ -206,7 +230,15 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
                              # Ray's INFO lines (one per report per rank) would drown the epochs.
                              logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
-    result = trainer.fit()
+    with _interrupt_watch() as interrupted:
+        try:
+            result = trainer.fit()
+        except BaseException:
+            if interrupted.is_set():  # Ray ends its own way on Ctrl-C; say it as --workers 0 does
+                raise KeyboardInterrupt from None
+            raise
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     start_epochs, failure = ray.get(monitor.summary.remote())
     if failure:
         raise TrainingDiverged(failure)

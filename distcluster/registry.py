@@ -7,6 +7,7 @@ folder (a run's output, its `model/`, or a checkpoint folder).
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -31,8 +32,10 @@ def register(tracker: RunTracker, name: str, artifact_path: str = "model") -> st
     return str(version.version)
 
 
-def fetch_model(uri: str, tracking_uri: str = "") -> tuple[Path, tempfile.TemporaryDirectory | None]:
-    """A local folder holding the model (and the temporary directory to clean up, if any)."""
+def fetch_model(uri: str, tracking_uri: str = "",
+                progress: bool = True) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """A local folder holding the model (and the temporary directory to clean up, if any);
+    without `progress`, MLflow draws no download bar."""
     if not uri.startswith(REMOTE_PREFIXES):
         folder = Path(uri)
         if not folder.is_dir():
@@ -50,6 +53,8 @@ def fetch_model(uri: str, tracking_uri: str = "") -> tuple[Path, tempfile.Tempor
 
         mlflow.set_tracking_uri(tracking)  # else MLflow opens ./mlflow.db for parts of the lookup
         mlflow.set_registry_uri(tracking)
+        if not progress:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch.name,
                                                     tracking_uri=tracking)
     except MlflowException as exc:

@@ -18,6 +18,7 @@ from distcluster.errors import UserError
 from distcluster.images import detect_format, files_under, open_collection
 
 IN_MEMORY = ("digits", "npz")
+DEFAULT_MAX_RESOLUTION = 256
 CACHE_VERSION = 2  # bump when prepare writes different pixels (2: EXIF orientation applied)
 
 
@@ -39,8 +40,11 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def resolve_data(spec: str, progress: bool = True) -> str:
-    """`spec` itself when it can be read directly, else the path of its cached .beton."""
+def resolve_data(spec: str, progress: bool = True, on_error: str = "fail",
+                 max_resolution: int = DEFAULT_MAX_RESOLUTION) -> str:
+    """`spec` itself when it can be read directly, else the path of its cached .beton, its
+    images at most `max_resolution` px (prepare's size rule); a corrupt image stops it
+    (CorruptImage) or, with on_error `skip`, is left out."""
     if spec.endswith(".beton"):
         return spec
     fmt, path = detect_format(spec)
@@ -48,10 +52,11 @@ def resolve_data(spec: str, progress: bool = True) -> str:
         return spec
     from distcluster.ffcv_io import metadata_path, write_beton
 
-    beton = cache_dir() / f"{fmt}-{path.name}-{fingerprint(path)}.beton"
+    size = "" if max_resolution == DEFAULT_MAX_RESOLUTION else f"-r{max_resolution}"
+    beton = cache_dir() / f"{fmt}-{path.name}-{fingerprint(path)}{size}.beton"
     if not metadata_path(beton).is_file():
         print(f"preparing {spec} into {beton} (once)")
-        write_beton(open_collection(spec, fmt), beton, progress=progress)
+        write_beton(open_collection(spec, fmt), beton, max_resolution, on_error=on_error, progress=progress)
     return str(beton)
 
 

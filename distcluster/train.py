@@ -67,6 +67,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-failures", type=int, help="Ray worker-group restarts before failing (default 3)")
+    p.add_argument("--on-error", choices=("fail", "skip"),
+                   help="a corrupt image in a folder or zip stops the run (fail, default) or is left out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--output", help="output folder (default runs/<run-name>)")
@@ -80,7 +82,7 @@ def build_parser() -> ArgumentParser:
 
 
 FLAG_KEYS = ("data", "objective", "clusters", "epochs", "batch_size", "workers", "gpu", "seed",
-             "max_failures", "output", "experiment", "run_name", "register", "tracking_uri")
+             "max_failures", "on_error", "output", "experiment", "run_name", "register", "tracking_uri")
 
 
 def config_from_args(argv: list[str] | None) -> Config:
@@ -92,7 +94,7 @@ def config_from_args(argv: list[str] | None) -> Config:
     flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
     values = configuration.merge(values, flags)
     for override in args.set:
-        values = configuration.merge(values, configuration.parse_override(override))
+        values = configuration.apply_override(values, override)
     return configuration.from_dict(values)
 
 
@@ -171,7 +173,8 @@ def draw_plots(state: dict[str, Any], source: ImageSource, probs: np.ndarray, fo
     if source.labels is not None:
         labels = source.labels.numpy()
         names = source.class_names or [str(c) for c in range(labels.max() + 1)]
-        plots.confusion(matched_confusion(labels, clusters, k), names, folder / "confusion_matrix.png")
+        matrix, cluster_ids = matched_confusion(labels, clusters, k)
+        plots.confusion(matrix, names, cluster_ids, folder / "confusion_matrix.png")
 
 
 def _previous_run(out: Path, name: str) -> dict[str, Any] | None:
@@ -220,7 +223,7 @@ def _open_tracker(cfg: Config, record: dict[str, Any] | None, out: Path, name: s
 def train(cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     set_cpu_speedups()
-    data = resolve_data(cfg.data)
+    data = resolve_data(cfg.data, on_error=cfg.on_error, max_resolution=cfg.max_resolution)
     source = open_source(data, cfg.max_samples)
     check_fits(cfg, source)
     if cfg.gpu and cfg.workers == 0 and not torch.cuda.is_available():
@@ -252,6 +255,9 @@ def train(cfg: Config) -> dict[str, Any]:
         tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=cfg.epochs)
         write_json_atomic(out / "summary.json", summary)
         tracker.log_artifact(out / "summary.json")
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")  # stopped by its user; the same command resumes it
+        raise
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -24,8 +24,8 @@ import numpy as np
 from distcluster import config as configuration
 from distcluster import plots
 from distcluster.checkpoint import export_model, newest_valid_checkpoint, write_atomic_dir, write_json_atomic
-from distcluster.cli import ArgumentParser, run_command
-from distcluster.config import merge, parse_override
+from distcluster.cli import PREPARE_HINT, ArgumentParser, run_command
+from distcluster.config import apply_override
 from distcluster.data import ArraySource, gather_images
 from distcluster.errors import ConfigError, RunFailed, UserError
 from distcluster.loop import check_fits, set_cpu_speedups
@@ -327,7 +327,7 @@ def tune(args) -> dict[str, Any]:
     set_cpu_speedups()
     space = load_space(args.space)
     for override in ([f"data={args.data}"] if args.data else []) + args.set:
-        space.base = configuration.from_dict(merge(space.base, parse_override(override))).to_dict()
+        space.base = configuration.from_dict(apply_override(space.base, override)).to_dict()
     settings = _sweep_settings(space, args)
     if args.register is not None:
         configuration.check_model_name(args.register)
@@ -416,7 +416,7 @@ def _print_result(summary: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(PROG, lambda: tune(build_parser().parse_args(argv)))
+    return run_command(PROG, lambda: tune(build_parser().parse_args(argv)), corrupt_hint=PREPARE_HINT)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ def test_flags_and_overrides_apply_in_order():
     assert cfg.model.backbone == "small_cnn"  # the digits-crlc recipe
 
 
+def test_set_indexes_lists_as_tune_spaces_do():
+    cfg = config_from_args(["--set", "augment.crops.1.size=5", "--set", "augment.crops.0.count=3"])
+    assert (cfg.augment.crops[1].size, cfg.augment.crops[0].count) == (5, 3)
+    assert cfg.augment.crops[0].size == 8  # the rest of the digits recipe's groups stays
+
+
 @pytest.mark.parametrize("override, key", [
     ("optim.lrr=1", "optim.lrr"),
     ("bogus=1", "bogus"),

@@ -1,6 +1,7 @@
 """Surviving failures on real processes: a killed Ray worker, a killed driver, damaged
 checkpoints, a diverging loss, cluster collapse, and an MLflow server that is closed or lost."""
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
 from distcluster.config import from_dict, load_recipe
 from distcluster.data import load_source
 from distcluster.loop import WorkerContext, train_loop
+
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
 EPOCHS = 8
 RUN = ["--epochs", str(EPOCHS), "--batch-size", "128", "--set", "max_samples=512", "--seed", "3"]
@@ -49,9 +52,19 @@ def uninterrupted(tmp_path_factory) -> dict:
     return summary_of(folder, "baseline")
 
 
-def worker_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
+def own_ray_workers(driver_pid: int) -> list[int]:
+    """The Ray Train workers of this test's own run: the driver started its local Ray instance
+    (address="local"), so they are in its process tree, and no other Ray job's are."""
+    import psutil
+
+    workers = []
+    for child in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                workers.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
 
 
 def test_sigkilled_ray_worker_is_restarted_and_the_run_finishes(tmp_path, uninterrupted):
@@ -60,8 +73,8 @@ def test_sigkilled_ray_worker_is_restarted_and_the_run_finishes(tmp_path, uninte
     # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
     wait_for(lambda: len(ray_checkpoints(tmp_path, "killed")) >= 2 or process.poll() is not None,
              what="a committed checkpoint")
-    pids = worker_pids()
-    assert pids, "no Ray Train worker process found"
+    pids = own_ray_workers(process.pid)
+    assert pids, "no Ray Train worker process found under the driver"
     os.kill(pids[-1], signal.SIGKILL)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
@@ -77,9 +90,12 @@ def test_killed_driver_resumes_from_its_checkpoint_and_skips_a_truncated_one(tmp
                                stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: len(ray_checkpoints(tmp_path, "driver")) >= 2 or process.poll() is not None,
              what="two checkpoints")
-    os.killpg(process.pid, signal.SIGKILL)  # the driver and everything it started
+    workers = own_ray_workers(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and everything it started in its session
     process.wait()
-    subprocess.run(["pkill", "-9", "-f", "RayTrainWorker"], check=False)
+    for pid in workers:  # and its workers, wherever Ray put them
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     epochs = sorted(json.loads(p.read_text())["epoch"] for p in ray_checkpoints(tmp_path, "driver"))
     newest = max(ray_checkpoints(tmp_path, "driver"), key=lambda p: json.loads(p.read_text())["epoch"])
     data = (newest.parent / "checkpoint.pt").read_bytes()
@@ -191,3 +207,20 @@ def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["mlflow"]["lost"] and summary["epochs"] == 30
     assert summary["metrics"]["acc"] > 0.1
+
+
+def test_ctrl_c_with_ray_workers_is_an_interruption_like_in_process(tmp_path):
+    """SIGINT to the driver of a Ray run: one 'interrupted' line, exit 130, the MLflow run KILLED
+    (not FAILED), and the same command resumes it."""
+    process = subprocess.Popen(train_argv(tmp_path, "ctrl-c", "--workers", "1"), cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(ray_checkpoints(tmp_path, "ctrl-c")) >= 1 or process.poll() is not None,
+             what="a checkpoint")
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "distcluster.train: interrupted"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("distcluster").experiment_id])[0]
+    assert run.info.status == "KILLED"
+    assert not (tmp_path / "ctrl-c" / "summary.json").exists()

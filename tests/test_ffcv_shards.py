@@ -12,6 +12,8 @@ import pytest
 
 from distcluster.prepare import main as prepare_main
 
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.zip"
 COUNT, GLOBAL_BATCH, EPOCHS = 600, 100, 2
 

@@ -38,8 +38,9 @@ def test_matched_confusion_puts_the_agreement_on_the_diagonal():
 
     y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2])
     y_pred = np.array([2, 2, 1, 0, 0, 1, 1, 3])  # cluster 2 -> class 0, 0 -> 1, 1 -> 2, 3 unmatched
-    matrix = matched_confusion(y_true, y_pred, clusters=5)
+    matrix, cluster_ids = matched_confusion(y_true, y_pred, clusters=5)
     assert matrix.tolist() == [[2, 0, 1, 0, 0], [0, 2, 0, 0, 0], [0, 0, 2, 1, 0]]
+    assert cluster_ids == [2, 0, 1, 3, 4]  # each column keeps the model's own cluster id
     assert np.trace(matrix) / len(y_true) == cluster_scores(y_true, y_pred)["acc"]
 
 

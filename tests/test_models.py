@@ -17,6 +17,8 @@ from servers import free_port, mlflow_server
 
 from distcluster.images import digits_arrays
 
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+
 NAME = "digits-e2e"
 
 

@@ -19,6 +19,8 @@ from distcluster.images import digits_arrays, files_under
 from distcluster.prepare import main as prepare_main
 from distcluster.sources import resolve_data
 
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.zip"
 
 
@@ -333,3 +335,17 @@ def test_normalisation_statistics_come_from_images_spread_over_a_class_sorted_co
         mean, std = source.channel_stats()
         np.testing.assert_allclose(mean, [bright, bright * 128 / 255, 0], rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(std[0], np.sqrt(bright * (1 - bright)), rtol=1e-6)
+
+
+def test_train_words_its_own_way_past_a_corrupt_image(folder_with_corrupt_image, tmp_path, capsys):
+    """train has --on-error too: the hint it prints is one its user can follow."""
+    from distcluster import train
+
+    argv = ["--config", "digits-imc-swav", "--workers", "0", "--data", str(folder_with_corrupt_image),
+            "--epochs", "1", "--set", "batch_size=2",
+            "--output", str(tmp_path / "run"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("distcluster.train: error: corrupt image") and "--on-error skip" in err
+    assert train.main([*argv, "--on-error", "skip"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_samples"] == 3

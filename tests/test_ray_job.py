@@ -15,6 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from servers import free_port
 
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -22,7 +24,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 def ray_head(tmp_path_factory):
     """A one-node Ray cluster, stopped afterwards by killing the process group it started in."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    # As the README: the venv activated (its bin first on PATH) before `ray start`, so that the
+    # job's plain `python` is the venv's.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
     head = subprocess.Popen(
@@ -52,7 +57,7 @@ def ray_head(tmp_path_factory):
 def test_ray_job_submit_trains_and_lands_its_run_in_mlflow(tmp_path, ray_head):
     address, env = ray_head
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    entrypoint = [sys.executable, "-m", "distcluster.train", "--epochs", "2", "--batch-size", "64",
+    entrypoint = ["python", "-m", "distcluster.train", "--epochs", "2", "--batch-size", "64",
                   "--set", "max_samples=256", "--output", str(tmp_path / "out"), "--run-name", "job",
                   "--tracking-uri", uri, "--experiment", "ray-jobs"]
     submitted = subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", "dc-test",

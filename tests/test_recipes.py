@@ -18,6 +18,8 @@ from distcluster.loop import (
     train_loop,
 )
 
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+
 PAPER_RECIPES = {"cifar10-imc-swav": 32, "cifar100-20-imc-swav": 32, "stl10-imc-swav": 96,
                  "cifar10-iic": 32, "cifar10-crlc": 32, "cifar10-imc-swav-fast": 32}
 PLAIN = {"channels_last": False, "compile": False, "fused_optimizer": False, "check_every": 1}

@@ -25,6 +25,8 @@ from distcluster.images import read_member
 from distcluster.ray_train import check_ray_address, warn_if_oversubscribed
 from distcluster.tracking import check_reachable
 
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+
 
 def refused(command, argv, capsys) -> str:
     """Run a command's main in-process; it must exit 2 with one short line on stderr."""

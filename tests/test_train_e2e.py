@@ -7,6 +7,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+
 EPOCHS = 3
 
 

@@ -15,6 +15,8 @@ from distcluster.errors import UserError
 from distcluster.search_space import load_space, space_names
 from distcluster.tune import main as tune_main
 
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+
 NAME = "digits-sweep"
 PACKAGED = {"digits-smoke", "digits-imc-swav", "cifar10-imc-swav", "cifar10-iic", "cifar10-crlc"}
 
