@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from distcluster.errors import one_line
+from distcluster.errors import RunFailed, one_line
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_META = "checkpoint.json"
@@ -133,7 +133,13 @@ def newest_valid_checkpoint(folders: list[Path], warn=print) -> tuple[dict[str, 
 
 
 def export_model(state: dict[str, Any], folder: Path) -> None:
-    """Weights + JSON config: everything predict needs, nothing executable."""
+    """Weights + JSON config: everything predict needs, nothing executable. Weights that are
+    not all finite are never exported (RunFailed): a model of NaNs would sort nothing."""
+    broken = [name for name, tensor in state["model"].items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise RunFailed(f"the trained weights are not finite ({len(broken)} tensors, e.g. {broken[0]}); "
+                        "nothing was exported. Lower optim.lr or check the data.")
     torch.save(state["model"], folder / WEIGHTS_FILE)
     meta = {"config": state["config"], "head": state["head"], "input": state["input"],
             "epoch": state["epoch"]}

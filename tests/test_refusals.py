@@ -250,3 +250,14 @@ def test_more_workers_than_cpus_gets_a_warning():
     warn_if_oversubscribed(config.Config(workers=8), {"CPU": 2.0}, said.append)
     warn_if_oversubscribed(config.Config(workers=2), {"CPU": 2.0}, said.append)
     assert len(said) == 1 and "8 workers" in said[0] and "2 CPUs" in said[0]
+
+
+def test_weights_that_are_not_finite_are_never_exported(tmp_path):
+    from distcluster.checkpoint import export_model
+    from distcluster.errors import RunFailed
+
+    state = {"model": {"w": torch.tensor([1.0, float("nan")]), "n": torch.tensor(3)}, "config": {},
+             "head": 0, "input": {}, "epoch": 1}
+    with pytest.raises(RunFailed, match="not finite"):
+        export_model(state, tmp_path)
+    assert not list(tmp_path.iterdir())
