@@ -23,7 +23,7 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,24 +187,31 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _interrupt_watch() -> Iterator[threading.Event]:
-    """An event set when SIGINT (Ctrl-C) arrives, which still does what it did before."""
-    interrupted = threading.Event()
+def _interrupt_watch() -> Iterator[Callable[[], bool]]:
+    """A function telling whether SIGINT (Ctrl-C) arrived. Ray Train puts its own SIGINT
+    handler in place during fit (it aborts the run and the process then exits 1), so the
+    signal is seen through the wakeup file descriptor, which any handler leaves intact."""
     if threading.current_thread() is not threading.main_thread():
-        yield interrupted
+        yield lambda: False
         return
-    previous = signal.getsignal(signal.SIGINT)
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write)
+    seen = False
 
-    def on_interrupt(signum, frame):  # noqa: ANN001 - signal's signature
-        interrupted.set()
-        if callable(previous):
-            previous(signum, frame)
+    def interrupted() -> bool:
+        nonlocal seen
+        with contextlib.suppress(BlockingIOError):
+            seen = seen or signal.SIGINT in os.read(read, 4096)
+        return seen
 
-    signal.signal(signal.SIGINT, on_interrupt)
     try:
         yield interrupted
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
 
 
 def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: str,
@@ -234,11 +241,11 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
         try:
             result = trainer.fit()
         except BaseException:
-            if interrupted.is_set():  # Ray ends its own way on Ctrl-C; say it as --workers 0 does
+            if interrupted():  # Ray ends its own way on Ctrl-C; say it as --workers 0 does
                 raise KeyboardInterrupt from None
             raise
-    if interrupted.is_set():
-        raise KeyboardInterrupt
+        if interrupted():
+            raise KeyboardInterrupt
     start_epochs, failure = ray.get(monitor.summary.remote())
     if failure:
         raise TrainingDiverged(failure)

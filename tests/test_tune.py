@@ -55,7 +55,7 @@ BAD_SPACES = {
     "log-of-zero": ("space: {optim.lr: {loguniform: [0, 0.01]}}", "'optim.lr'.*low > 0"),
     "float-randint": ("space: {seed: {randint: [0, 2.5]}}", "'seed'.*integer ends"),
     "unknown-kind": ("space: {clusters: {normal: [10, 2]}}", "'clusters'.*must be one of"),
-    "impossible-value": ("space: {clusters: {choice: [1, 10]}}", "'clusters'.*>= 2"),
+    "impossible-value": ("space: {clusters: {choice: [1, 10]}}", "'clusters'.*K must be in \\[2"),
     "impossible-end": ("space: {imc_swav.temperature: {uniform: [-0.1, 0.3]}}", "'imc_swav.temperature'"),
     "unknown-section": ("spaces: {clusters: {choice: [10]}}", "'spaces'.*unknown section"),
     "nothing-searched": ("base: digits-iic", "'space'.*no keys"),
