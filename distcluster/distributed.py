@@ -115,7 +115,7 @@ def global_offset(local_batch: int) -> int:
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch, on any backend
-    (torch's SyncBatchNorm runs on GPUs only). One differentiable all-reduce per layer of
+    (torch's SyncBatchNorm runs on GPUs only). One differentiable all-reduce per layer (and its backward) of
     (sum, sum of squares, count), accumulated in float64 so that E[x^2] - E[x]^2 keeps its
     digits; running statistics are updated from the same global numbers on every rank. Out
     of training, or without a process group, it is plain BatchNorm."""
