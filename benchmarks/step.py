@@ -29,7 +29,8 @@ from common import machine, write_section  # noqa: E402
 
 from distcluster import config  # noqa: E402
 from distcluster.augment import MultiCrop  # noqa: E402
-from distcluster.loop import WorkerContext, _build_state, _train_step, autocast_for, set_cpu_speedups  # noqa: E402
+from distcluster.build import WorkerContext, build_training_state, set_cpu_speedups  # noqa: E402
+from distcluster.step import autocast_for, train_step  # noqa: E402
 
 # Dense bf16 datasheet peaks; the first name found in the device's name wins.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -61,7 +62,7 @@ class Bench:
         self.cfg = config.from_dict(values).validate()
         channels, size = input_shape(recipe)
         self.device, self.batch = device, batch
-        self.state = _build_state(self.cfg, channels, WorkerContext(device=device), None)
+        self.state = build_training_state(self.cfg, channels, WorkerContext(device=device))
         self.augment = MultiCrop(self.cfg.augment, [0.5] * channels, [0.25] * channels)
         gen = torch.Generator().manual_seed(0)
         self.images = torch.randint(0, 256, (batch, channels, size, size), generator=gen,
@@ -75,7 +76,7 @@ class Bench:
         return crops
 
     def step(self) -> None:
-        _train_step(self.cfg, self.state, self.crops(), self.batch, self.device, False)
+        train_step(self.state, self.crops(), self.batch)
 
     def backbone_step(self, crops: list[torch.Tensor]) -> None:
         backbone = self.state.model.backbone

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ WEIGHTS_FILE = "weights.pt"
 MODEL_CONFIG_FILE = "config.json"
 
 
-def write_atomic_dir(target: Path, fill) -> Path:
+def write_atomic_dir(target: Path, fill: Callable[[Path], object]) -> Path:
     """Fill a temporary sibling folder with `fill(folder)`, then rename it to `target`.
 
     A reader never sees a half-written folder: either the old one or the new one.
@@ -120,7 +120,8 @@ def verified_checkpoint(folder: Path) -> dict[str, Any]:
         raise CorruptCheckpoint(f"{folder}: {one_line(str(exc), 200)}") from None
 
 
-def newest_valid_checkpoint(folders: list[Path], warn=print) -> tuple[dict[str, Any], Path] | None:
+def newest_valid_checkpoint(folders: list[Path],
+                            warn: Callable[[str], object] = print) -> tuple[dict[str, Any], Path] | None:
     """The newest (by recorded epoch) checkpoint that verifies, warning about the ones that don't."""
     ranked = sorted((f for f in folders if checkpoint_epoch(f) is not None), key=checkpoint_epoch,
                     reverse=True)

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,16 @@ MAX_YAML_ALIASES = 20  # at most ~1,500 values after expansion; recipes need non
 def _check(ok: bool, key: str, value: object, reason: str) -> None:
     if not ok:
         raise ConfigError(key, value, reason)
+
+
+def _objective_arguments(check: Callable[..., None], section: str, values: Any) -> None:
+    """The objective's own argument rules, failing as the config key `section.argument`."""
+    from distcluster.objectives.base import ArgumentError
+
+    try:
+        check(**dataclasses.asdict(values))
+    except ArgumentError as exc:
+        raise ConfigError(f"{section}.{exc.argument}", exc.value, exc.rule) from None
 
 
 def check_model_name(name: str) -> None:
@@ -141,14 +152,9 @@ class IICConfig:
     head_epochs: tuple[int, int] = (1, 2)  # (over-clustering, main); (0, 0) = both every step
 
     def validate(self) -> None:
-        _check(self.overclusters >= 2, "iic.overclusters", self.overclusters, "must be >= 2")
-        _check(self.subheads >= 1, "iic.subheads", self.subheads, "must be >= 1")
-        _check(self.lamb > 0, "iic.lamb", self.lamb, "must be > 0")
-        _check(self.pairing in ("anchor", "all_pairs"), "iic.pairing", self.pairing,
-               "must be anchor or all_pairs")
-        over, main = self.head_epochs
-        _check((over >= 1 and main >= 1) or over == main == 0, "iic.head_epochs",
-               list(self.head_epochs), "must be two counts >= 1, or [0, 0] for both heads every step")
+        from distcluster.objectives import IIC
+
+        _objective_arguments(IIC.check_arguments, "iic", self)
 
 
 @dataclass
@@ -170,18 +176,9 @@ class IMCSwAVConfig:
     projection_nonlinear: bool = False  # BN + ReLU inside the projection (authors: Linear, Linear)
 
     def validate(self) -> None:
-        for name in ("prototypes", "projection_hidden", "projection_dim", "classifier_hidden"):
-            value = getattr(self, name)
-            _check(value >= 2, f"imc_swav.{name}", value, "must be >= 2")
-        for name in ("temperature", "epsilon", "entropy_weight", "logit_bound"):
-            value = getattr(self, name)
-            _check(value > 0, f"imc_swav.{name}", value, "must be > 0")
-        _check(self.sinkhorn_iterations >= 1, "imc_swav.sinkhorn_iterations",
-               self.sinkhorn_iterations, "must be >= 1")
-        _check(self.logit_penalty >= 0, "imc_swav.logit_penalty", self.logit_penalty,
-               "must be >= 0")
-        _check(self.freeze_prototypes_steps >= 0, "imc_swav.freeze_prototypes_steps",
-               self.freeze_prototypes_steps, "must be >= 0")
+        from distcluster.objectives import IMCSwAV
+
+        _objective_arguments(IMCSwAV.check_arguments, "imc_swav", self)
 
 
 @dataclass
@@ -190,7 +187,7 @@ class CRLCConfig:
 
     subheads: int = 10
     hidden: int = 512
-    feature_dim: int = 128
+    projection_dim: int = 128  # the representation head's output (NT-Xent features)
     temperature: float = 0.1
     smoothing: float = 0.01
     entropy_weight: float = 2.0
@@ -199,14 +196,9 @@ class CRLCConfig:
     logit_penalty: float = 0.01  # weight of the penalty on logits outside +-logit_bound
 
     def validate(self) -> None:
-        for name in ("subheads", "hidden", "feature_dim"):
-            value = getattr(self, name)
-            _check(value >= 1, f"crlc.{name}", value, "must be >= 1")
-        _check(self.temperature > 0, "crlc.temperature", self.temperature, "must be > 0")
-        _check(0 <= self.smoothing < 1, "crlc.smoothing", self.smoothing, "must be in [0, 1)")
-        for name in ("entropy_weight", "feature_weight", "logit_bound", "logit_penalty"):
-            value = getattr(self, name)
-            _check(value >= 0, f"crlc.{name}", value, "must be >= 0")
+        from distcluster.objectives import CRLC
+
+        _objective_arguments(CRLC.check_arguments, "crlc", self)
 
 
 @dataclass

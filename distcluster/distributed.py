@@ -16,6 +16,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import FunctionCtx
 
 # torch marks torch.distributed.nn.functional deprecated in favour of a private module;
 # it is still the public, documented differentiable collective API.
@@ -44,11 +45,11 @@ class _ContiguousGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.view_as(tensor)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
 
 
@@ -58,13 +59,13 @@ class _SharedSum(torch.autograd.Function):
     this rank's own."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
         total = tensor.contiguous().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         return grad * dist.get_world_size()
 
 

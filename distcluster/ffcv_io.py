@@ -66,7 +66,7 @@ def scan(collection: Collection, on_error: str, progress: bool = True) -> ScanRe
     return ScanResult(good, sizes, skipped, greyscale)
 
 
-class _Fitted:
+class _SizedForWriter:
     """The writer's dataset: image i resized by the size rule, and its label.
 
     FFCV's writer processes hang if an item raises, so a failure (the file
@@ -105,7 +105,7 @@ def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on
     from ffcv.writer import DatasetWriter
 
     if max_resolution < 2:
-        raise UserError(f"--max-resolution must be >= 2 (got {max_resolution})")
+        raise ValueError(f"max_resolution must be >= 2 (got {max_resolution})")
     if len(collection) == 0:
         raise UserError(f"{collection.source}: no images")
     found = scan(collection, on_error, progress)
@@ -122,7 +122,7 @@ def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on
         writer = DatasetWriter(str(tmp), fields, num_workers=workers or min(8, os.cpu_count() or 1))
         quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
         with quiet:  # FFCV's writer draws its own progress bar
-            writer.from_indexed_dataset(_Fitted(collection, found.good, side, shape, failures))
+            writer.from_indexed_dataset(_SizedForWriter(collection, found.good, side, shape, failures))
         if failures.exists():
             first = failures.read_text().splitlines()[0]
             raise UserError(f"image failed while writing: {first}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from distcluster.build import build_model
 from distcluster.checkpoint import CHECKPOINT_FILE, MODEL_CONFIG_FILE, WEIGHTS_FILE
 from distcluster.config import from_dict
 from distcluster.errors import UserError
@@ -64,8 +65,6 @@ def _safe_load(path: Path) -> dict[str, Any]:
 
 
 def load_model(folder: Path) -> LoadedModel:
-    from distcluster.loop import build_model
-
     folder = _model_folder(Path(folder))
     try:
         if (folder / WEIGHTS_FILE).is_file():
@@ -90,9 +89,14 @@ def load_model(folder: Path) -> LoadedModel:
 
 def _upgraded(values: dict) -> dict:
     """A model config written by an older distcluster, with the settings it was trained with:
-    before `imc_swav.projection_nonlinear` existed the projection had BN + ReLU."""
-    if values.get("objective") == "imc_swav" and "projection_nonlinear" not in values.get("imc_swav", {}):
-        values = {**values, "imc_swav": {**values.get("imc_swav", {}), "projection_nonlinear": True}}
+    before `imc_swav.projection_nonlinear` existed the projection had BN + ReLU, and
+    `crlc.projection_dim` was called `crlc.feature_dim`."""
+    imc, crlc = values.get("imc_swav", {}), dict(values.get("crlc", {}))
+    if values.get("objective") == "imc_swav" and "projection_nonlinear" not in imc:
+        values = {**values, "imc_swav": {**imc, "projection_nonlinear": True}}
+    if "feature_dim" in crlc:
+        crlc["projection_dim"] = crlc.pop("feature_dim")
+        values = {**values, "crlc": crlc}
     return values
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -25,7 +26,7 @@ def hungarian_match(y_true: np.ndarray, y_pred: np.ndarray) -> dict[int, int]:
     return {int(k): int(c) for c, k in zip(classes, clusters, strict=True)}
 
 
-def cluster_scores(y_true, y_pred) -> dict[str, float]:
+def cluster_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     """ACC (best one-to-one matching, Hungarian), NMI and ARI of a clustering."""
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)

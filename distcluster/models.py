@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,9 @@ import torchvision
 from torch import nn
 
 from distcluster.config import ModelConfig
+
+if TYPE_CHECKING:
+    from distcluster.objectives import Objective, ObjectiveResult
 
 
 class SmallConvNet(nn.Module):
@@ -122,12 +126,13 @@ class ClusterModel(nn.Module):
     one forward per step whatever the number of crop sizes.
     """
 
-    def __init__(self, backbone: nn.Module, objective: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, objective: Objective) -> None:
         super().__init__()
         self.backbone = backbone
         self.objective = objective
 
-    def forward(self, crop_groups: list[torch.Tensor], batch: int, step: int = 0, epoch: int = 0):
+    def forward(self, crop_groups: list[torch.Tensor], batch: int, step: int = 0,
+                epoch: int = 0) -> ObjectiveResult:
         features: list[torch.Tensor] = []
         for group in crop_groups:
             features.extend(self.backbone(group).split(batch))
@@ -135,12 +140,6 @@ class ClusterModel(nn.Module):
         # when the backbone runs under bf16 autocast.
         with torch.autocast(features[0].device.type, enabled=False):
             return self.objective.loss([f.float() for f in features], step, epoch)
-
-    def objective_hook(self, name: str, *args) -> None:
-        """Run an optional per-step hook of the objective (e.g. prototype normalisation)."""
-        hook = getattr(self.objective, name, None)
-        if hook is not None:
-            hook(*args)
 
     def cluster_probs(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, C, H, W) normalised -> (S, B, K) probabilities of every sub-head."""

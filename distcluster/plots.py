@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from distcluster.data import ImageSource
 
 
 def _pyplot():
@@ -45,7 +49,8 @@ def gallery(images: Mapping[int, np.ndarray] | np.ndarray, clusters: np.ndarray,
     plt.close(fig)
 
 
-def source_gallery(source, clusters: np.ndarray, confidence: np.ndarray, k: int, path: Path) -> None:
+def source_gallery(source: ImageSource, clusters: np.ndarray, confidence: np.ndarray, k: int,
+                   path: Path) -> None:
     """The gallery of an ImageSource, reading only the images it shows."""
     from distcluster.data import gather_images
 

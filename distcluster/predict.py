@@ -7,13 +7,20 @@ progress bar; the output is written to a temporary name and renamed.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from distcluster.checkpoint import atomic_file
 from distcluster.cli import ArgumentParser, run_command
 from distcluster.errors import UserError
+
+if TYPE_CHECKING:
+    from distcluster.data import ImageSource
+    from distcluster.inference import LoadedModel
 
 PROG = "distcluster.predict"
 
@@ -33,7 +40,7 @@ def build_parser(prog: str = PROG, doc: str = __doc__) -> ArgumentParser:
     return p
 
 
-def run_model(args):
+def run_model(args: argparse.Namespace) -> tuple[LoadedModel, ImageSource, np.ndarray, np.ndarray]:
     """(loaded model, source, clusters, confidence) for --model and --data."""
     from distcluster.inference import assign, load_model
     from distcluster.registry import fetch_model

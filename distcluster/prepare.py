@@ -52,6 +52,8 @@ def prepare(argv: list[str] | None = None) -> dict:
         raise UserError(f"--out must end in .beton (got {out})")
     if out.exists() and not out.is_file():
         raise UserError(f"--out {out} exists and is not a file")
+    if args.max_resolution < 2:
+        raise UserError(f"--max-resolution must be >= 2 (got {args.max_resolution})")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0 (0 = CPU count, at most 8), got {args.workers}")
     from distcluster.ffcv_io import write_beton

@@ -33,10 +33,11 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from distcluster.build import WorkerContext, set_cpu_speedups
 from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
 from distcluster.config import Config, from_dict
 from distcluster.errors import TrainingDiverged, UserError
-from distcluster.loop import WorkerContext, set_cpu_speedups, train_loop
+from distcluster.loop import EpochReport, train_loop
 from distcluster.sources import open_source
 from distcluster.tracking import RunTracker
 
@@ -46,7 +47,9 @@ FORWARDED_ENV = ("DISTCLUSTER_TEST_NAN_STEPS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
 
 @dataclass
-class FitOutcome:
+class RayRun:
+    """Where a Ray Train run left its checkpoints, and where each worker-group start began."""
+
     checkpoint_dirs: list[Path]  # the newest first
     start_epochs: list[int]  # the epoch each worker-group start resumed at
 
@@ -98,7 +101,8 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
                         f"{exc.strerror or exc}") from None
 
 
-def warn_if_oversubscribed(cfg: Config, resources: dict[str, float], warn=print) -> None:
+def warn_if_oversubscribed(cfg: Config, resources: dict[str, float],
+                           warn: Callable[[str], object] = print) -> None:
     """More workers than the cluster's GPUs (with --gpu) or CPUs: they would share them and
     run slower than fewer workers would (or, for GPUs, wait for ever)."""
     kind = "GPU" if cfg.gpu else "CPU"
@@ -132,20 +136,19 @@ class _RayReporter:
     def __init__(self, rank: int, tracking: dict[str, str]) -> None:
         self.tracker = RunTracker(tracking["uri"], tracking["run_id"]) if rank == 0 else None
 
-    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool, evaluated: bool,
-                  checkpoint) -> None:
+    def epoch_end(self, report: EpochReport) -> None:
         if self.tracker is not None:
-            self.tracker.log_metrics(metrics, step=epoch + 1)
-        metrics = {**metrics, "epoch": epoch + 1}
+            self.tracker.log_metrics(report.metrics, step=report.epoch + 1)
+        metrics = {**report.metrics, "epoch": report.epoch + 1}
         # Every rank reports on the same epochs (checkpoint or evaluation), so reports stay in
         # step; evaluated epochs reach Ray Tune's schedulers through TuneReportCallback.
-        if not save and not evaluated:
+        if not report.save and not report.evaluated:
             return
-        if checkpoint is None or not save:
+        if report.checkpoint is None or not report.save:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(checkpoint(), Path(folder))
+            save_checkpoint(report.checkpoint(), Path(folder))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
@@ -215,7 +218,7 @@ def _interrupt_watch() -> Iterator[Callable[[], bool]]:
 
 
 def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: str,
-        callbacks: tuple = ()) -> FitOutcome:
+        callbacks: tuple = ()) -> RayRun:
     """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data.
     `callbacks`: Ray Train UserCallbacks (Tune's TuneReportCallback in a sweep)."""
     init_ray()
@@ -253,4 +256,4 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
         raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
     latest = Path(result.checkpoint.path)
     older = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest]
-    return FitOutcome([latest, *older], start_epochs)
+    return RayRun([latest, *older], start_epochs)

@@ -18,6 +18,7 @@ a range) must give a valid config.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,13 +32,31 @@ from distcluster.errors import ConfigError, UserError
 KINDS = ("choice", "grid_search", "uniform", "loguniform", "randint")
 SEARCHES = ("random", "optuna")
 SECTIONS = ("base", "set", "space", "sweep")
-SWEEP_DEFAULTS: dict[str, Any] = {
-    "samples": 8,  # trials (with grid_search: repeats of the grid)
-    "grace_period": 2,  # epochs every trial runs before ASHA may stop it (>= epochs: never)
-    "reduction_factor": 2,  # ASHA keeps the best 1/reduction_factor at each rung
-    "max_concurrent": 0,  # 0 = as many trials as the cluster's CPUs (or GPUs) hold
-    "search": "random",  # random (Tune's variant generator) | optuna (TPE)
-}
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How a sweep runs (a space's `sweep:` section, then tune's flags)."""
+
+    samples: int = 8  # trials (with grid_search: repeats of the grid)
+    grace_period: int = 2  # epochs every trial runs before ASHA may stop it (>= epochs: never)
+    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
+    max_concurrent: int = 0  # 0 = as many trials as the cluster's CPUs (or GPUs) hold
+    search: str = "random"  # random (Tune's variant generator) | optuna (TPE)
+
+    def overridden(self, values: dict[str, Any]) -> SweepSettings:
+        """These settings with `values` (None: keep) in their place, checked."""
+        settings = dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+        settings.check()
+        return settings
+
+    def check(self, where: str = "") -> None:
+        """Impossible settings (from the space or the command line) as one line."""
+        minimum = {"samples": 1, "grace_period": 1, "reduction_factor": 2, "max_concurrent": 0}
+        for key, low in minimum.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"{where}'{key}' must be an integer >= {low} (got {value!r})")
 
 
 @dataclass(frozen=True)
@@ -55,7 +74,7 @@ class SearchSpace:
     name: str
     base: dict[str, Any]  # the complete config every trial starts from
     dimensions: list[Dimension]
-    sweep: dict[str, Any]
+    sweep: SweepSettings
 
     def trial_config(self, sampled: dict[str, Any]) -> Config:
         values = self.base
@@ -133,7 +152,7 @@ def _parse(name: str, raw: Any) -> SearchSpace:
                         _sweep(name, _mapping(name, raw, "sweep")))
     for cfg in space.extreme_configs():
         cfg.validate()
-    space.check_search(space.sweep["search"])
+    space.check_search(space.sweep.search)
     return space
 
 
@@ -173,19 +192,12 @@ def _dimension(name: str, key: str, spec: Any) -> Dimension:
     return Dimension(key, kind, tuple(values))
 
 
-def _sweep(name: str, given: dict[str, Any]) -> dict[str, Any]:
+def _sweep(name: str, given: dict[str, Any]) -> SweepSettings:
+    known = [f.name for f in dataclasses.fields(SweepSettings)]
     for key in given:
-        if key not in SWEEP_DEFAULTS:
-            _fail(name, f"sweep.{key}", f"unknown setting (settings: {', '.join(SWEEP_DEFAULTS)})")
-    sweep = {**SWEEP_DEFAULTS, **given}
-    check_sweep(sweep, f"tune space {name}: ")
+        if key not in known:
+            _fail(name, f"sweep.{key}", f"unknown setting (settings: {', '.join(known)})")
+    sweep = SweepSettings(**given)
+    sweep.check(f"tune space {name}: ")
     return sweep
 
-
-def check_sweep(sweep: dict[str, Any], where: str = "") -> None:
-    """Impossible sweep settings (from the space or the command line) as one line."""
-    minimum = {"samples": 1, "grace_period": 1, "reduction_factor": 2, "max_concurrent": 0}
-    for key, low in minimum.items():
-        value = sweep[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise UserError(f"{where}'{key}' must be an integer >= {low} (got {value!r})")

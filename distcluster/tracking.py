@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,17 @@ class RunTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._safely(lambda: self.client.set_terminated(self.run_id, status))
+
+    @contextlib.contextmanager
+    def ending(self) -> Iterator[RunTracker]:
+        """Ends the MLflow run the way the block ends: FINISHED, KILLED on Ctrl-C (the same
+        command resumes it), FAILED on any other exception (raised on)."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.finish("KILLED")
+            raise
+        except BaseException:
+            self.finish("FAILED")
+            raise
+        self.finish()

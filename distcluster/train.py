@@ -22,7 +22,7 @@ import torch
 
 from distcluster import config as configuration
 from distcluster import plots
-from distcluster.augment import MultiCrop
+from distcluster.build import WorkerContext, check_fits, set_cpu_speedups
 from distcluster.checkpoint import (
     export_model,
     newest_valid_checkpoint,
@@ -34,15 +34,8 @@ from distcluster.cli import ArgumentParser, run_command
 from distcluster.config import Config
 from distcluster.data import ImageSource
 from distcluster.errors import ConfigError, UserError
-from distcluster.loop import (
-    WorkerContext,
-    build_model,
-    check_fits,
-    predict_probs,
-    scores_of,
-    set_cpu_speedups,
-    train_loop,
-)
+from distcluster.evaluation import clustering_scores, final_probs
+from distcluster.loop import EpochReport, train_loop
 from distcluster.metrics import matched_confusion
 from distcluster.registry import register
 from distcluster.sources import open_source, resolve_data
@@ -105,13 +98,12 @@ class _LocalReporter:
         self.tracker = tracker
         self.folder = folder
 
-    def epoch_end(self, epoch: int, metrics: dict[str, float], save: bool, evaluated: bool,
-                  checkpoint) -> None:
-        self.tracker.log_metrics(metrics, step=epoch + 1)
-        if not save:
+    def epoch_end(self, report: EpochReport) -> None:
+        self.tracker.log_metrics(report.metrics, step=report.epoch + 1)
+        if not report.save:
             return
-        state = checkpoint()
-        write_atomic_dir(self.folder / f"epoch-{epoch + 1:05d}", lambda d: save_checkpoint(state, d))
+        state = report.checkpoint()
+        write_atomic_dir(self.folder / f"epoch-{report.epoch + 1:05d}", lambda d: save_checkpoint(state, d))
         for old in sorted(self.folder.glob("epoch-*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old)
 
@@ -120,9 +112,11 @@ class _LocalReporter:
 
 
 @dataclass
-class Fitted:
-    state: dict[str, Any]  # the newest verified checkpoint at the end
-    start_epochs: list[int]  # the epoch every (re)start began at; restarts = len - 1
+class TrainedRun:
+    """What training left: its newest verified checkpoint, and where each (re)start began."""
+
+    checkpoint: dict[str, Any]
+    start_epochs: list[int]  # restarts = len - 1
 
 
 def _newest_state(folders: list[Path]) -> dict[str, Any]:
@@ -132,7 +126,8 @@ def _newest_state(folders: list[Path]) -> dict[str, Any]:
     return found[0]
 
 
-def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: Path, name: str) -> Fitted:
+def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: Path,
+        name: str) -> TrainedRun:
     """Train with Ray workers, or in-process for --workers 0, resuming from out/ when it holds
     checkpoints of this run."""
     if cfg.workers == 0:
@@ -143,24 +138,12 @@ def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: P
             print(f"resuming from epoch {start['epoch']}", flush=True)
         device = torch.device("cuda" if cfg.gpu else "cpu")
         train_loop(cfg, source, WorkerContext(device=device), reporter, start=start)
-        return Fitted(_newest_state(reporter.checkpoints()), [start["epoch"] if start else 0])
+        return TrainedRun(_newest_state(reporter.checkpoints()), [start["epoch"] if start else 0])
     from distcluster import ray_train
 
-    outcome = ray_train.fit(cfg, data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
-                            out / "ray", name)
-    return Fitted(_newest_state(outcome.checkpoint_dirs), outcome.start_epochs)
-
-
-def final_probs(state: dict[str, Any], source: ImageSource, probe: bool = False) -> np.ndarray:
-    """(N, K) probabilities of the chosen head on every image, as predict computes them
-    (with `probe`, on the label-free score's perturbed copies); on the GPU when the run used
-    one and this process sees one."""
-    cfg = configuration.from_dict(state["config"])
-    device = torch.device("cuda" if cfg.gpu and torch.cuda.is_available() else "cpu")
-    model = build_model(cfg, source.channels)
-    model.load_state_dict(state["model"])
-    augment = MultiCrop(cfg.augment, state["input"]["mean"], state["input"]["std"])
-    return predict_probs(model.to(device), source, augment, device, probe=probe)[state["head"]].numpy()
+    run = ray_train.fit(cfg, data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
+                        out / "ray", name)
+    return TrainedRun(_newest_state(run.checkpoint_dirs), run.start_epochs)
 
 
 def draw_plots(state: dict[str, Any], source: ImageSource, probs: np.ndarray, folder: Path) -> None:
@@ -236,32 +219,25 @@ def train(cfg: Config) -> dict[str, Any]:
         print(f"run '{name}' already finished: {out / 'summary.json'} (a new --run-name trains again)")
         return json.loads((out / "summary.json").read_text())
     tracker = _open_tracker(cfg, record, out, name)
-    try:
+    with tracker.ending():
         fit_started = time.perf_counter()
-        fitted = fit(cfg, source, data, tracker, out, name)
+        trained = fit(cfg, source, data, tracker, out, name)
         fit_seconds = time.perf_counter() - fit_started
-        state = fitted.state
+        state = trained.checkpoint
         write_atomic_dir(out / "checkpoint", lambda d: save_checkpoint(state, d))
         write_atomic_dir(out / "model", lambda d: export_model(state, d))
         tracker.log_artifacts(out / "model", "model")
         probs = final_probs(state, source)
-        scores = scores_of(probs, source.labels, final_probs(state, source, probe=True))
+        scores = clustering_scores(probs, source.labels, final_probs(state, source, probe=True))
         write_atomic_dir(out / "plots", lambda d: draw_plots(state, source, probs, d))
         tracker.log_artifacts(out / "plots", "plots")
         registered = _register(cfg, tracker)
-        summary = _summary(cfg, source, state, scores, tracker, out, fitted.start_epochs,
+        summary = _summary(cfg, source, state, scores, tracker, out, trained.start_epochs,
                            wall=time.perf_counter() - started, fit_seconds=fit_seconds)
         summary["mlflow"].update(registered)
         tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=cfg.epochs)
         write_json_atomic(out / "summary.json", summary)
         tracker.log_artifact(out / "summary.json")
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")  # stopped by its user; the same command resumes it
-        raise
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
     _print_result(summary, out)
     return summary
 

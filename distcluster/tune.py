@@ -12,6 +12,8 @@ NAME` gives its model the alias `champion`. Writes OUTPUT/tune_summary.json.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -23,17 +25,17 @@ import numpy as np
 
 from distcluster import config as configuration
 from distcluster import plots
+from distcluster.build import check_fits, set_cpu_speedups
 from distcluster.checkpoint import export_model, newest_valid_checkpoint, write_atomic_dir, write_json_atomic
 from distcluster.cli import PREPARE_HINT, ArgumentParser, run_command
 from distcluster.config import apply_override
 from distcluster.data import ArraySource, gather_images
 from distcluster.errors import ConfigError, RunFailed, UserError
-from distcluster.loop import check_fits, set_cpu_speedups
+from distcluster.evaluation import final_probs
 from distcluster.metrics import consensus
-from distcluster.search_space import SEARCHES, SearchSpace, check_sweep, load_space, space_names
+from distcluster.search_space import SEARCHES, SearchSpace, SweepSettings, load_space, space_names
 from distcluster.sources import open_source, resolve_data
 from distcluster.tracking import RunTracker, check_reachable, resolve_tracking_uri
-from distcluster.train import final_probs
 
 PROG = "distcluster.tune"
 # --select: the per-epoch metric ASHA compares, and the record field that ranks finished trials.
@@ -96,10 +98,10 @@ def _trial(sampled: dict[str, Any], sweep: Sweep) -> None:
     tracker = RunTracker.start(sweep.tracking_uri, sweep.experiment, f"{sweep.space.name}-{trial_id}",
                                tags={"mlflow.parentRunId": sweep.parent_run_id, TRIAL_TAG: trial_id})
     tracker.log_params(cfg.flat())
-    try:
-        outcome = ray_train.fit(cfg, sweep.data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
-                                folder / "ray", trial_id, callbacks=[TuneReportCallback()])
-        found = newest_valid_checkpoint(outcome.checkpoint_dirs)
+    with tracker.ending():
+        run = ray_train.fit(cfg, sweep.data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
+                            folder / "ray", trial_id, callbacks=[TuneReportCallback()])
+        found = newest_valid_checkpoint(run.checkpoint_dirs)
         if found is None:
             raise RuntimeError(f"trial {trial_id} ended without a readable checkpoint")
         state = found[0]
@@ -110,10 +112,6 @@ def _trial(sampled: dict[str, Any], sweep: Sweep) -> None:
         tracker.log_artifacts(folder / "plots", "plots")
         clusters = _assign_sample(state, sweep)
         write_atomic_dir(folder / "consensus", lambda d: np.save(d / "clusters.npy", clusters))
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
 
 
 def _assign_sample(state: dict[str, Any], sweep: Sweep) -> np.ndarray:
@@ -131,16 +129,14 @@ def consensus_sample(count: int, seed: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ the sweep
-def _sweep_settings(space: SearchSpace, args) -> dict[str, Any]:
-    flags = {"samples": args.samples, "max_concurrent": args.max_concurrent,
-             "grace_period": args.grace_period, "search": args.search}
-    sweep = {**space.sweep, **{k: v for k, v in flags.items() if v is not None}}
-    check_sweep(sweep)
-    space.check_search(sweep["search"])
+def _sweep_settings(space: SearchSpace, args: argparse.Namespace) -> SweepSettings:
+    sweep = space.sweep.overridden({"samples": args.samples, "max_concurrent": args.max_concurrent,
+                                    "grace_period": args.grace_period, "search": args.search})
+    space.check_search(sweep.search)
     return sweep
 
 
-def _fit_on_cluster(space: SearchSpace, sweep: dict[str, Any]) -> tuple[int, float]:
+def _fit_on_cluster(space: SearchSpace, sweep: SweepSettings) -> tuple[int, float]:
     """Trials at once and CPUs per Ray Train worker, so that concurrent trials fit the cluster."""
     import ray
 
@@ -150,7 +146,7 @@ def _fit_on_cluster(space: SearchSpace, sweep: dict[str, Any]) -> tuple[int, flo
     resources = ray.cluster_resources()
     gpu = any(cfg.gpu for cfg in space.extreme_configs())
     room = resources.get("GPU", 0) if gpu else resources.get("CPU", 1.0)
-    concurrent = sweep["max_concurrent"] or max(1, int(room // workers))
+    concurrent = sweep.max_concurrent or max(1, int(room // workers))
     return concurrent, share_cpus(resources.get("CPU", 1.0), concurrent * workers)
 
 
@@ -177,7 +173,7 @@ def _progress(total: int, metric: str):
         def __init__(self) -> None:
             self.bar = tqdm(total=total, desc="trials", unit="trial")
 
-        def _done(self, trial, how: str) -> None:
+        def _done(self, trial: Any, how: str) -> None:
             r = trial.last_result or {}
             keys = dict.fromkeys((metric, "eval/view_mi", "eval/acc"))  # the metric first, once
             shown = " ".join(f"{k.split('/')[1]}={r[k]:.4f}" for k in keys
@@ -185,32 +181,32 @@ def _progress(total: int, metric: str):
             self.bar.write(f"trial {trial.trial_id} {how} at epoch {r.get('epoch', 0)}: {shown}")
             self.bar.update()
 
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._done(trial, "ended")
 
-        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._done(trial, "FAILED")
 
-        def on_experiment_end(self, trials, **info) -> None:
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
             self.bar.close()
 
     return TrialProgress()
 
 
-def _run_tuner(sweep: Sweep, settings: dict[str, Any], concurrent: int, out: Path):
+def _run_tuner(sweep: Sweep, settings: SweepSettings, concurrent: int, out: Path) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
     max_epochs = max(cfg.epochs for cfg in sweep.space.extreme_configs())
     seed = sweep.space.base["seed"]
-    if settings["grace_period"] < max_epochs:
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=settings["grace_period"],
-                                  reduction_factor=settings["reduction_factor"],
+    if settings.grace_period < max_epochs:
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=settings.grace_period,
+                                  reduction_factor=settings.reduction_factor,
                                   stop_last_trials=False)  # a finished trial still exports its model
     else:  # no rung before the last epoch: every trial runs to the end
         scheduler = FIFOScheduler()
-    if settings["search"] == "optuna":
+    if settings.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search = OptunaSearch(seed=seed)
@@ -223,10 +219,10 @@ def _run_tuner(sweep: Sweep, settings: dict[str, Any], concurrent: int, out: Pat
         tune.with_resources(tune.with_parameters(_trial, sweep=sweep), {"CPU": DRIVER_CPUS}),
         param_space=_param_space(sweep.space),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler,
-                                    search_alg=search, num_samples=settings["samples"],
+                                    search_alg=search, num_samples=settings.samples,
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name="tune", storage_path=str(out.resolve() / "ray"), verbose=0,
-                                  callbacks=[_progress(_trial_count(sweep.space, settings["samples"]),
+                                  callbacks=[_progress(_trial_count(sweep.space, settings.samples),
                                                        sweep.metric)]),
     )
     return tuner.fit()
@@ -318,7 +314,7 @@ def _log_sweep(tracker: RunTracker, records: list[TrialRecord], params: list[str
     tracker.log_artifacts(out / "sweep", "sweep")
 
 
-def tune(args) -> dict[str, Any]:
+def tune(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from distcluster import ray_train
@@ -352,33 +348,32 @@ def tune(args) -> dict[str, Any]:
     experiment = args.experiment or space.base["experiment"]
     tracker = RunTracker.start(uri, experiment, f"sweep-{space.name}", tags={"distcluster.space": space.name})
     try:
-        ray_train.init_ray()
-        concurrent, cpus = _fit_on_cluster(space, settings)
-        tracker.log_params({"space": space.name, "select": select, "metric": metric,
-                            "data": space.base["data"], "max_concurrent": concurrent,
-                            **{k: v for k, v in settings.items() if k != "max_concurrent"},
-                            **{f"space.{d.key}": f"{d.kind}{list(d.values)}" for d in space.dimensions}})
-        sweep = Sweep(space, data, metric, uri, experiment, tracker.run_id, str(out.resolve()), cpus,
-                      consensus_sample(len(source), space.base["seed"]))
-        results = _run_tuner(sweep, settings, concurrent, out)
-        records = _records(results, sweep, tracker)
-        _score(records, sweep, tracker)
-        best = _best(records, ranked_by)
-        _log_sweep(tracker, records, [d.key for d in space.dimensions], ranked_by, out)
-        version = _register_champion(tracker, best, args.register) if args.register else None
-        summary = _summary(space, select, ranked_by, records, best, tracker, args.register, version,
-                           time.perf_counter() - started)
-        tracker.log_metrics({f"best/{ranked_by}": best.value(ranked_by),
-                             "trials_stopped_early": sum(r.status == "stopped_early" for r in records)}, 0)
-        write_json_atomic(out / "tune_summary.json", summary)
-        tracker.log_artifact(out / "tune_summary.json")
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+        with tracker.ending():
+            ray_train.init_ray()
+            concurrent, cpus = _fit_on_cluster(space, settings)
+            tracker.log_params({"space": space.name, "select": select, "metric": metric,
+                                "data": space.base["data"], "max_concurrent": concurrent,
+                                **{k: v for k, v in dataclasses.asdict(settings).items()
+                                   if k != "max_concurrent"},
+                                **{f"space.{d.key}": f"{d.kind}{list(d.values)}" for d in space.dimensions}})
+            sweep = Sweep(space, data, metric, uri, experiment, tracker.run_id, str(out.resolve()), cpus,
+                          consensus_sample(len(source), space.base["seed"]))
+            results = _run_tuner(sweep, settings, concurrent, out)
+            records = _records(results, sweep, tracker)
+            _score(records, sweep, tracker)
+            best = _best(records, ranked_by)
+            _log_sweep(tracker, records, [d.key for d in space.dimensions], ranked_by, out)
+            version = _register_champion(tracker, best, args.register) if args.register else None
+            summary = _summary(space, select, ranked_by, records, best, tracker, args.register, version,
+                               time.perf_counter() - started)
+            stopped_early = sum(r.status == "stopped_early" for r in records)
+            tracker.log_metrics({f"best/{ranked_by}": best.value(ranked_by),
+                                 "trials_stopped_early": stopped_early}, 0)
+            write_json_atomic(out / "tune_summary.json", summary)
+            tracker.log_artifact(out / "tune_summary.json")
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    tracker.finish()
     _print_result(summary, out)
     return summary
 

@@ -8,10 +8,10 @@ import torch.distributed as dist
 from torch import nn
 
 from distcluster import config
-from distcluster.config import CRLCConfig, IICConfig, IMCSwAVConfig
+from distcluster.build import WorkerContext, build_training_state
 from distcluster.distributed import global_batchnorm
-from distcluster.loop import WorkerContext, _build_state, _train_step
 from distcluster.objectives import CRLC, IIC, IMCSwAV, iic_loss, sinkhorn
+from distcluster.step import train_step
 
 BATCH, FEATURES, CLUSTERS, VIEWS = 16, 12, 4, 4
 
@@ -19,11 +19,10 @@ BATCH, FEATURES, CLUSTERS, VIEWS = 16, 12, 4, 4
 def _objectives() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     return {
-        "iic": IIC(FEATURES, CLUSTERS, IICConfig(overclusters=7, subheads=3, lamb=1.2)),
-        "imc_swav": IMCSwAV(FEATURES, CLUSTERS, IMCSwAVConfig(
-            prototypes=16, projection_hidden=32, projection_dim=8, classifier_hidden=32,
-            freeze_prototypes_steps=0)),
-        "crlc": CRLC(FEATURES, CLUSTERS, CRLCConfig(subheads=3, hidden=32, feature_dim=8)),
+        "iic": IIC(FEATURES, CLUSTERS, overclusters=7, subheads=3, lamb=1.2),
+        "imc_swav": IMCSwAV(FEATURES, CLUSTERS, prototypes=16, projection_hidden=32, projection_dim=8,
+                            classifier_hidden=32, freeze_prototypes_steps=0),
+        "crlc": CRLC(FEATURES, CLUSTERS, subheads=3, hidden=32, projection_dim=8),
     }
 
 
@@ -95,9 +94,9 @@ def training_case(rank: int, world: int, sync_batchnorm: bool) -> dict[str, torc
     for group in cfg.augment.crops:  # crop-major rows: crop c of every image, then crop c + 1
         everyone = torch.randn(group.count, BATCH, 1, group.size, group.size, generator=gen)
         crops.append(everyone[:, rank * local:(rank + 1) * local].flatten(0, 1))
-    state = _build_state(cfg, 1, WorkerContext(rank, world), None)
+    state = build_training_state(cfg, 1, WorkerContext(rank, world))
     for _ in range(3):
-        _train_step(cfg, state, crops, local, torch.device("cpu"), poisoned=False)
+        train_step(state, crops, local)
     model = state.model
     stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
     return {"weights": nn.utils.parameters_to_vector(model.parameters()).detach(), **stats}
@@ -119,11 +118,10 @@ def skipped_step_case(rank: int, world: int, speed: dict) -> dict[str, torch.Ten
              for g in cfg.augment.crops]
 
     def train(steps: int, poisoned_step: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        state = _build_state(cfg, 1, WorkerContext(rank, world), None)
-        flags = [float(_train_step(cfg, state, crops, local, torch.device("cpu"),
-                                   rank == world - 1 and step == poisoned_step)[1])
-                 for step in range(steps)]
-        state.guard.look(state.step, 1)
+        state = build_training_state(cfg, 1, WorkerContext(rank, world))
+        poisoned = [rank == world - 1 and step == poisoned_step for step in range(steps)]
+        flags = [float(train_step(state, crops, local, inject_nan=nan)[1]) for nan in poisoned]
+        state.guard.raise_if_diverged(state.step, 1)
         return torch.tensor(flags), nn.utils.parameters_to_vector(state.model.parameters()).detach()
 
     flags, poisoned = train(3, poisoned_step=1)

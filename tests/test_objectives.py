@@ -1,12 +1,26 @@
 """Known answers and from-the-equation references for the objectives."""
 
+import dataclasses
+import inspect
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from distcluster.objectives import crlc_cluster_nce, iic_loss, imc_mi_loss, nt_xent, sinkhorn
+from distcluster import config
+from distcluster.errors import ConfigError
+from distcluster.objectives import (
+    CRLC,
+    IIC,
+    IMCSwAV,
+    Objective,
+    crlc_cluster_nce,
+    iic_loss,
+    imc_mi_loss,
+    nt_xent,
+    sinkhorn,
+)
 
 
 def reference_iic(z_a: np.ndarray, z_b: np.ndarray, lamb: float) -> float:
@@ -122,3 +136,32 @@ def test_crlc_cluster_nce_handles_subhead_axis():
     assert stacked.shape == (3,)
     for s in range(3):
         assert stacked[s].item() == pytest.approx(crlc_cluster_nce(p_a[s], p_b[s]).item(), rel=1e-6)
+
+
+OBJECTIVE_SECTIONS = [(IIC, config.IICConfig), (IMCSwAV, config.IMCSwAVConfig), (CRLC, config.CRLCConfig)]
+
+
+@pytest.mark.parametrize(("objective", "section"), OBJECTIVE_SECTIONS)
+def test_each_objective_takes_its_config_sections_keys_with_the_same_defaults(objective, section):
+    arguments = inspect.signature(objective).parameters
+    keyword = {name: p.default for name, p in arguments.items() if p.kind is p.KEYWORD_ONLY}
+    assert keyword == dataclasses.asdict(section())
+    assert isinstance(objective(8, 3), Objective)
+
+
+@pytest.mark.parametrize(("build", "argument"), [
+    (lambda: IIC(8, 3, lamb=0), "lamb"),
+    (lambda: IIC(8, 3, head_epochs=(0, 2)), "head_epochs"),
+    (lambda: IMCSwAV(8, 3, epsilon=-1.0), "epsilon"),
+    (lambda: IMCSwAV(8, 1), "clusters"),
+    (lambda: CRLC(8, 3, smoothing=1.0), "smoothing"),
+    (lambda: CRLC(0, 3), "feature_dim"),
+])
+def test_a_bad_constructor_argument_is_a_value_error_naming_it(build, argument):
+    with pytest.raises(ValueError, match=rf": {argument} must"):
+        build()
+
+
+def test_a_bad_config_value_names_the_config_key_through_the_objectives_own_rule():
+    with pytest.raises(ConfigError, match=r"'crlc\.smoothing': must be in \[0, 1\)"):
+        config.from_dict({"crlc": {"smoothing": 1.5}}).validate()

@@ -80,3 +80,5 @@ def test_without_the_token_the_cluster_refuses_jobs(tmp_path, ray_head):
     refused = subprocess.run([RAY, "job", "list", "--address", address], env=no_token,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
+    assert "AuthenticationError: Authentication failed: Forbidden: Invalid authentication token" in (
+        refused.stderr), refused.stderr[-2000:]  # refused for the token, not for some other reason

@@ -4,19 +4,14 @@ from importlib import resources
 
 import pytest
 import torch
+from recorder import Recorder
 
 from distcluster import config
+from distcluster.build import WorkerContext, build_training_state
 from distcluster.data import ArraySource
 from distcluster.errors import ConfigError, TrainingDiverged
-from distcluster.loop import (
-    LossGuard,
-    WorkerContext,
-    _build_state,
-    _one_or_nan,
-    _train_step,
-    gradients_finite,
-    train_loop,
-)
+from distcluster.loop import train_loop
+from distcluster.step import NonFiniteGuard, backward_spreading_non_finite, gradients_finite, train_step
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
@@ -29,14 +24,6 @@ def random_images(count: int, size: int, channels: int = 3, labels: bool = True)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (count, channels, size, size), generator=gen, dtype=torch.uint8)
     return ArraySource(images, torch.arange(count) % 2 if labels else None, "random")
-
-
-class Recorder:
-    def __init__(self):
-        self.epochs = []
-
-    def epoch_end(self, epoch, metrics, save, evaluated, checkpoint):
-        self.epochs.append(metrics)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_RECIPES))
@@ -60,14 +47,14 @@ def test_every_packaged_recipe_states_the_papers_numbers_or_its_target():
 def _losses(recipe: str, speed: dict, steps: int = 3, poisoned: frozenset = frozenset()) -> list[float]:
     """The loss of `steps` steps on fixed crops, from the same initial weights, in fp32."""
     cfg = config.from_dict({**config.load_recipe(recipe), "precision": "fp32", "speed": speed})
-    state = _build_state(cfg, 1, WorkerContext(), None)
+    state = build_training_state(cfg, 1, WorkerContext())
     crops = [torch.randn(g.count * 16, 1, g.size, g.size, generator=torch.Generator().manual_seed(i))
              for i, g in enumerate(cfg.augment.crops)]
     if state.speed.channels_last:
         crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
     losses = []
     for step in range(steps):
-        result, finite = _train_step(cfg, state, crops, 16, torch.device("cpu"), step in poisoned)
+        result, finite = train_step(state, crops, 16, inject_nan=step in poisoned)
         losses.append(float(result.loss.detach()) if finite > 0 else float("nan"))
     return losses
 
@@ -99,19 +86,19 @@ def test_a_skipped_step_on_the_device_leaves_weights_and_optimiser_as_they_were(
 def test_a_non_finite_loss_makes_its_gradients_non_finite_even_where_they_would_not_be(constant, finite):
     model = torch.nn.Linear(3, 2)
     loss = model(torch.ones(1, 3)).sum() + constant  # d loss / d weights is finite either way
-    (loss * _one_or_nan(loss.detach())).backward()
+    backward_spreading_non_finite(loss)
     assert float(gradients_finite(model)) == finite
 
 
 def test_the_guard_gives_up_after_max_bad_steps_in_a_row_at_its_next_look():
-    guard = LossGuard(max_bad=3, check_every=5, fused=True, device=torch.device("cpu"))
+    guard = NonFiniteGuard(max_bad=3, check_every=5, fused=True, device=torch.device("cpu"))
     for finite in (0.0, 0.0, 1.0, 0.0, 0.0):  # never 3 in a row
-        guard.record(torch.tensor(finite))
-    guard.look(step=5, epoch=1)
-    for finite in (0.0, 1.0):  # 3 in a row across the look, then a good step
-        guard.record(torch.tensor(finite))
+        guard.count(torch.tensor(finite))
+    guard.raise_if_diverged(step=5, epoch=1)
+    for finite in (0.0, 1.0):  # 3 in a row across the check, then a good step
+        guard.count(torch.tensor(finite))
     with pytest.raises(TrainingDiverged, match="3 consecutive steps .by step 7, epoch 1"):
-        guard.look(step=7, epoch=1)
+        guard.raise_if_diverged(step=7, epoch=1)
 
 
 def test_speed_switches_resolve_auto_per_device_and_refuse_other_values():

@@ -43,7 +43,7 @@ def test_a_space_draws_typed_values_into_a_full_config(tmp_path):
     cfg = space.trial_config({"crlc.temperature": 0.25, "augment.crops.0.size": 6})
     drawn = (cfg.objective, cfg.epochs, cfg.crlc.temperature, cfg.augment.crops[0].size)
     assert drawn == ("crlc", 3, 0.25, 6)
-    assert space.sweep["samples"] == 3 and space.sweep["grace_period"] == 2  # the rest defaults
+    assert space.sweep.samples == 3 and space.sweep.grace_period == 2  # the rest defaults
 
 
 BAD_SPACES = {

@@ -1,11 +1,13 @@
-"""What every objective returns, and small helpers they share."""
+"""What every objective is and returns, and small helpers they share."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 EPS = 1e-8
 
@@ -18,6 +20,52 @@ class ObjectiveResult:
     loss: torch.Tensor
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     subhead_losses: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the training loop asks of an objective (an nn.Module holding its heads)."""
+
+    def loss(self, features: list[torch.Tensor], step: int, epoch: int) -> ObjectiveResult:
+        """features: the backbone's (B, D) features of every crop, in crop order; `step`
+        (optimiser updates so far) and `epoch` drive schedules inside the objective."""
+
+    def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) features of whole images -> (S, B, K) probabilities of the S sub-heads."""
+
+    def on_step_start(self) -> None:
+        """Before every step's forward (IMC-SwAV: prototypes back onto the sphere)."""
+
+    def on_after_backward(self, step: int) -> None:
+        """Between backward and the update (IMC-SwAV: frozen prototypes drop their gradient)."""
+
+
+class ObjectiveModule(nn.Module):
+    """Base of the packaged objectives: the per-step hooks of Objective, doing nothing."""
+
+    def on_step_start(self) -> None:
+        pass
+
+    def on_after_backward(self, step: int) -> None:
+        pass
+
+
+class ArgumentError(ValueError):
+    """An objective's constructor argument out of its range; names the argument."""
+
+    def __init__(self, owner: str, argument: str, value: object, rule: str) -> None:
+        super().__init__(f"{owner}: {argument} {rule} (got {value!r})")
+        self.argument, self.value, self.rule = argument, value, rule
+
+
+def require(ok: bool, owner: str, argument: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ArgumentError(owner, argument, value, rule)
+
+
+def require_sizes(owner: str, feature_dim: int, clusters: int) -> None:
+    require(feature_dim >= 1, owner, "feature_dim", feature_dim, "must be >= 1")
+    require(clusters >= 2, owner, "clusters", clusters, "must be >= 2")
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:

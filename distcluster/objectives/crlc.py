@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from distcluster import distributed as dist
-from distcluster.config import CRLCConfig
 from distcluster.models import ClusterHead, mlp
-from distcluster.objectives.base import EPS, ObjectiveResult, entropy, wide
+from distcluster.objectives.base import (
+    EPS,
+    ObjectiveModule,
+    ObjectiveResult,
+    entropy,
+    require,
+    require_sizes,
+    wide,
+)
 
 
 def _two_view_nce(view_a: torch.Tensor, view_b: torch.Tensor, critic) -> torch.Tensor:
@@ -70,39 +76,62 @@ def violation_penalty(logits: torch.Tensor, bound: float) -> torch.Tensor:
     return (logits * violation).sum(-1).mean(-1)
 
 
-class CRLC(nn.Module):
-    """Representation head (NT-Xent) + S cluster sub-heads (probability InfoNCE + balance).
+class CRLC(ObjectiveModule):
+    """Representation head (NT-Xent at `temperature`, weight `feature_weight`) + `subheads`
+    cluster sub-heads (MLPs with `hidden` units).
 
-    As the authors' code, per sub-head: the probability InfoNCE on smoothed probabilities,
-    minus entropy_weight * (H(mean p_a) + H(mean p_b)) / 2 on the unsmoothed ones (one
-    marginal per view, over the global batch), plus logit_penalty * violation_penalty.
+    As the authors' code, per sub-head: the probability InfoNCE on probabilities smoothed
+    towards uniform by `smoothing`, minus entropy_weight * (H(mean p_a) + H(mean p_b)) / 2
+    on the unsmoothed ones (one marginal per view, over the global batch), plus
+    logit_penalty * violation_penalty(logits, logit_bound). The defaults are the paper's.
     """
 
-    def __init__(self, feature_dim: int, clusters: int, cfg: CRLCConfig) -> None:
+    def __init__(self, feature_dim: int, clusters: int, *, subheads: int = 10, hidden: int = 512,
+                 projection_dim: int = 128, temperature: float = 0.1, smoothing: float = 0.01,
+                 entropy_weight: float = 2.0, feature_weight: float = 10.0, logit_bound: float = 25.0,
+                 logit_penalty: float = 0.01) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.representation = mlp([feature_dim, cfg.hidden, cfg.feature_dim], batch_norm=False)
-        self.cluster = ClusterHead(feature_dim, clusters, cfg.subheads, cfg.hidden)
+        require_sizes("CRLC", feature_dim, clusters)
+        self.check_arguments(subheads, hidden, projection_dim, temperature, smoothing, entropy_weight,
+                             feature_weight, logit_bound, logit_penalty)
+        self.temperature, self.smoothing, self.entropy_weight = temperature, smoothing, entropy_weight
+        self.feature_weight, self.logit_bound, self.logit_penalty = feature_weight, logit_bound, logit_penalty
+        self.representation = mlp([feature_dim, hidden, projection_dim], batch_norm=False)
+        self.cluster = ClusterHead(feature_dim, clusters, subheads, hidden)
+
+    @staticmethod
+    def check_arguments(subheads: int, hidden: int, projection_dim: int, temperature: float, smoothing: float,
+                        entropy_weight: float, feature_weight: float, logit_bound: float,
+                        logit_penalty: float) -> None:
+        """ArgumentError naming the first argument out of range."""
+        for name, value in {"subheads": subheads, "hidden": hidden, "projection_dim": projection_dim}.items():
+            require(value >= 1, "CRLC", name, value, "must be >= 1")
+        require(temperature > 0, "CRLC", "temperature", temperature, "must be > 0")
+        require(0 <= smoothing < 1, "CRLC", "smoothing", smoothing, "must be in [0, 1)")
+        weights = {"entropy_weight": entropy_weight, "feature_weight": feature_weight,
+                   "logit_bound": logit_bound, "logit_penalty": logit_penalty}
+        for name, value in weights.items():
+            require(value >= 0, "CRLC", name, value, "must be >= 0")
 
     def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
         f_a, f_b = features[0], features[1]  # CRLC contrasts two views
         r_a = F.normalize(self.representation(f_a), dim=-1)
         r_b = F.normalize(self.representation(f_b), dim=-1)
-        feature_nce = nt_xent(r_a, r_b, self.cfg.temperature)
+        feature_nce = nt_xent(r_a, r_b, self.temperature)
 
         logits = wide(torch.stack([self.cluster(f_a), self.cluster(f_b)]))  # (2, S, b, K)
         probs = logits.softmax(-1)
         cluster_nce = crlc_cluster_nce(*self._smooth(probs).unbind(0))  # (S,)
         balance = entropy(global_mean_probs(probs)).mean(0)  # (S,): mean over the two views
-        penalty = violation_penalty(logits, self.cfg.logit_bound).mean(0)  # (S,)
-        per_head = cluster_nce - self.cfg.entropy_weight * balance + self.cfg.logit_penalty * penalty
-        loss = self.cfg.feature_weight * feature_nce + per_head.mean()
+        penalty = violation_penalty(logits, self.logit_bound).mean(0)  # (S,)
+        per_head = cluster_nce - self.entropy_weight * balance + self.logit_penalty * penalty
+        loss = self.feature_weight * feature_nce + per_head.mean()
         logs = {"feature_nce": feature_nce.detach(), "cluster_nce": cluster_nce.mean().detach(),
                 "marginal_entropy": balance.mean().detach()}
         return ObjectiveResult(loss, logs, per_head.detach())
 
     def _smooth(self, probs: torch.Tensor) -> torch.Tensor:
-        a = self.cfg.smoothing
+        a = self.smoothing
         return (1 - a) * probs + a / probs.shape[-1]
 
     def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import itertools
 
 import torch
-from torch import nn
 
 from distcluster import distributed as dist
-from distcluster.config import IICConfig
 from distcluster.models import ClusterHead
-from distcluster.objectives.base import EPS, ObjectiveResult, wide
+from distcluster.objectives.base import EPS, ObjectiveModule, ObjectiveResult, require, require_sizes, wide
 
 
 def iic_loss(z_a: torch.Tensor, z_b: torch.Tensor, lamb: float = 1.0) -> torch.Tensor:
@@ -41,22 +39,40 @@ def iic_from_joints(joint: torch.Tensor, lamb: float) -> torch.Tensor:
     return -(joint * (joint.log() - lamb * rows.log() - lamb * cols.log())).sum((-1, -2))
 
 
-class IIC(nn.Module):
-    """Main head (K clusters) + over-clustering head, each with `subheads` linear heads.
+class IIC(ObjectiveModule):
+    """Main head (`clusters`) + over-clustering head (`overclusters`), each with `subheads`
+    linear heads; `lamb` weighs the marginals (> 1 pushes towards balanced clusters).
 
     features[0] is the anchor view x, every later crop a transformed view g(x). With
-    `pairing: anchor` (the authors' code) the (x, g(x)) pairs of all crops are pooled into
-    one joint per sub-head; with `all_pairs` each pair of crops has its own loss and they
-    are averaged. The heads take turns by epoch (`head_epochs`); the resting head's loss
-    enters with weight 0, so it gets zero gradients (as the authors' zeroed gradients: Adam
-    still carries its momentum) and every rank's graph is the same.
+    `pairing="anchor"` (the authors' code) the (x, g(x)) pairs of all crops are pooled into
+    one joint per sub-head; with "all_pairs" each pair of crops has its own loss and they
+    are averaged. The heads take turns by epoch: the over-clustering head for
+    head_epochs[0] epochs, then the main head for head_epochs[1] ((0, 0): both every step).
+    The resting head's loss enters with weight 0, so it gets zero gradients (as the
+    authors' zeroed gradients: Adam still carries its momentum) and every rank's graph is
+    the same. The defaults are the paper's.
     """
 
-    def __init__(self, feature_dim: int, clusters: int, cfg: IICConfig) -> None:
+    def __init__(self, feature_dim: int, clusters: int, *, overclusters: int = 70, subheads: int = 5,
+                 lamb: float = 1.0, pairing: str = "anchor", head_epochs: tuple[int, int] = (1, 2)) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.main = ClusterHead(feature_dim, clusters, cfg.subheads)
-        self.over = ClusterHead(feature_dim, cfg.overclusters, cfg.subheads)
+        require_sizes("IIC", feature_dim, clusters)
+        self.check_arguments(overclusters, subheads, lamb, pairing, head_epochs)
+        self.lamb, self.pairing, self.head_epochs = lamb, pairing, tuple(head_epochs)
+        self.main = ClusterHead(feature_dim, clusters, subheads)
+        self.over = ClusterHead(feature_dim, overclusters, subheads)
+
+    @staticmethod
+    def check_arguments(overclusters: int, subheads: int, lamb: float, pairing: str,
+                        head_epochs: tuple[int, int]) -> None:
+        """ArgumentError naming the first argument out of range."""
+        require(overclusters >= 2, "IIC", "overclusters", overclusters, "must be >= 2")
+        require(subheads >= 1, "IIC", "subheads", subheads, "must be >= 1")
+        require(lamb > 0, "IIC", "lamb", lamb, "must be > 0")
+        require(pairing in ("anchor", "all_pairs"), "IIC", "pairing", pairing, "must be anchor or all_pairs")
+        over, main = head_epochs
+        require((over >= 1 and main >= 1) or over == main == 0, "IIC", "head_epochs", list(head_epochs),
+                "must be two counts >= 1, or [0, 0] for both heads every step")
 
     def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
         main = torch.stack([wide(self.main(f)).softmax(-1) for f in features])  # (V, S, B, K)
@@ -69,19 +85,19 @@ class IIC(nn.Module):
 
     def per_subhead(self, probs: torch.Tensor) -> torch.Tensor:
         """(V, S, B, K) probabilities of every crop -> (S,) loss of each sub-head."""
-        if self.cfg.pairing == "anchor":
+        if self.pairing == "anchor":
             anchors = probs[:1].expand_as(probs[1:])
             # Every pair holds the same B samples, so the mean of the normalised joints is
             # the joint of all the pairs pooled.
-            return iic_from_joints(global_joints(anchors, probs[1:]).mean(0), self.cfg.lamb)
+            return iic_from_joints(global_joints(anchors, probs[1:]).mean(0), self.lamb)
         firsts, seconds = zip(*itertools.combinations(probs, 2), strict=True)  # IIC is symmetric
         joints = global_joints(torch.stack(firsts), torch.stack(seconds))
-        return iic_from_joints(joints, self.cfg.lamb).mean(0)
+        return iic_from_joints(joints, self.lamb).mean(0)
 
     def head_weights(self, epoch: int) -> tuple[float, float]:
         """(main, over-clustering) weights in this epoch: the over-clustering head trains for
         head_epochs[0] epochs, then the main head for head_epochs[1], and again."""
-        over_epochs, main_epochs = self.cfg.head_epochs
+        over_epochs, main_epochs = self.head_epochs
         if over_epochs == 0:
             return 1.0, 1.0
         main_turn = epoch % (over_epochs + main_epochs) >= over_epochs
