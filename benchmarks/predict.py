@@ -1,13 +1,15 @@
-"""Images/s of `distcluster.predict` on the CIFAR-10 JPEGs (ResNet-18, the CIFAR backbone).
+"""Images/s of `distcluster.predict` on the 50,000 CIFAR-10 JPEGs: one process, and Ray Data
+with 1 and 2 actors.
 
     .venv/bin/python benchmarks/predict.py [--zip ../shared/data/cifar10-train-jpg.zip]
+        [--config cifar10-cpu] [--actors 1 2]
 
 Not timed: preparing the zip into a .beton and training a model for one short
 epoch (predict speed does not depend on how good the model is). Timed: the
 whole `python -m distcluster.predict --model DIR --data FILE.beton --out
-FILE.parquet` command (start-up, loading, decoding, the network, writing),
-and the network pass alone. Prints a table and updates the `predict-<device>`
-section of RESULTS.md.
+FILE.parquet [--workers N]` command (start-up, Ray, loading, decoding, the
+network, writing), and the network pass alone. Prints a table and updates the
+`predict-<device>-<config>` section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -49,29 +51,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zip", type=Path, default=SHARED)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--config", default="cifar10-cpu", help="the recipe of the model (its backbone)")
+    parser.add_argument("--actors", type=int, nargs="*", default=[1, 2], help="Ray Data actor counts")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         beton = Path(tmp) / "cifar10.beton"
         run("distcluster.prepare", str(args.zip), "--out", str(beton), "--quiet")
-        run("distcluster.train", "--data", str(beton), "--workers", "0", "--epochs", "1", "--set",
+        run("distcluster.train", "--config", args.config, "--data", str(beton), "--workers", "0",
+            "--epochs", "1", "--set",
             "max_samples=512", "--batch-size", "128", "--output", f"{tmp}/run", "--tracking-uri",
             f"sqlite:///{tmp}/mlflow.db", *(["--gpu"] if device == "cuda" else []))
         model = Path(tmp) / "run" / "model"
-        seconds = run("distcluster.predict", "--model", str(model), "--data", str(beton), "--out",
-                      f"{tmp}/clusters.parquet", "--batch-size", str(args.batch_size), "--quiet")
+        command = ["distcluster.predict", "--model", str(model), "--data", str(beton), "--batch-size",
+                   str(args.batch_size), "--quiet"]
+        timed = [("whole `distcluster.predict` command, one process",
+                  run(*command, "--out", f"{tmp}/clusters.parquet"))]
+        for actors in args.actors:
+            timed.append((f"whole command, `--workers {actors}` (Ray Data actors, Ray start-up included)",
+                          run(*command, "--workers", str(actors), "--out", f"{tmp}/actors-{actors}.parquet")))
         count, network = network_only(model, beton, args.batch_size)
-    rows = [("whole `distcluster.predict` command", count / seconds, seconds),
-            ("network pass only (images decoded in memory)", count / network, network)]
+    rows = [(name, count / seconds, seconds) for name, seconds in timed]
+    rows.append(("network pass only (images decoded in memory)", count / network, network))
     lines = [f"Machine: {machine()}; device {device}. Date: {time.strftime('%Y-%m-%d')}.",
-             "Command: `.venv/bin/python benchmarks/predict.py` "
-             f"({count} CIFAR-10 images from a .beton, ResNet-18 CIFAR stem, "
+             f"Command: `.venv/bin/python benchmarks/predict.py --config {args.config}` "
+             f"({count} CIFAR-10 images from a .beton, the {args.config} recipe's backbone, "
              f"batch {args.batch_size}).", "",
              "| what | images/s | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {speed:,.0f} | {secs:.1f} |" for name, speed, secs in rows]
     table = "\n".join(lines)
     print(table)
-    write_section(f"predict-{device}", f"## Predict throughput on {device} (issue 5)\n\n{table}")
+    write_section(f"predict-{device}-{args.config}",
+                  f"## Predict throughput on {device}, {args.config} (issues 5, 18)\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ A checkpoint is a folder holding `checkpoint.pt` (model, optimiser and
 scheduler state, epoch, step, chosen head, config, input spec) and, written
 after it, `checkpoint.json` (epoch, size, SHA-256): a folder whose file is
 missing, truncated or altered fails verification and is passed over in
-favour of an older one. An exported model
-is a folder holding `weights.pt` (state dict only) and `config.json`.
-Everything is read back with `torch.load(weights_only=True)`, which refuses
-to unpickle arbitrary objects.
+favour of an older one. An exported model is a folder holding
+`weights.safetensors` (tensors only) and `config.json` (with the weights'
+SHA-256); older versions wrote `weights.pt` (a state dict). Everything is read
+back without unpickling objects: safetensors, or `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from distcluster.errors import RunFailed, one_line
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_META = "checkpoint.json"
-WEIGHTS_FILE = "weights.pt"
+WEIGHTS_FILE = "weights.safetensors"
+LEGACY_WEIGHTS_FILE = "weights.pt"  # written before safetensors; still loads
 MODEL_CONFIG_FILE = "config.json"
 
 
@@ -134,14 +135,17 @@ def newest_valid_checkpoint(folders: list[Path],
 
 
 def export_model(state: dict[str, Any], folder: Path) -> None:
-    """Weights + JSON config: everything predict needs, nothing executable. Weights that are
-    not all finite are never exported (RunFailed): a model of NaNs would sort nothing."""
+    """Weights (safetensors) + JSON config: everything predict needs, nothing executable.
+    Weights that are not all finite are never exported (RunFailed): a model of NaNs would
+    sort nothing."""
+    from safetensors.torch import save_file
+
     broken = [name for name, tensor in state["model"].items()
               if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if broken:
         raise RunFailed(f"the trained weights are not finite ({len(broken)} tensors, e.g. {broken[0]}); "
                         "nothing was exported. Lower optim.lr or check the data.")
-    torch.save(state["model"], folder / WEIGHTS_FILE)
+    save_file({name: t.contiguous() for name, t in state["model"].items()}, folder / WEIGHTS_FILE)
     meta = {"config": state["config"], "head": state["head"], "input": state["input"],
-            "epoch": state["epoch"]}
+            "epoch": state["epoch"], "weights_sha256": file_sha256(folder / WEIGHTS_FILE)}
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -44,6 +44,9 @@ class ImageSource(Protocol):
     def batches(self, size: int) -> Iterator[torch.Tensor]:
         """Every image once, in index order."""
 
+    def range_batches(self, start: int, stop: int, size: int) -> Iterator[torch.Tensor]:
+        """Images start ... stop - 1, in index order, `size` at a time."""
+
     def paths(self) -> list[str] | None:
         """The file each image came from, when known."""
 
@@ -115,7 +118,10 @@ class ArraySource:
             yield self.images[indices]
 
     def batches(self, size: int) -> Iterator[torch.Tensor]:
-        yield from self.images.split(size)
+        yield from self.range_batches(0, len(self), size)
+
+    def range_batches(self, start: int, stop: int, size: int) -> Iterator[torch.Tensor]:
+        yield from self.images[start:stop].split(size)
 
     def subset(self, count: int) -> ArraySource:
         """`count` images drawn as by `subset_indices`."""

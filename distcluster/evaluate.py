@@ -11,21 +11,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+from distcluster.batch_inference import assign_all, model_arguments, open_inputs
 from distcluster.cli import PREPARE_HINT, run_command
 from distcluster.errors import UserError
-from distcluster.predict import build_parser, run_model
 
 PROG = "distcluster.evaluate"
 
 
 def evaluate(argv: list[str] | None = None) -> dict:
-    parser = build_parser(PROG, __doc__)
+    parser = model_arguments(PROG, __doc__)
     parser.add_argument("--gallery", help="also draw the cluster gallery to FILE.png")
     args = parser.parse_args(argv)
     gallery = Path(args.gallery) if args.gallery else None
     if gallery is not None and (gallery.suffix != ".png" or not gallery.parent.is_dir()):
         raise UserError(f"--gallery must be a .png in an existing folder (got {gallery})")
-    loaded, source, clusters, confidence = run_model(args)
+    inputs = open_inputs(args)
+    loaded, source = inputs.model, inputs.source
+    rows = list(assign_all(inputs, args))
+    clusters, confidence = (np.concatenate([r[key] for r in rows]) for key in ("cluster", "confidence"))
     if gallery is not None:
         from distcluster.plots import source_gallery
 

@@ -301,7 +301,10 @@ class BetonSource:
             yield self._images(batch[0])
 
     def batches(self, size: int) -> Iterator[torch.Tensor]:
+        yield from self.range_batches(0, len(self), size)
+
+    def range_batches(self, start: int, stop: int, size: int) -> Iterator[torch.Tensor]:
         # FFCV refills the same memory for the next batches: a copy may be kept by the caller
         # (training batches in epoch_batches are used up at once and are not copied).
-        for batch in self._loader(size, ("image",)):
+        for batch in self._loader(size, ("image",), indices=self.indices[start:stop]):
             yield self._images(batch[0]).clone()

@@ -1,9 +1,11 @@
 """Load an exported model safely and assign images to clusters.
 
-An exported model is a folder with `weights.pt` (a state dict, read with
-`torch.load(weights_only=True)`: no code can run while loading) and
+An exported model is a folder with `weights.safetensors` (tensors only; older
+versions wrote `weights.pt`, read with `torch.load(weights_only=True)`) and
 `config.json` (training config, chosen head, input channels, size and
-normalisation). The network is rebuilt by distcluster's own code.
+normalisation, the weights' SHA-256). Nothing in it can run code while it
+loads: the network is rebuilt by distcluster's own code. The folder may be the
+MLflow model a run logs (its files are then under `artifacts/model/`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from distcluster.build import build_model
-from distcluster.checkpoint import CHECKPOINT_FILE, MODEL_CONFIG_FILE, WEIGHTS_FILE
+from distcluster.checkpoint import (
+    CHECKPOINT_FILE,
+    LEGACY_WEIGHTS_FILE,
+    MODEL_CONFIG_FILE,
+    WEIGHTS_FILE,
+    file_sha256,
+)
 from distcluster.config import from_dict
 from distcluster.errors import UserError
 from distcluster.models import ClusterModel
@@ -42,14 +51,39 @@ class LoadedModel:
     class_names: list[str] | None
 
 
+MLFLOW_FILES = "artifacts/model"  # where an MLflow model (see pyfunc_model) keeps the two files
+
+
 def _model_folder(folder: Path) -> Path:
-    """A model folder, or a run output / checkpoint folder that holds one."""
-    for candidate in (folder, folder / "model"):
-        if (candidate / WEIGHTS_FILE).is_file() and (candidate / MODEL_CONFIG_FILE).is_file():
+    """A model folder, or an MLflow model, run output or checkpoint folder that holds one."""
+    for candidate in (folder, folder / MLFLOW_FILES, folder / "model", folder / "model" / MLFLOW_FILES):
+        weights = [candidate / WEIGHTS_FILE, candidate / LEGACY_WEIGHTS_FILE]
+        if any(w.is_file() for w in weights) and (candidate / MODEL_CONFIG_FILE).is_file():
             return candidate
     if (folder / CHECKPOINT_FILE).is_file():
         return folder
     raise UserError(f"{folder}: no distcluster model here (expected {WEIGHTS_FILE} and {MODEL_CONFIG_FILE})")
+
+
+def model_files(folder: Path) -> dict[str, bytes]:
+    """The files of the model in `folder` (see load_model), by name: to build it elsewhere."""
+    folder = _model_folder(Path(folder))
+    names = [WEIGHTS_FILE, LEGACY_WEIGHTS_FILE, MODEL_CONFIG_FILE, CHECKPOINT_FILE]
+    return {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
+
+
+def _safetensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a model's weights file, after its SHA-256 matched config.json's."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if "weights_sha256" in meta and file_sha256(path) != meta["weights_sha256"]:
+        raise UserError(f"{path}: refused to load: the file was changed after export (its SHA-256 "
+                        f"does not match {MODEL_CONFIG_FILE})")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path}: unreadable model weights ({exc})") from None
 
 
 def _safe_load(path: Path) -> dict[str, Any]:
@@ -69,7 +103,10 @@ def load_model(folder: Path) -> LoadedModel:
     try:
         if (folder / WEIGHTS_FILE).is_file():
             meta = json.loads((folder / MODEL_CONFIG_FILE).read_text())
-            weights = _safe_load(folder / WEIGHTS_FILE)
+            weights = _safetensors(folder / WEIGHTS_FILE, meta)
+        elif (folder / LEGACY_WEIGHTS_FILE).is_file():
+            meta = json.loads((folder / MODEL_CONFIG_FILE).read_text())
+            weights = _safe_load(folder / LEGACY_WEIGHTS_FILE)
         else:  # a training checkpoint: the same fields, in one file
             meta = _safe_load(folder / CHECKPOINT_FILE)
             weights = meta["model"]
@@ -115,16 +152,39 @@ def fit_input(images: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
 
 
 @torch.no_grad()
+def probabilities(loaded: LoadedModel, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, C, H, W) images -> (B, K) cluster probabilities of the model's head, on the CPU."""
+    model = loaded.model.to(device)
+    return model.cluster_probs(fit_input(images, loaded).to(device))[loaded.head].float().cpu()
+
+
 def assign(loaded: LoadedModel, batches: Iterator[torch.Tensor], total: int, device: torch.device,
            progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Cluster and confidence (the cluster's probability) of every image."""
-    model = loaded.model.to(device)
     clusters, confidence = [], []
     with tqdm(total=total, desc="assigning", unit="img", disable=not progress) as bar:
         for images in batches:
-            probs = model.cluster_probs(fit_input(images, loaded).to(device))[loaded.head].float().cpu()
-            best = probs.max(1)
+            best = probabilities(loaded, images, device).max(1)
             clusters.append(best.indices.numpy())
             confidence.append(best.values.numpy())
             bar.update(len(images))
     return np.concatenate(clusters), np.concatenate(confidence)
+
+
+def assignment_table(loaded: LoadedModel, images: np.ndarray, batch: int = 512) -> pd.DataFrame:
+    """uint8 images (N, H, W, C), or (N, H, W) greyscale -> one row per image: `cluster`,
+    `confidence` and the K probabilities `p0` ... `p{K-1}` (the pyfunc model's output)."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise UserError(f"images must be uint8 of shape (N, H, W, C) or (N, H, W), got {images.dtype} "
+                        f"{images.shape}")
+    tensor = torch.from_numpy(images if images.ndim == 4 else images[..., None]).permute(0, 3, 1, 2)
+    probs = torch.cat([probabilities(loaded, part, torch.device("cpu")) for part in tensor.split(batch)])
+    best = probs.max(1)
+    table = pd.DataFrame({"cluster": best.indices.numpy().astype(np.int64),
+                          "confidence": best.values.double().numpy()})
+    columns = pd.DataFrame(probs.double().numpy(), columns=probability_columns(loaded.clusters))
+    return pd.concat([table, columns], axis=1)
+
+
+def probability_columns(clusters: int) -> list[str]:
+    return [f"p{k}" for k in range(clusters)]

@@ -25,8 +25,8 @@ def register(tracker: RunTracker, name: str, artifact_path: str = "model") -> st
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="distcluster clustering model "
-                                       "(weights.pt state dict + config.json)")
+        client.create_registered_model(name, description="distcluster clustering model (MLflow pyfunc; "
+                                       "weights.safetensors + config.json under artifacts/model)")
     source = f"{client.get_run(tracker.run_id).info.artifact_uri}/{artifact_path}"
     version = client.create_model_version(name, source, run_id=tracker.run_id)
     return str(version.version)

@@ -24,7 +24,6 @@ from distcluster import config as configuration
 from distcluster import plots
 from distcluster.build import WorkerContext, check_fits, set_cpu_speedups
 from distcluster.checkpoint import (
-    export_model,
     newest_valid_checkpoint,
     save_checkpoint,
     write_atomic_dir,
@@ -37,6 +36,7 @@ from distcluster.errors import ConfigError, UserError
 from distcluster.evaluation import clustering_scores, final_probs
 from distcluster.loop import EpochReport, train_loop
 from distcluster.metrics import matched_confusion
+from distcluster.mlflow_model import save_mlflow_model
 from distcluster.registry import register
 from distcluster.sources import open_source, resolve_data
 from distcluster.tracking import RunTracker, check_reachable, resolve_tracking_uri
@@ -225,7 +225,7 @@ def train(cfg: Config) -> dict[str, Any]:
         fit_seconds = time.perf_counter() - fit_started
         state = trained.checkpoint
         write_atomic_dir(out / "checkpoint", lambda d: save_checkpoint(state, d))
-        write_atomic_dir(out / "model", lambda d: export_model(state, d))
+        write_atomic_dir(out / "model", lambda d: save_mlflow_model(state, d))
         tracker.log_artifacts(out / "model", "model")
         probs = final_probs(state, source)
         scores = clustering_scores(probs, source.labels, final_probs(state, source, probe=True))

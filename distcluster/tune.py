@@ -26,13 +26,14 @@ import numpy as np
 from distcluster import config as configuration
 from distcluster import plots
 from distcluster.build import check_fits, set_cpu_speedups
-from distcluster.checkpoint import export_model, newest_valid_checkpoint, write_atomic_dir, write_json_atomic
+from distcluster.checkpoint import newest_valid_checkpoint, write_atomic_dir, write_json_atomic
 from distcluster.cli import PREPARE_HINT, ArgumentParser, run_command
 from distcluster.config import apply_override
-from distcluster.data import ArraySource, gather_images
+from distcluster.data import ArraySource, ImageSource, gather_images
 from distcluster.errors import ConfigError, RunFailed, UserError
 from distcluster.evaluation import final_probs
 from distcluster.metrics import consensus
+from distcluster.mlflow_model import save_mlflow_model
 from distcluster.search_space import SEARCHES, SearchSpace, SweepSettings, load_space, space_names
 from distcluster.sources import open_source, resolve_data
 from distcluster.tracking import RunTracker, check_reachable, resolve_tracking_uri
@@ -105,7 +106,7 @@ def _trial(sampled: dict[str, Any], sweep: Sweep) -> None:
         if found is None:
             raise RuntimeError(f"trial {trial_id} ended without a readable checkpoint")
         state = found[0]
-        write_atomic_dir(folder / "model", lambda d: export_model(state, d))
+        write_atomic_dir(folder / "model", lambda d: save_mlflow_model(state, d))
         write_atomic_dir(folder / "plots", lambda d: plots.learning_curves(state["history"],
                                                                            d / "learning_curves.png"))
         tracker.log_artifacts(folder / "model", "model")
@@ -253,7 +254,7 @@ def _records(results, sweep: Sweep, tracker: RunTracker) -> list[TrialRecord]:
     for result in results:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        model = Path(sweep.output) / "trials" / trial_id / "model" / "weights.pt"
+        model = Path(sweep.output) / "trials" / trial_id / "model" / "MLmodel"  # written at the end
         status = "failed" if result.error else "completed" if model.is_file() else "stopped_early"
         run = run_of.get(trial_id)
         if run is not None and status != "completed":
@@ -314,13 +315,9 @@ def _log_sweep(tracker: RunTracker, records: list[TrialRecord], params: list[str
     tracker.log_artifacts(out / "sweep", "sweep")
 
 
-def tune(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-
-    from distcluster import ray_train
-
-    started = time.perf_counter()
-    set_cpu_speedups()
+def _checked_sweep(args: argparse.Namespace) -> tuple[SearchSpace, SweepSettings, str, ImageSource]:
+    """The space with --data and --set applied, the sweep settings, and the data resolved and
+    opened, after every trial's config was checked against it (before Ray or MLflow start)."""
     space = load_space(args.space)
     for override in ([f"data={args.data}"] if args.data else []) + args.set:
         space.base = configuration.from_dict(apply_override(space.base, override)).to_dict()
@@ -334,10 +331,27 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
         if cfg.workers < 1:
             raise ConfigError("workers", cfg.workers, "tune runs every trial on Ray Train workers: "
                                                       "must be >= 1")
-    select = args.select or ("labels" if source.labels is not None else "unsupervised")
+    return space, settings, data, source
+
+
+def _selection(select: str | None, space: SearchSpace, source: ImageSource) -> str:
+    """--select, or by default labels when the data has them."""
+    select = select or ("labels" if source.labels is not None else "unsupervised")
     if select == "labels" and source.labels is None:
         raise UserError(f"--select labels needs labels; '{space.base['data']}' has none "
                         "(use --select unsupervised)")
+    return select
+
+
+def tune(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from distcluster import ray_train
+
+    started = time.perf_counter()
+    set_cpu_speedups()
+    space, settings, data, source = _checked_sweep(args)
+    select = _selection(args.select, space, source)
     metric, ranked_by = METRICS[select], RANKED_BY[select]
     uri = resolve_tracking_uri(args.tracking_uri or space.base["tracking_uri"])
     check_reachable(uri)

@@ -6,14 +6,14 @@ import torch
 
 from distcluster import config
 from distcluster.build import build_model
-from distcluster.checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE
+from distcluster.checkpoint import LEGACY_WEIGHTS_FILE, MODEL_CONFIG_FILE
 from distcluster.inference import load_model
 
 
 def write_old_model(folder, cfg: config.Config, written: dict) -> dict[str, torch.Tensor]:
     """A model folder as an older version wrote it: weights.pt and config.json with `written`."""
     weights = build_model(cfg, 1).state_dict()
-    torch.save(weights, folder / WEIGHTS_FILE)
+    torch.save(weights, folder / LEGACY_WEIGHTS_FILE)
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps({
         "config": written, "head": 0, "epoch": 1,
         "input": {"channels": 1, "size": [8, 8], "mean": [0.5], "std": [0.25]}}))

@@ -2,24 +2,28 @@
 models:/ URIs, plots on the run, safe loading, and one-line errors."""
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from servers import free_port, mlflow_server
+from servers import free_port, mlflow_server, stop_server, wait_for
 
 from distcluster.images import digits_arrays
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
 NAME = "digits-e2e"
+MODEL_FILES = "artifacts/model"  # distcluster's two files inside the logged MLflow model
 
 
 def cli(module: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -50,8 +54,7 @@ def test_train_registers_a_version_whose_run_has_the_model_and_the_plots(registe
     files = {a.path for a in client.list_artifacts(version.run_id, "plots")}
     assert files == {f"plots/{n}.png" for n in ("cluster_gallery", "cluster_sizes", "learning_curves",
                                                  "confusion_matrix")}
-    assert {a.path for a in client.list_artifacts(version.run_id, "model")} == {"model/weights.pt",
-                                                                                 "model/config.json"}
+    assert_logged_model(client, version.run_id)
 
 
 def test_evaluate_by_alias_gives_the_accuracy_of_the_training_summary(registered):
@@ -99,8 +102,9 @@ class _RunsCode:
 
 def test_a_pickle_that_would_run_code_is_refused_and_the_code_never_runs(registered, tmp_path):
     folder, _, _ = registered
-    model = tmp_path / "model"
-    shutil.copytree(folder / "out" / "model", model)
+    model = tmp_path / "model"  # an older version's layout: weights.pt + config.json
+    model.mkdir()
+    shutil.copy(folder / "out" / "model" / MODEL_FILES / "config.json", model)
     payload = _RunsCode()
     payload.marker = str(tmp_path / "pwned")
     (model / "weights.pt").write_bytes(pickle.dumps({"model": payload}))
@@ -129,9 +133,9 @@ def test_bad_input_exits_2_with_one_line(registered, tmp_path, case, needle):
     closed = f"http://127.0.0.1:{free_port()}"
     mismatched = tmp_path / "mismatched"
     shutil.copytree(folder / "out" / "model", mismatched)
-    meta = json.loads((mismatched / "config.json").read_text())
+    meta = json.loads((mismatched / MODEL_FILES / "config.json").read_text())
     meta["config"]["clusters"] = 20  # heads of 10 in the weights
-    (mismatched / "config.json").write_text(json.dumps(meta))
+    (mismatched / MODEL_FILES / "config.json").write_text(json.dumps(meta))
     module, argv = {
         "unknown-model": ("evaluate", ["--model", "models:/no-such-model@latest", "--tracking-uri", uri]),
         "unknown-alias": ("evaluate", ["--model", f"models:/{NAME}@champion", "--tracking-uri", uri]),
@@ -148,3 +152,115 @@ def test_bad_input_exits_2_with_one_line(registered, tmp_path, case, needle):
     done = cli(module, *argv, cwd=tmp_path)
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1 and needle in err[0], done.stderr[-2000:]
+
+
+ALIAS = "served"  # set by the tests below (the error cases above need champion unset)
+
+
+def predicted(folder: Path, uri: str, out: Path, *extra: str) -> pd.DataFrame:
+    """distcluster.predict's rows for the 400 digits, with the model of alias ALIAS."""
+    MlflowClient(uri).set_registered_model_alias(NAME, ALIAS, "1")
+    done = cli("predict", "--model", f"models:/{NAME}@{ALIAS}", "--data", str(folder / "digits400.npz"),
+               "--out", str(out), "--tracking-uri", uri, *extra, cwd=out.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return pd.read_parquet(out) if out.suffix != ".csv" else pd.read_csv(out)
+
+
+PYFUNC_SESSION = """
+import json, sys
+import mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+table = model.predict(np.load(sys.argv[3])["x"])
+print(json.dumps({"columns": list(table.columns), "cluster": table["cluster"].tolist(),
+                  "confidence": table["confidence"].tolist()}))
+"""
+
+
+def test_the_registered_pyfunc_model_in_a_plain_python_session_gives_predicts_clusters(registered, tmp_path):
+    folder, uri, _ = registered
+    expected = predicted(folder, uri, tmp_path / "rows.csv")
+    done = subprocess.run([sys.executable, "-c", PYFUNC_SESSION, uri, f"models:/{NAME}@{ALIAS}",
+                           str(folder / "digits400.npz")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["columns"] == ["cluster", "confidence", *[f"p{k}" for k in range(10)]]
+    assert result["cluster"] == expected["cluster"].tolist()
+    assert result["confidence"] == pytest.approx(expected["confidence"].tolist(), abs=1e-5)
+
+
+def test_mlflow_models_serve_answers_invocations_with_predicts_clusters(registered, tmp_path):
+    folder, uri, _ = registered
+    expected = predicted(folder, uri, tmp_path / "rows.csv")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@{ALIAS}",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        # as in a shell with the venv activated: the server runs `uvicorn` from PATH
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri,
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/ping"), timeout=300, what="mlflow models serve")
+        images = np.load(folder / "digits400.npz")["x"][:64]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            rows = json.loads(response.read())["predictions"]
+    finally:
+        stop_server(server)
+    assert [row["cluster"] for row in rows] == expected["cluster"][:64].tolist()
+    expected_confidence = expected["confidence"][:64].tolist()
+    assert [row["confidence"] for row in rows] == pytest.approx(expected_confidence, abs=1e-5)
+    assert sum(row["p0"] + row["p9"] for row in rows) > 0  # the K probabilities come back too
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("out", ["rows.csv", "shards"])
+def test_predict_on_two_ray_data_actors_writes_exactly_the_single_process_rows(registered, tmp_path, out):
+    folder, uri, _ = registered
+    single = predicted(folder, uri, tmp_path / "single.csv", "--batch-size", "64")
+    actors = predicted(folder, uri, tmp_path / out, "--workers", "2", "--batch-size", "64")
+    if out == "shards":
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["part-00000.parquet"]
+    assert actors["index"].tolist() == single["index"].tolist() == list(range(400))
+    assert actors["cluster"].tolist() == single["cluster"].tolist()
+    assert actors["confidence"].tolist() == pytest.approx(single["confidence"].tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("tamper, needle", [
+    ("weights-byte", "changed after export"),
+    ("weights-header", "unreadable model weights"),
+    ("config-clusters", "model config and weights do not match"),
+])
+def test_a_tampered_model_folder_is_refused_with_exit_2(registered, tmp_path, tamper, needle):
+    folder, _, _ = registered
+    model = tmp_path / "model"
+    shutil.copytree(folder / "out" / "model", model)
+    files = model / MODEL_FILES
+    weights, config = files / "weights.safetensors", files / "config.json"
+    meta = json.loads(config.read_text())
+    if tamper == "weights-byte":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF  # one weight changed
+        weights.write_bytes(bytes(data))
+    elif tamper == "weights-header":
+        weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # a header length that lies
+        del meta["weights_sha256"]
+    else:
+        meta["config"]["clusters"] = 7
+    config.write_text(json.dumps(meta))
+    done = cli("predict", "--model", str(model), "--data", "digits", "--out", str(tmp_path / "p.csv"),
+               cwd=tmp_path)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and needle in err[0], done.stderr[-2000:]
+    assert not (tmp_path / "p.csv").exists()

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
 
 from distcluster.data import load_source
@@ -63,8 +64,7 @@ def test_rank_zero_logged_every_epoch_to_the_mlflow_run(ray_run):
         assert steps == list(range(1, EPOCHS + 1)), key
     final_acc = client.get_metric_history(run.info.run_id, "final/acc")[0].value
     assert final_acc == pytest.approx(summary["metrics"]["acc"])
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert artifacts == {"model/weights.pt", "model/config.json"}
+    assert_logged_model(client, run.info.run_id)
 
 
 def test_both_workers_trained_and_output_is_readable(ray_run):

@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
+from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
 from servers import mlflow_server
 
@@ -150,8 +151,7 @@ def test_mlflow_holds_one_parent_with_four_child_runs(sweep):
         assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= trial["epochs"]
         if trial["status"] == "completed":
             assert run.info.status == "FINISHED"
-            assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
-                "model/weights.pt", "model/config.json"}
+            assert_logged_model(client, run.info.run_id)
         else:
             assert run.info.status == "KILLED" and run.data.tags["distcluster.status"] == "stopped_early"
     assert {a.path for a in client.list_artifacts(parent, "sweep")} == {"sweep/trials.csv", "sweep/sweep.png"}
