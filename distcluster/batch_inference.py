@@ -91,16 +91,15 @@ def assign_all(inputs: Inputs, args: argparse.Namespace) -> Iterator[Rows]:
     """Rows of every image in index order, from this process or from args.workers actors."""
     if args.workers == 0:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return local_rows(inputs.model, inputs.source, 0, len(inputs.source), args.batch_size, device,
-                          progress=not args.quiet)
+        return local_rows(inputs.model, inputs.source, inputs.source.paths(), 0, len(inputs.source),
+                          args.batch_size, device, progress=not args.quiet)
     return ray_rows(inputs.model_files, inputs.data, len(inputs.source), args.workers, args.batch_size,
                     args.gpu)
 
 
-def local_rows(loaded: LoadedModel, source: ImageSource, start: int, stop: int, batch: int,
-               device: torch.device, progress: bool = False) -> Iterator[Rows]:
-    """Rows of images [start, stop), one batch at a time."""
-    paths = source.paths()
+def local_rows(loaded: LoadedModel, source: ImageSource, paths: list[str] | None, start: int, stop: int,
+               batch: int, device: torch.device, progress: bool = False) -> Iterator[Rows]:
+    """Rows of images [start, stop), one batch at a time; `paths`: source.paths(), read once."""
     with tqdm(total=stop - start, desc="assigning", unit="img", disable=not progress) as bar:
         for images in source.range_batches(start, stop, batch):
             best = probabilities(loaded, images, device).max(1)
@@ -124,13 +123,14 @@ class ChunkAssigner:
                 (Path(folder) / name).write_bytes(content)
             self.loaded = load_model(Path(folder))
         self.source = open_source(data, threads=threads)
+        self.paths = self.source.paths()  # once: a list of every image's path
         self.batch, self.chunk = batch, chunk
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, chunks: dict[str, np.ndarray]) -> Rows:
-        size = self.chunk
-        parts = [rows for chunk in chunks["id"] for rows in local_rows(
-            self.loaded, self.source, int(chunk) * size, min((int(chunk) + 1) * size, len(self.source)),
+        starts = [int(chunk) * self.chunk for chunk in chunks["id"]]
+        parts = [rows for start in starts for rows in local_rows(
+            self.loaded, self.source, self.paths, start, min(start + self.chunk, len(self.source)),
             self.batch, self.device)]
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
@@ -143,6 +143,8 @@ def ray_rows(model_files: dict[str, bytes], data: str, total: int, workers: int,
     from distcluster.ray_train import init_ray, share_cpus
 
     init_ray()
+    if gpu and ray.cluster_resources().get("GPU", 0) < 1:  # else the actors would wait for ever
+        raise UserError("--gpu: the Ray cluster has no GPU for the predict actors")
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False

@@ -77,7 +77,8 @@ def _safetensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if "weights_sha256" in meta and file_sha256(path) != meta["weights_sha256"]:
+    # Every export that wrote safetensors wrote the hash too: a config without it was edited.
+    if file_sha256(path) != meta.get("weights_sha256"):
         raise UserError(f"{path}: refused to load: the file was changed after export (its SHA-256 "
                         f"does not match {MODEL_CONFIG_FILE})")
     try:
