@@ -83,6 +83,9 @@ def init_ray() -> None:
         check_ray_address(address)
         ray.init(address=address, runtime_env=runtime_env)
     else:  # never join whatever a stale address file points at
+        # Ray announces on stderr that the instance it starts for us has token auth (the safe
+        # default): noise that would break a later one-line error.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", configure_logging=False, runtime_env=runtime_env)
 
 

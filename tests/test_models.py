@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -238,6 +239,19 @@ def test_predict_on_two_ray_data_actors_writes_exactly_the_single_process_rows(r
     assert actors["index"].tolist() == single["index"].tolist() == list(range(400))
     assert actors["cluster"].tolist() == single["cluster"].tolist()
     assert actors["confidence"].tolist() == pytest.approx(single["confidence"].tolist(), abs=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_predict_actors_asking_for_a_gpu_the_cluster_lacks_exit_2_with_one_line(registered, tmp_path):
+    folder, uri, _ = registered
+    MlflowClient(uri).set_registered_model_alias(NAME, ALIAS, "1")
+    done = cli("predict", "--model", f"models:/{NAME}@{ALIAS}", "--data", str(folder / "digits400.npz"),
+               "--out", str(tmp_path / "p.csv"), "--tracking-uri", uri, "--workers", "1", "--gpu",
+               cwd=tmp_path)  # without the check the actors wait for a GPU until cli's timeout
+    err = done.stderr.strip().splitlines()
+    expected = "distcluster.predict: error: --gpu: the Ray cluster has no GPU for the predict actors"
+    assert done.returncode == 2 and err == [expected], done.stderr[-2000:]
+    assert not (tmp_path / "p.csv").exists()
 
 
 @pytest.mark.parametrize("tamper, needle", [
