@@ -31,11 +31,16 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(PY) -m distcluster.train $(ARGS)
 
+# Two test processes: a third of a lone run is spent waiting (Ray and MLflow start-up, process
+# spawns), which the other process fills. One test file runs in one process, so that its
+# module fixtures run once, in the order tests/conftest.py gives (the longest first).
+PARALLEL := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PARALLEL) tests
 
 test-fast: $(STAMP)  # the pure core, for the edit-test loop (under 2 minutes on 2 cores)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(PARALLEL) -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check distcluster tests benchmarks

@@ -81,7 +81,9 @@ def init_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(address)
-        ray.init(address=address, runtime_env=runtime_env)
+        # Ray's own logging would print "Connecting to existing Ray cluster" lines on stderr,
+        # before a later one-line error.
+        ray.init(address=address, configure_logging=False, runtime_env=runtime_env)
     else:  # never join whatever a stale address file points at
         # Ray announces on stderr that the instance it starts for us has token auth (the safe
         # default): noise that would break a later one-line error.

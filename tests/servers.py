@@ -1,14 +1,20 @@
-"""Real local services for tests: free ports and an `mlflow server` on 127.0.0.1."""
+"""Real local services for tests: free ports, an `mlflow server` and a Ray head on 127.0.0.1."""
 
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def free_port() -> int:
@@ -57,3 +63,51 @@ def mlflow_server(folder: Path):
         yield uri
     finally:
         stop_server(server)
+
+
+@dataclass
+class RayHead:
+    """A `ray start --head` on 127.0.0.1 with token authentication: `env` joins it (RAY_ADDRESS
+    and the token), `dashboard` is the address `ray job` commands take."""
+
+    env: dict[str, str]
+    dashboard: str
+
+    def job_env(self) -> dict[str, str]:
+        """The environment of `ray job` commands, which take the dashboard's address instead."""
+        return {key: value for key, value in {**os.environ, **self.env}.items() if key != "RAY_ADDRESS"}
+
+
+@contextmanager
+def ray_head(cpus: int = 2):
+    """A one-node Ray cluster, stopped afterwards by killing the process group it started in."""
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay short
+    # As the README: the venv activated (its bin first on PATH) before `ray start`, so that a
+    # job's plain `python` is the venv's.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--num-cpus={cpus}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+        joined = {key: env[key] for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "PATH")}
+        yield RayHead({**joined, "RAY_ADDRESS": f"127.0.0.1:{port}"}, address)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)

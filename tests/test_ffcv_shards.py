@@ -2,6 +2,7 @@
 and a short 2-worker training run from a .beton made from CIFAR-10 JPEGs."""
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -70,7 +71,7 @@ def test_each_rank_reads_a_disjoint_shard_and_together_they_cover_the_data(tmp_p
 
 
 @pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="needs ../shared/data/cifar10-train-jpg.zip")
-def test_two_worker_training_from_a_cifar10_beton(tmp_path):
+def test_two_worker_training_from_a_cifar10_beton(tmp_path, ray_cluster):
     with zipfile.ZipFile(SHARED_CIFAR) as shared, zipfile.ZipFile(tmp_path / "c.zip", "w") as out:
         names = sorted(n for n in shared.namelist() if n.endswith(".jpg"))
         for name in names[::200]:  # 250 images, all ten classes
@@ -80,7 +81,8 @@ def test_two_worker_training_from_a_cifar10_beton(tmp_path):
             "--epochs", "2", "--batch-size", "64", "--set", "model.backbone=small_cnn",
             "--set", "imc_swav.prototypes=30", "--output", str(tmp_path / "out"),
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, **ray_cluster.env})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["num_samples"] == 250 and summary["epochs"] == 2 and summary["workers"] == 2

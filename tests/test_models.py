@@ -28,10 +28,11 @@ NAME = "digits-e2e"
 MODEL_FILES = "artifacts/model"  # distcluster's two files inside the logged MLflow model
 
 
-def cli(module: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
+def cli(module: str, *argv: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m distcluster.<module>`; `env` is added to this process's environment."""
     quiet = ["--quiet"] if module != "train" else []
-    return subprocess.run([sys.executable, "-m", f"distcluster.{module}", *argv, *quiet],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run([sys.executable, "-m", f"distcluster.{module}", *argv, *quiet], capture_output=True,
+                          text=True, cwd=cwd, timeout=600, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +160,12 @@ def test_bad_input_exits_2_with_one_line(registered, tmp_path, case, needle):
 ALIAS = "served"  # set by the tests below (the error cases above need champion unset)
 
 
-def predicted(folder: Path, uri: str, out: Path, *extra: str) -> pd.DataFrame:
+def predicted(folder: Path, uri: str, out: Path, *extra: str, env: dict[str, str] | None = None
+              ) -> pd.DataFrame:
     """distcluster.predict's rows for the 400 digits, with the model of alias ALIAS."""
     MlflowClient(uri).set_registered_model_alias(NAME, ALIAS, "1")
     done = cli("predict", "--model", f"models:/{NAME}@{ALIAS}", "--data", str(folder / "digits400.npz"),
-               "--out", str(out), "--tracking-uri", uri, *extra, cwd=out.parent)
+               "--out", str(out), "--tracking-uri", uri, *extra, cwd=out.parent, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return pd.read_parquet(out) if out.suffix != ".csv" else pd.read_csv(out)
 
@@ -229,25 +231,28 @@ def answers(url: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("out", ["rows.csv", "shards"])
-def test_predict_on_two_ray_data_actors_writes_exactly_the_single_process_rows(registered, tmp_path, out):
+def test_predict_on_two_ray_data_actors_writes_exactly_the_single_process_rows(registered, tmp_path,
+                                                                             ray_cluster):
     folder, uri, _ = registered
     single = predicted(folder, uri, tmp_path / "single.csv", "--batch-size", "64")
-    actors = predicted(folder, uri, tmp_path / out, "--workers", "2", "--batch-size", "64")
-    if out == "shards":
-        assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["part-00000.parquet"]
-    assert actors["index"].tolist() == single["index"].tolist() == list(range(400))
-    assert actors["cluster"].tolist() == single["cluster"].tolist()
-    assert actors["confidence"].tolist() == pytest.approx(single["confidence"].tolist(), abs=1e-6)
+    for out in ("rows.csv", "shards"):
+        actors = predicted(folder, uri, tmp_path / out, "--workers", "2", "--batch-size", "64",
+                           env=ray_cluster.env)
+        if out == "shards":
+            assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["part-00000.parquet"]
+        assert actors["index"].tolist() == single["index"].tolist() == list(range(400))
+        assert actors["cluster"].tolist() == single["cluster"].tolist()
+        assert actors["confidence"].tolist() == pytest.approx(single["confidence"].tolist(), abs=1e-6)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_predict_actors_asking_for_a_gpu_the_cluster_lacks_exit_2_with_one_line(registered, tmp_path):
+def test_predict_actors_asking_for_a_gpu_the_cluster_lacks_exit_2_with_one_line(registered, tmp_path,
+                                                                                ray_cluster):
     folder, uri, _ = registered
     MlflowClient(uri).set_registered_model_alias(NAME, ALIAS, "1")
     done = cli("predict", "--model", f"models:/{NAME}@{ALIAS}", "--data", str(folder / "digits400.npz"),
                "--out", str(tmp_path / "p.csv"), "--tracking-uri", uri, "--workers", "1", "--gpu",
-               cwd=tmp_path)  # without the check the actors wait for a GPU until cli's timeout
+               cwd=tmp_path, env=ray_cluster.env)  # unchecked, the actors would wait for a GPU for ever
     err = done.stderr.strip().splitlines()
     expected = "distcluster.predict: error: --gpu: the Ray cluster has no GPU for the predict actors"
     assert done.returncode == 2 and err == [expected], done.stderr[-2000:]

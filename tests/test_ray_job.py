@@ -1,61 +1,24 @@
 """`ray job submit -- python -m distcluster.train` against a real `ray start --head` on 127.0.0.1,
 with Ray's token authentication on."""
 
-import os
-import secrets
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import free_port
+from servers import RAY, ray_head
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
-RAY = str(Path(sys.executable).with_name("ray"))
-
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A one-node Ray cluster, stopped afterwards by killing the process group it started in."""
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
-    # As the README: the venv activated (its bin first on PATH) before `ray start`, so that the
-    # job's plain `python` is the venv's.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    dashboard = free_port()
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 180
-        while subprocess.run([RAY, "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the Ray head did not come up"
-            time.sleep(1)
-        yield address, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def job_cluster():
+    """A head of its own: job submission wants the head's job agent fresh, not one other tests
+    have kept busy (it answered "No available agent" late in a shared session)."""
+    with ray_head() as head:
+        yield head
 
-
-def test_ray_job_submit_trains_and_lands_its_run_in_mlflow(tmp_path, ray_head):
-    address, env = ray_head
+def test_ray_job_submit_trains_and_lands_its_run_in_mlflow(tmp_path, job_cluster):
+    address, env = job_cluster.dashboard, job_cluster.job_env()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     entrypoint = ["python", "-m", "distcluster.train", "--epochs", "2", "--batch-size", "64",
                   "--set", "max_samples=256", "--output", str(tmp_path / "out"), "--run-name", "job",
@@ -72,8 +35,8 @@ def test_ray_job_submit_trains_and_lands_its_run_in_mlflow(tmp_path, ray_head):
     assert (tmp_path / "out" / "summary.json").is_file()
 
 
-def test_without_the_token_the_cluster_refuses_jobs(tmp_path, ray_head):
-    address, env = ray_head
+def test_without_the_token_the_cluster_refuses_jobs(tmp_path, job_cluster):
+    address, env = job_cluster.dashboard, job_cluster.job_env()
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     no_token["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "wrong-token")
     (tmp_path / "wrong-token").write_text("not-the-token")

@@ -1,6 +1,7 @@
 """A real 2-worker Ray Train run of `python -m distcluster.train` on a digits subset."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,19 +13,22 @@ from mlflow.tracking import MlflowClient
 from distcluster.data import load_source
 from distcluster.metrics import cluster_scores
 
-pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+# real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`; one xdist process, so
+# that the module's fixture runs once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-run")]
 
 EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def ray_run(tmp_path_factory):
+def ray_run(tmp_path_factory, ray_cluster):
     folder = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{folder}/mlflow.db"
     argv = [sys.executable, "-m", "distcluster.train", "--workers", "2", "--epochs", str(EPOCHS),
             "--batch-size", "128", "--set", "max_samples=512", "--output", str(folder / "out"),
             "--tracking-uri", uri, "--experiment", "e2e", "--run-name", "two-workers"]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=folder, timeout=600)
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=folder, timeout=600,
+                          env={**os.environ, **ray_cluster.env})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return folder, uri, done
 

@@ -3,6 +3,7 @@ sweep on local Ray with ASHA, MLflow parent/child runs on a real `mlflow server`
 champion model served by `predict`."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,9 +23,9 @@ NAME = "digits-sweep"
 PACKAGED = {"digits-smoke", "digits-imc-swav", "cifar10-imc-swav", "cifar10-iic", "cifar10-crlc"}
 
 
-def tune(*argv: str, cwd) -> subprocess.CompletedProcess:
+def tune(*argv: str, cwd, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "distcluster.tune", *argv], capture_output=True, text=True,
-                          cwd=cwd, timeout=900)
+                          cwd=cwd, timeout=900, env={**os.environ, **(env or {})})
 
 
 def test_every_packaged_space_loads_and_its_extremes_validate():
@@ -101,11 +102,11 @@ def test_other_mistakes_exit_2_with_one_line_and_leave_nothing(argv, needle, tmp
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, ray_cluster):
     folder = tmp_path_factory.mktemp("tune")
     with mlflow_server(folder) as uri:
         done = tune("--space", "digits-smoke", "--register", NAME, "--tracking-uri", uri,
-                    "--output", str(folder / "out"), cwd=folder)
+                    "--output", str(folder / "out"), cwd=folder, env=ray_cluster.env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         yield folder, uri, json.loads((folder / "out" / "tune_summary.json").read_text()), done
 

@@ -1,0 +1,102 @@
+"""Surviving failures on real processes: a killed Ray worker, a killed driver, and damaged
+checkpoints."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from servers import wait_for
+from training_runs import ray_checkpoints, run_train, summary_of, train_command
+
+from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+
+EPOCHS = 8
+RUN = ["--epochs", str(EPOCHS), "--batch-size", "128", "--set", "max_samples=512", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, ray_cluster) -> dict:
+    folder = tmp_path_factory.mktemp("baseline")
+    done = run_train(folder, "baseline", *RUN, env=ray_cluster.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return summary_of(folder, "baseline")
+
+
+def own_ray_workers(driver_pid: int) -> list[int]:
+    """The Ray Train workers of this test's own run: the driver started its local Ray instance
+    (address="local"), so they are in its process tree, and no other Ray job's are."""
+    import psutil
+
+    workers = []
+    for child in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                workers.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
+
+
+def test_sigkilled_ray_worker_is_restarted_and_the_run_finishes(tmp_path, uninterrupted):
+    process = subprocess.Popen(train_command(tmp_path, "killed", *RUN), cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
+    wait_for(lambda: len(ray_checkpoints(tmp_path, "killed")) >= 2 or process.poll() is not None,
+             what="a committed checkpoint")
+    pids = own_ray_workers(process.pid)
+    assert pids, "no Ray Train worker process found under the driver"
+    os.kill(pids[-1], signal.SIGKILL)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    summary = summary_of(tmp_path, "killed")
+    assert summary["restarts"] >= 1 and summary["epochs"] == EPOCHS
+    first, *resumed = summary["start_epochs"]
+    assert first == 0 and all(epoch >= 1 for epoch in resumed)  # never back past a checkpoint
+    assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05
+
+
+def test_killed_driver_resumes_from_its_checkpoint_and_skips_a_truncated_one(tmp_path, uninterrupted):
+    process = subprocess.Popen(train_command(tmp_path, "driver", *RUN), cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: len(ray_checkpoints(tmp_path, "driver")) >= 2 or process.poll() is not None,
+             what="two checkpoints")
+    workers = own_ray_workers(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and everything it started in its session
+    process.wait()
+    for pid in workers:  # and its workers, wherever Ray put them
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    epochs = sorted(json.loads(p.read_text())["epoch"] for p in ray_checkpoints(tmp_path, "driver"))
+    newest = max(ray_checkpoints(tmp_path, "driver"), key=lambda p: json.loads(p.read_text())["epoch"])
+    data = (newest.parent / "checkpoint.pt").read_bytes()
+    (newest.parent / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # a half-written file
+    done = run_train(tmp_path, "driver", *RUN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = summary_of(tmp_path, "driver")
+    assert summary["start_epochs"][0] == epochs[-2]  # the older, intact checkpoint
+    assert summary["epochs"] == EPOCHS
+    assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05
+    again = run_train(tmp_path, "driver", *RUN)  # finished: not retrained
+    assert again.returncode == 0 and "already finished" in again.stdout
+    runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [summary["mlflow"]["experiment_id"]])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # resumed into the same run
+
+
+def test_truncated_checkpoint_is_passed_over_for_the_previous_one(tmp_path):
+    for epoch in (1, 2):
+        (tmp_path / f"c{epoch}").mkdir()
+        save_checkpoint({"epoch": epoch, "weights": torch.arange(1000.0)}, tmp_path / f"c{epoch}")
+    newest = tmp_path / "c2" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:500])
+    warnings = []
+    state, folder = newest_valid_checkpoint([tmp_path / "c1", tmp_path / "c2"], warn=warnings.append)
+    assert state["epoch"] == 1 and folder == tmp_path / "c1"
+    assert len(warnings) == 1 and "c2" in warnings[0]

@@ -1,0 +1,28 @@
+"""`python -m distcluster.train` as the failure tests run it: a named run in a test folder, with
+its own sqlite MLflow store, and what it leaves there."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def train_command(folder: Path, name: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "distcluster.train", *args, "--output", str(folder / name),
+            "--run-name", name, "--tracking-uri", f"sqlite:///{folder}/mlflow.db"]
+
+
+def run_train(folder: Path, name: str, *args: str, env=None) -> subprocess.CompletedProcess:
+    """The run to its end; `env` is added to this process's environment."""
+    return subprocess.run(train_command(folder, name, *args), capture_output=True, text=True, cwd=folder,
+                          timeout=600, env={**os.environ, **(env or {})})
+
+
+def summary_of(folder: Path, name: str) -> dict:
+    return json.loads((folder / name / "summary.json").read_text())
+
+
+def ray_checkpoints(folder: Path, name: str) -> list[Path]:
+    """The checkpoints Ray Train has committed so far, by folder name (oldest first)."""
+    return sorted((folder / name / "ray").glob(f"{name}/checkpoint_*/checkpoint.json"))
