@@ -263,7 +263,9 @@ class Config:
     clusters: int = 10
     epochs: int = 40
     batch_size: int = 256  # global batch, split evenly over workers
-    workers: int = 2  # 0 = in-process, no Ray
+    workers: int = 2  # Ray Train workers (the most, for an elastic group); 0 = in-process, no Ray
+    min_workers: int = 0  # > 0: an elastic group, going on with as few as this while nodes are gone
+    resize_check_seconds: float = 60.0  # elastic groups: how often Ray looks for nodes that came back
     gpu: bool = False
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast on CPU and GPU)
@@ -297,11 +299,7 @@ class Config:
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         _check(self.max_samples >= 0, "max_samples", self.max_samples, "must be >= 0")
-        _check(self.workers >= 0, "workers", self.workers, "must be >= 0")
-        _check(self.batch_size >= 2 * max(1, self.workers), "batch_size", self.batch_size,
-               "must be at least 2 per worker")
-        _check(self.batch_size % max(1, self.workers) == 0, "batch_size", self.batch_size,
-               f"must be divisible by the {self.workers} workers")
+        self._validate_workers()
         _check(self.precision in ("auto", "bf16", "fp32"), "precision", self.precision,
                "must be auto, bf16 or fp32")
         _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
@@ -331,6 +329,29 @@ class Config:
             section.validate()
         self.augment.validate(image_size)
         return self
+
+    def _validate_workers(self) -> None:
+        _check(self.workers >= 0, "workers", self.workers, "must be >= 0")
+        _check(0 <= self.min_workers <= self.workers, "min_workers", self.min_workers,
+               f"must be in [0, workers={self.workers}] (0 = a fixed group)")
+        _check(self.resize_check_seconds > 0, "resize_check_seconds", self.resize_check_seconds,
+               "must be > 0")
+        sizes = self.group_sizes()
+        _check(self.batch_size >= 2 * max(sizes), "batch_size", self.batch_size,
+               "must be at least 2 per worker")
+        for size in sizes:  # each worker's share of the global batch is whole
+            _check(self.batch_size % size == 0, "batch_size", self.batch_size,
+                   f"must be divisible by {size} workers" + (
+                       f" (every group size from {sizes[0]} to {sizes[-1]})" if self.elastic else ""))
+
+    @property
+    def elastic(self) -> bool:
+        """An elastic Ray worker group: min_workers..workers, resized as nodes leave and return."""
+        return 0 < self.min_workers < self.workers
+
+    def group_sizes(self) -> list[int]:
+        """Every worker count the run may train with (1 for the in-process run)."""
+        return list(range(self.min_workers, self.workers + 1)) if self.elastic else [max(1, self.workers)]
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -413,7 +434,20 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def from_dict(values: dict[str, Any]) -> Config:
     """Build a Config from a (possibly partial) nested dict; unknown keys raise."""
-    return _build(Config, merge(Config().to_dict(), values))
+    return _build(Config, _worker_range(merge(Config().to_dict(), values)))
+
+
+def _worker_range(values: dict[str, Any]) -> dict[str, Any]:
+    """`workers: MIN-MAX` (in a recipe, --set, --workers or a Tune space) is an elastic group:
+    min_workers MIN, workers MAX."""
+    text = values.get("workers")
+    if not isinstance(text, str):
+        return values
+    low, sep, high = text.partition("-")
+    _check(bool(sep) and low.strip().isdigit() and high.strip().isdigit(), "workers", text,
+           "must be a whole number or MIN-MAX (e.g. 1-4)")
+    _check(1 <= int(low) <= int(high), "workers", text, "MIN-MAX needs 1 <= MIN <= MAX")
+    return {**values, "min_workers": int(low), "workers": int(high)}
 
 
 def apply_override(values: dict[str, Any], text: str) -> dict[str, Any]:

@@ -8,9 +8,15 @@ worker dies; the new group resumes from the newest checkpoint that verifies,
 among the one Ray offers and the run's checkpoint folders in storage. Running
 the driver again with the same run name and storage folder resumes the same
 way (Ray may not have recorded the last checkpoints of a killed driver, but
-they are on disk, each with its hash). A small `RunMonitor` actor counts worker-group starts
-(restarts = starts - 1) and carries a divergence message back to the driver,
-because a diverged run should end, not be retried.
+they are on disk, each with its hash). A small `RunMonitor` actor records each worker-group
+start (time, epoch, size: restarts and resizes come from it) and carries a divergence message
+back to the driver, because a diverged run should end, not be retried.
+
+Elastic groups (`min_workers` > 0): `ScalingConfig(num_workers=(min, max))`. A lost node fails
+the group like a dead worker; Ray restarts it with as many workers as the live nodes hold
+(at least min), and every `resize_check_seconds` restarts it larger when nodes have joined.
+Each start resumes as above; the loop takes its world size from Ray, so shards and each
+worker's share of the global batch follow.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +39,7 @@ import ray
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distcluster.build import WorkerContext, set_cpu_speedups
 from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
@@ -48,28 +56,29 @@ FORWARDED_ENV = ("DISTCLUSTER_TEST_NAN_STEPS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
 @dataclass
 class RayRun:
-    """Where a Ray Train run left its checkpoints, and where each worker-group start began."""
+    """Where a Ray Train run left its checkpoints, and each start of its worker group."""
 
     checkpoint_dirs: list[Path]  # the newest first
-    start_epochs: list[int]  # the epoch each worker-group start resumed at
+    starts: list[dict[str, Any]]  # {"time", "epoch" it resumed at, "workers"}, in order
 
 
 @ray.remote(num_cpus=0)
 class RunMonitor:
-    """Records each worker-group start (the epoch it resumed at) and a divergence message."""
+    """Records each worker-group start (when, the epoch it resumed at, how many workers) and a
+    divergence message."""
 
     def __init__(self) -> None:
-        self.start_epochs: list[int] = []
+        self.starts: list[dict[str, Any]] = []
         self.failure = ""
 
-    def started(self, epoch: int) -> None:
-        self.start_epochs.append(epoch)
+    def started(self, epoch: int, workers: int) -> None:
+        self.starts.append({"time": time.time(), "epoch": epoch, "workers": workers})
 
     def diverged(self, message: str) -> None:
         self.failure = message
 
-    def summary(self) -> tuple[list[int], str]:
-        return self.start_epochs, self.failure
+    def summary(self) -> tuple[list[dict[str, Any]], str]:
+        return self.starts, self.failure
 
 
 def init_ray() -> None:
@@ -185,10 +194,15 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     source = open_source(loop_config["data"], cfg.max_samples, loop_config["threads"])
     ctx = WorkerContext(rank, context.get_world_size(), ray.train.torch.get_device())
     start = _resume_state(rank, Path(loop_config["run_dir"]))
+    reporter = _RayReporter(rank, loop_config["tracking"])
     if rank == 0:
-        ray.get(monitor.started.remote(start["epoch"] if start else 0))
+        epoch = start["epoch"] if start else 0
+        print(f"training on {ctx.world_size} worker{'s' if ctx.world_size > 1 else ''} from epoch {epoch}",
+              flush=True)
+        ray.get(monitor.started.remote(epoch, ctx.world_size))
+        reporter.tracker.log_metrics({"train/workers": ctx.world_size}, step=epoch)
     try:
-        train_loop(cfg, source, ctx, _RayReporter(rank, loop_config["tracking"]), start=start)
+        train_loop(cfg, source, ctx, reporter, start=start)
     except TrainingDiverged as exc:  # every rank sees it at the same step
         if rank == 0:
             ray.get(monitor.diverged.remote(str(exc)))
@@ -229,14 +243,17 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
     init_ray()
     warn_if_oversubscribed(cfg, ray.cluster_resources())
     cpus = cpus_per_worker(cfg)
-    monitor = RunMonitor.remote()
+    # On the driver's node, as Ray Train's controller: it must outlive any other node.
+    monitor = RunMonitor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data, "tracking": tracking,
                            "threads": worker_threads(cpus), "monitor": monitor,
                            "run_dir": str(storage.resolve() / name)},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                     resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(
+            num_workers=(cfg.min_workers, cfg.workers) if cfg.elastic else cfg.workers, use_gpu=cfg.gpu,
+            resources_per_worker={"CPU": cpus}, elastic_resize_monitor_interval_s=cfg.resize_check_seconds),
         torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -254,11 +271,11 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
             raise
         if interrupted():
             raise KeyboardInterrupt
-    start_epochs, failure = ray.get(monitor.summary.remote())
+    starts, failure = ray.get(monitor.summary.remote())
     if failure:
         raise TrainingDiverged(failure)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
     latest = Path(result.checkpoint.path)
     older = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest]
-    return RayRun([latest, *older], start_epochs)
+    return RayRun([latest, *older], starts)

@@ -7,6 +7,7 @@ Also the Ray Jobs entry point: `ray job submit -- python -m distcluster.train ..
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--clusters", type=int, help="number of clusters K")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch, split over workers")
-    p.add_argument("--workers", type=int, help="Ray Train workers; 0 = in-process (default 2)")
+    p.add_argument("--workers", type=_whole_number_or_range, metavar="N|MIN-MAX",
+                   help="Ray Train workers; 0 = in-process (default 2); MIN-MAX: an elastic group that "
+                   "trains on fewer workers while nodes are gone and grows back when they return")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-failures", type=int, help="Ray worker-group restarts before failing (default 3)")
@@ -72,6 +76,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or "
                    "sqlite:///mlflow.db)")
     return p
+
+
+def _whole_number_or_range(text: str) -> int | str:
+    """--workers 2 or --workers 1-4 (the range is checked with the rest of the config)."""
+    return int(text) if text.strip().isdigit() else text
 
 
 FLAG_KEYS = ("data", "objective", "clusters", "epochs", "batch_size", "workers", "gpu", "seed",
@@ -116,7 +125,7 @@ class TrainedRun:
     """What training left: its newest verified checkpoint, and where each (re)start began."""
 
     checkpoint: dict[str, Any]
-    start_epochs: list[int]  # restarts = len - 1
+    starts: list[dict[str, Any]]  # {"time", "epoch" it resumed at, "workers"}; restarts = len - 1
 
 
 def _newest_state(folders: list[Path]) -> dict[str, Any]:
@@ -138,12 +147,13 @@ def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: P
             print(f"resuming from epoch {start['epoch']}", flush=True)
         device = torch.device("cuda" if cfg.gpu else "cpu")
         train_loop(cfg, source, WorkerContext(device=device), reporter, start=start)
-        return TrainedRun(_newest_state(reporter.checkpoints()), [start["epoch"] if start else 0])
+        first = {"time": time.time(), "epoch": start["epoch"] if start else 0, "workers": 1}
+        return TrainedRun(_newest_state(reporter.checkpoints()), [first])
     from distcluster import ray_train
 
     run = ray_train.fit(cfg, data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
                         out / "ray", name)
-    return TrainedRun(_newest_state(run.checkpoint_dirs), run.start_epochs)
+    return TrainedRun(_newest_state(run.checkpoint_dirs), run.starts)
 
 
 def draw_plots(state: dict[str, Any], source: ImageSource, probs: np.ndarray, folder: Path) -> None:
@@ -232,7 +242,7 @@ def train(cfg: Config) -> dict[str, Any]:
         write_atomic_dir(out / "plots", lambda d: draw_plots(state, source, probs, d))
         tracker.log_artifacts(out / "plots", "plots")
         registered = _register(cfg, tracker)
-        summary = _summary(cfg, source, state, scores, tracker, out, trained.start_epochs,
+        summary = _summary(cfg, source, state, scores, tracker, out, trained.starts,
                            wall=time.perf_counter() - started, fit_seconds=fit_seconds)
         summary["mlflow"].update(registered)
         tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, step=cfg.epochs)
@@ -255,7 +265,7 @@ def _register(cfg: Config, tracker: RunTracker) -> dict[str, str | None]:
 
 
 def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: dict[str, Any],
-             tracker: RunTracker, out: Path, start_epochs: list[int], wall: float,
+             tracker: RunTracker, out: Path, starts: list[dict[str, Any]], wall: float,
              fit_seconds: float) -> dict[str, Any]:
     labelled = source.labels is not None
     return {
@@ -267,8 +277,9 @@ def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: di
         "label_free": {k: scores[k] for k in ("view_mi", "balance", "largest_cluster",
                                               "clusters_used", "confidence")},
         "head": state["head"],
-        "restarts": len(start_epochs) - 1,
-        "start_epochs": start_epochs,
+        "restarts": len(starts) - 1,
+        "start_epochs": [s["epoch"] for s in starts],
+        "resizes": resizes(starts),
         "wall_seconds": round(wall, 2),
         "fit_seconds": round(fit_seconds, 2),
         "train_images_per_second": round(statistics.median(
@@ -281,13 +292,30 @@ def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: di
     }
 
 
+def resizes(starts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The worker-group starts that changed its size: when (UTC), the epoch it resumed at, and
+    the sizes before and after."""
+    return [{"time": datetime.fromtimestamp(now["time"], UTC).isoformat(timespec="seconds"),
+             "epoch": now["epoch"], "from": before["workers"], "to": now["workers"]}
+            for before, now in itertools.pairwise(starts) if now["workers"] != before["workers"]]
+
+
 def _print_result(summary: dict[str, Any], out: Path) -> None:
     m = summary["metrics"]
     scores = (f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}"
               if m["acc"] is not None else "no labels: see label_free in summary.json")
     print(f"{summary['objective']} on {summary['data']}: {scores}  "
-          f"({summary['fit_seconds']:.0f} s training, {summary['workers']} workers)")
+          f"({summary['fit_seconds']:.0f} s training, {_workers(summary)})")
     print(f"summary: {out / 'summary.json'}   MLflow run: {summary['mlflow']['run_id']}")
+
+
+def _workers(summary: dict[str, Any]) -> str:
+    """`2 workers`, or for a resized elastic group `2 workers, resized 2 -> 1 -> 2`."""
+    changes = summary["resizes"]
+    if not changes:
+        return f"{summary['workers']} workers"
+    sizes = [changes[0]["from"], *(change["to"] for change in changes)]
+    return f"{summary['workers']} workers, resized {' -> '.join(map(str, sizes))}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Real local services for tests: free ports, an `mlflow server` and a Ray head on 127.0.0.1."""
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+OBJECT_STORE = 200 * 2**20  # bytes per test node: the tests pass little data through Ray
 
 
 def free_port() -> int:
@@ -23,11 +25,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float = 300, what: str = "condition") -> None:
+def wait_for(predicate, timeout: float = 300, what: str = "condition", every: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+        time.sleep(every)
 
 
 def _healthy(uri: str) -> bool:
@@ -79,8 +81,9 @@ class RayHead:
 
 
 @contextmanager
-def ray_head(cpus: int = 2):
-    """A one-node Ray cluster, stopped afterwards by killing the process group it started in."""
+def ray_head(cpus: int = 2, settings: dict[str, str] | None = None):
+    """A Ray cluster of one node, stopped afterwards by killing the process group it started in.
+    `settings`: Ray's own environment variables for the head (RAY_health_check_period_ms...)."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay short
     # As the README: the venv activated (its bin first on PATH) before `ray start`, so that a
     # job's plain `python` is the venv's.
@@ -88,11 +91,12 @@ def ray_head(cpus: int = 2):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
+    head_env = {**env, **(settings or {})}
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--num-cpus={cpus}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--object-store-memory={OBJECT_STORE}"],
+        env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 180
@@ -104,10 +108,50 @@ def ray_head(cpus: int = 2):
         joined = {key: env[key] for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "PATH")}
         yield RayHead({**joined, "RAY_ADDRESS": f"127.0.0.1:{port}"}, address)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_ray_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def start_ray_node(head: RayHead, cpus: int) -> subprocess.Popen:
+    """Another Ray node on this machine, joining `head`; it is up when the cluster has its CPUs."""
+    before = _cluster_cpus(head)
+    node = subprocess.Popen(
+        [RAY, "start", "--block", f"--address={head.env['RAY_ADDRESS']}", "--node-ip-address=127.0.0.1",
+         f"--num-cpus={cpus}", f"--object-store-memory={OBJECT_STORE}", "--disable-usage-stats"],
+        env={**os.environ, **head.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    wait_for(lambda: node.poll() is not None or _cluster_cpus(head) >= before + cpus, timeout=120,
+             what="the Ray node to join", every=2)  # each look is a `ray status` process
+    assert node.poll() is None, "ray start --address exited"
+    return node
+
+
+def _cluster_cpus(head: RayHead) -> float:
+    """The CPUs of the cluster's live nodes, as `ray status` counts them."""
+    done = subprocess.run([RAY, "status", f"--address={head.env['RAY_ADDRESS']}"], capture_output=True,
+                          text=True, env={**os.environ, **head.env})
+    usage = [line for line in done.stdout.splitlines() if line.strip().endswith(" CPU")]
+    return float(usage[0].split("/")[1].split()[0]) if usage else 0.0
+
+
+def kill_ray_node(node: subprocess.Popen) -> None:
+    """SIGKILL a node as a pre-empted machine dies: `ray start` and every process under it (its
+    raylet and the workers the raylet started), found by PID from the process we started."""
+    import psutil
+
+    processes = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    node.wait()
+
+
+def stop_ray_node(node: subprocess.Popen) -> None:
+    """Stop a `ray start --block` we started: SIGTERM to its process group, SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):  # nothing left of a node kill_ray_node ended
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+    node.wait()

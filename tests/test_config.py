@@ -9,7 +9,7 @@ import torch
 
 from distcluster import config
 from distcluster.errors import ConfigError
-from distcluster.train import config_from_args, main
+from distcluster.train import config_from_args, main, resizes
 
 
 def test_every_packaged_recipe_loads_and_validates():
@@ -53,6 +53,51 @@ def test_unknown_keys_are_named(override, key):
 def test_impossible_values_are_named(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
         config_from_args(["--set", override]).validate()
+
+
+def test_a_worker_range_is_an_elastic_group_from_the_flag_a_set_or_a_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("workers: 2-6\nbatch_size: 120\n")
+    for argv in (["--workers", "2-6", "--batch-size", "120"], ["--set", "workers=2-6", "--batch-size", "120"],
+                 ["--config", str(recipe)]):
+        cfg = config_from_args(argv).validate()
+        assert (cfg.min_workers, cfg.workers, cfg.elastic, cfg.group_sizes()) == (2, 6, True, [2, 3, 4, 5, 6])
+    fixed = config_from_args(["--workers", "3", "--batch-size", "120"]).validate()
+    assert (fixed.elastic, fixed.group_sizes()) == (False, [3])
+    assert config_from_args(["--workers", "2-2"]).validate().group_sizes() == [2]  # MIN = MAX: fixed
+
+
+def test_a_tune_space_searches_worker_ranges_like_any_key(tmp_path):
+    from distcluster.search_space import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text("base: digits-imc-swav\nset: {batch_size: 120}\n"
+                    "space: {workers: {choice: ['1-2', '2-4']}}\n")
+    space = load_space(str(path))
+    assert [(c.min_workers, c.workers) for c in space.extreme_configs()][1:] == [(1, 2), (2, 4)]
+    assert space.trial_config({"workers": "2-4"}).group_sizes() == [2, 3, 4]
+
+
+@pytest.mark.parametrize("argv, key, reason", [
+    (["--workers", "1-3", "--batch-size", "128"], "batch_size", "must be divisible by 3 workers"),
+    (["--workers", "3-1"], "workers", "1 <= MIN <= MAX"),
+    (["--workers", "0-2"], "workers", "1 <= MIN <= MAX"),
+    (["--workers", "two"], "workers", "a whole number or MIN-MAX"),
+    (["--workers", "1-2", "--set", "resize_check_seconds=0"], "resize_check_seconds", "> 0"),
+    (["--workers", "2", "--set", "min_workers=3"], "min_workers", "must be in [0, workers=2]"),
+])
+def test_an_impossible_worker_range_is_named(argv, key, reason):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*" + re.escape(reason)):
+        config_from_args(argv).validate()
+
+
+def test_resizes_are_the_starts_that_changed_the_group_size():
+    starts = [{"time": 0.0, "epoch": 0, "workers": 2}, {"time": 60.0, "epoch": 3, "workers": 2},
+              {"time": 90.0, "epoch": 5, "workers": 1}, {"time": 150.0, "epoch": 9, "workers": 2}]
+    assert resizes(starts) == [
+        {"time": "1970-01-01T00:01:30+00:00", "epoch": 5, "from": 2, "to": 1},
+        {"time": "1970-01-01T00:02:30+00:00", "epoch": 9, "from": 1, "to": 2}]
+    assert resizes(starts[:2]) == []  # a restart at the same size is no resize
 
 
 def test_crop_larger_than_the_image_is_refused():

@@ -1,0 +1,82 @@
+"""An elastic worker group on a real two-node Ray cluster on this machine: a node dies mid-run,
+training goes on with one worker from the last committed checkpoint and the same global batch,
+and grows back to two workers when a node joins again."""
+
+import os
+import subprocess
+import threading
+
+import pytest
+from mlflow.tracking import MlflowClient
+from servers import kill_ray_node, ray_head, start_ray_node, stop_ray_node, wait_for
+from training_runs import ray_checkpoints, run_train, summary_of, train_command
+
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+
+EPOCHS = 16
+# One whole CPU per worker on one-CPU nodes: one worker per node, so losing a node loses a worker.
+RUN = ["--workers", "1-2", "--epochs", str(EPOCHS), "--batch-size", "128", "--set", "max_samples=1024",
+       "--seed", "3", "--set", "cpus_per_worker=1", "--set", "resize_check_seconds=3", "--max-failures", "5"]
+
+
+# Faster timers than Ray's defaults, the same mechanism: the head notices a dead node after 2 missed
+# one-second health checks (not 5 of 3 s), and a group start that waits for workers on a node not
+# yet known dead gives up after 20 s (not 60) and is decided again.
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "2"}
+GROUP_START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+
+
+class Output:
+    """The lines a running process has printed so far (read on a thread)."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
+        self.thread.start()
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def text(self) -> str:
+        self.thread.join(timeout=60)
+        return "".join(self.lines)
+
+
+def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path, ray_cluster):
+    baseline = run_train(tmp_path, "baseline", *RUN, env=ray_cluster.env)  # 2 workers throughout
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    with ray_head(cpus=1, settings=FAST_NODE_DEATH) as head:
+        node = start_ray_node(head, cpus=1)
+        try:
+            process = subprocess.Popen(train_command(tmp_path, "elastic", *RUN), cwd=tmp_path, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       env={**os.environ, **head.env, **GROUP_START_TIMEOUT})
+            output = Output(process)
+            # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
+            wait_for(lambda: len(ray_checkpoints(tmp_path, "elastic")) >= 2 or process.poll() is not None,
+                     what="a committed checkpoint")
+            kill_ray_node(node)
+            wait_for(lambda: output.has("training on 1 worker") or process.poll() is not None,
+                     what="the group to shrink")
+            node = start_ray_node(head, cpus=1)
+            process.wait(timeout=600)
+        finally:
+            stop_ray_node(node)
+    log = output.text()
+    (tmp_path / "elastic.log").write_text(log)  # what a user saw, kept with the test's files
+    assert process.returncode == 0, log[-3000:]
+    summary, uninterrupted = summary_of(tmp_path, "elastic"), summary_of(tmp_path, "baseline")
+    assert summary["epochs"] == EPOCHS and uninterrupted["resizes"] == []
+    assert len(summary["resizes"]) == 2, f"expected a shrink and a growth: {summary['resizes']}"
+    shrunk, grown = summary["resizes"]
+    assert (shrunk["from"], shrunk["to"], grown["from"], grown["to"]) == (2, 1, 1, 2), summary["resizes"]
+    assert 1 <= shrunk["epoch"] <= grown["epoch"] < EPOCHS  # from a committed checkpoint, never back
+    assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    workers = client.get_metric_history(summary["mlflow"]["run_id"], "train/workers")
+    assert [m.value for m in sorted(workers, key=lambda m: m.timestamp)] == [2, 1, 2]
+    assert lr_by_epoch(client, summary) == pytest.approx(lr_by_epoch(client, uninterrupted))  # the same steps
+
+
+def lr_by_epoch(client: MlflowClient, summary: dict) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(summary["mlflow"]["run_id"], "train/lr")}
