@@ -118,22 +118,33 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
 def warn_if_oversubscribed(cfg: Config, resources: dict[str, float],
                            warn: Callable[[str], object] = print) -> None:
     """More workers than the cluster's GPUs (with --gpu) or CPUs: they would share them and
-    run slower than fewer workers would (or, for GPUs, wait for ever)."""
+    run slower than fewer workers would (or, for GPUs, wait for ever). An elastic group only
+    needs room for its smallest size: below that it waits for nodes."""
     kind = "GPU" if cfg.gpu else "CPU"
     have = resources.get(kind, 0.0)
+    if cfg.elastic:
+        need = cfg.min_workers * (1 if cfg.gpu else cpus_per_worker(cfg, resources))
+        if need > have:
+            warn(f"warning: the smallest group, {cfg.min_workers} workers, needs {need:g} {kind}s and "
+                 f"the cluster has {have:g}: training waits until nodes join")
+        return
     if cfg.workers > have:
         warn(f"warning: {cfg.workers} workers on a cluster with {have:g} {kind}s: "
              f"{'they wait for GPUs that are not there' if cfg.gpu else 'each gets a fraction of a CPU'}; "
              f"use --workers {max(1, int(have))} or fewer")
 
 
-def cpus_per_worker(cfg: Config) -> float:
+def cpus_per_worker(cfg: Config, resources: dict[str, float]) -> float:
     """Share the cluster's CPUs among the workers, keeping half a core for the driver and
     controller: one worker on a 2-core laptop gets 1.5 (and 2 torch threads, as the
-    in-process loop), two get 0.75 each."""
+    in-process loop), two get 0.75 each. Workers of an elastic group get whole CPUs (Ray counts
+    how many fit on each node by whole division), as many as the largest group leaves each."""
     if cfg.cpus_per_worker:
         return cfg.cpus_per_worker
-    return share_cpus(ray.cluster_resources().get("CPU", 1.0), cfg.workers)
+    total = resources.get("CPU", 1.0)
+    if cfg.elastic:
+        return float(max(1, int(total // cfg.workers)))
+    return share_cpus(total, cfg.workers)
 
 
 def share_cpus(total: float, workers: int) -> float:
@@ -241,8 +252,9 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
     """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data.
     `callbacks`: Ray Train UserCallbacks (Tune's TuneReportCallback in a sweep)."""
     init_ray()
-    warn_if_oversubscribed(cfg, ray.cluster_resources())
-    cpus = cpus_per_worker(cfg)
+    resources = ray.cluster_resources()
+    warn_if_oversubscribed(cfg, resources)
+    cpus = cpus_per_worker(cfg, resources)
     # On the driver's node, as Ray Train's controller: it must outlive any other node.
     monitor = RunMonitor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
