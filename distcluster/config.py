@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -264,7 +265,7 @@ class Config:
     epochs: int = 40
     batch_size: int = 256  # global batch, split evenly over workers
     workers: int = 2  # Ray Train workers (the most, for an elastic group); 0 = in-process, no Ray
-    min_workers: int = 0  # > 0: an elastic group, going on with as few as this while nodes are gone
+    min_workers: int = 0  # set by `workers: MIN-MAX` (an elastic group), never written on its own
     resize_check_seconds: float = 60.0  # elastic groups: how often Ray looks for nodes that came back
     gpu: bool = False
     seed: int = 0
@@ -354,7 +355,13 @@ class Config:
         return list(range(self.min_workers, self.workers + 1)) if self.elastic else [max(1, self.workers)]
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        """Every key as a recipe would write it: an elastic group as `workers: MIN-MAX`, so that
+        overriding `workers` with a whole number later gives a fixed group, not MIN..N."""
+        values = _plain(dataclasses.asdict(self))
+        low = values.pop("min_workers")
+        if self.elastic:
+            values["workers"] = f"{low}-{self.workers}"
+        return values
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for logging params (`optim.lr: 0.0005`)."""
@@ -432,6 +439,9 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+WORKER_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", re.ASCII)
+
+
 def from_dict(values: dict[str, Any]) -> Config:
     """Build a Config from a (possibly partial) nested dict; unknown keys raise."""
     return _build(Config, _worker_range(merge(Config().to_dict(), values)))
@@ -439,13 +449,17 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 def _worker_range(values: dict[str, Any]) -> dict[str, Any]:
     """`workers: MIN-MAX` (in a recipe, --set, --workers or a Tune space) is an elastic group:
-    min_workers MIN, workers MAX."""
+    min_workers MIN, workers MAX. A whole number (also quoted) is a fixed group."""
+    _check("min_workers" not in values, "min_workers", values.get("min_workers"),
+           "unknown config key: write workers: MIN-MAX")
     text = values.get("workers")
     if not isinstance(text, str):
         return values
-    low, sep, high = text.partition("-")
-    _check(bool(sep) and low.strip().isdigit() and high.strip().isdigit(), "workers", text,
-           "must be a whole number or MIN-MAX (e.g. 1-4)")
+    found = WORKER_RANGE.fullmatch(text)
+    _check(found is not None, "workers", text, "must be a whole number or MIN-MAX (e.g. 1-4)")
+    low, high = found.group(1), found.group(2) or found.group(1)
+    if found.group(2) is None:
+        return {**values, "min_workers": 0, "workers": int(low)}
     _check(1 <= int(low) <= int(high), "workers", text, "MIN-MAX needs 1 <= MIN <= MAX")
     return {**values, "min_workers": int(low), "workers": int(high)}
 

@@ -21,10 +21,12 @@ worker's share of the global batch follow.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -49,9 +51,11 @@ from distcluster.loop import EpochReport, train_loop
 from distcluster.sources import open_source
 from distcluster.tracking import RunTracker
 
-# Forwarded to Ray workers when set (the test-only NaN hook, MLflow client settings).
+# Forwarded to Ray workers when set (the test-only NaN hook, MLflow client settings, and the
+# cluster's address: Ray Train's placement-group cleaner looks its cluster up by RAY_ADDRESS, or
+# else by the newest one on the machine, which may be another).
 FORWARDED_ENV = ("DISTCLUSTER_TEST_NAN_STEPS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "DISTCLUSTER_CACHE")
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "DISTCLUSTER_CACHE", "RAY_ADDRESS")
 
 
 @dataclass
@@ -97,7 +101,25 @@ def init_ray() -> None:
         # Ray announces on stderr that the instance it starts for us has token auth (the safe
         # default): noise that would break a later one-line error.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        _own_ray_temp_dir()
         ray.init(address="local", configure_logging=False, runtime_env=runtime_env)
+
+
+def _own_ray_temp_dir() -> None:
+    """A temp folder of its own for the local instance (unless RAY_TMPDIR names one): its
+    processes inherit it, so Ray's helpers that look "the newest cluster on this machine" up
+    (Ray Train's placement-group cleaner) find this one, not another process's instance. It is
+    removed at exit."""
+    if "RAY_TMPDIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="dc-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    os.environ["RAY_TMPDIR"] = folder
+
+    def remove() -> None:
+        ray.shutdown()  # its processes gone first (shutting down twice is harmless)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(remove)
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:

@@ -146,9 +146,9 @@ def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: P
         if start:
             print(f"resuming from epoch {start['epoch']}", flush=True)
         device = torch.device("cuda" if cfg.gpu else "cpu")
+        started = {"time": time.time(), "epoch": start["epoch"] if start else 0, "workers": 1}
         train_loop(cfg, source, WorkerContext(device=device), reporter, start=start)
-        first = {"time": time.time(), "epoch": start["epoch"] if start else 0, "workers": 1}
-        return TrainedRun(_newest_state(reporter.checkpoints()), [first])
+        return TrainedRun(_newest_state(reporter.checkpoints()), [started])
     from distcluster import ray_train
 
     run = ray_train.fit(cfg, data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
@@ -270,7 +270,8 @@ def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: di
     labelled = source.labels is not None
     return {
         "objective": cfg.objective, "data": cfg.data, "num_samples": len(source),
-        "clusters": cfg.clusters, "epochs": state["epoch"], "workers": cfg.workers,
+        "clusters": cfg.clusters, "epochs": state["epoch"],
+        "workers": starts[-1]["workers"] if cfg.elastic else cfg.workers,  # elastic: at the end
         "device": "cuda" if cfg.gpu else "cpu",
         "metrics": {k: scores[k] for k in ("acc", "nmi", "ari")} if labelled
         else {"acc": None, "nmi": None, "ari": None},
@@ -310,12 +311,15 @@ def _print_result(summary: dict[str, Any], out: Path) -> None:
 
 
 def _workers(summary: dict[str, Any]) -> str:
-    """`2 workers`, or for a resized elastic group `2 workers, resized 2 -> 1 -> 2`."""
-    changes = summary["resizes"]
-    if not changes:
-        return f"{summary['workers']} workers"
-    sizes = [changes[0]["from"], *(change["to"] for change in changes)]
-    return f"{summary['workers']} workers, resized {' -> '.join(map(str, sizes))}"
+    """`2 workers`; an elastic group says its range and any resizes: `2 workers, elastic 1-2,
+    resized 2 -> 1 -> 2`."""
+    config, changes, count = summary["config"], summary["resizes"], summary["workers"]
+    said = f"{count} worker{'' if count == 1 else 's'}"
+    if not isinstance(config["workers"], str):
+        return said
+    sizes = [changes[0]["from"], *(change["to"] for change in changes)] if changes else []
+    resized = f", resized {' -> '.join(map(str, sizes))}" if sizes else ""
+    return f"{said}, elastic {config['workers']}{resized}"
 
 
 def main(argv: list[str] | None = None) -> int:

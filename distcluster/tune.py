@@ -93,8 +93,8 @@ def _trial(sampled: dict[str, Any], sweep: Sweep) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = sweep.space.trial_config(sampled)
-    if not cfg.cpus_per_worker:
-        cfg.cpus_per_worker = sweep.cpus_per_worker
+    if not cfg.cpus_per_worker:  # an elastic trial's workers hold whole CPUs (see ray_train)
+        cfg.cpus_per_worker = max(1.0, sweep.cpus_per_worker // 1) if cfg.elastic else sweep.cpus_per_worker
     folder = Path(sweep.output) / "trials" / trial_id
     tracker = RunTracker.start(sweep.tracking_uri, sweep.experiment, f"{sweep.space.name}-{trial_id}",
                                tags={"mlflow.parentRunId": sweep.parent_run_id, TRIAL_TAG: trial_id})

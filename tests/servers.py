@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -90,12 +91,15 @@ def ray_head(cpus: int = 2, settings: dict[str, str] | None = None):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    # Ray's helpers without an address (the job agent, the placement-group cleaner) look up "the
+    # newest cluster" in $RAY_TMPDIR/ray: make that this head's own folder.
+    env["RAY_TMPDIR"] = temp_dir
     port, dashboard = free_port(), free_port()
     head_env = {**env, **(settings or {})}
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--num-cpus={cpus}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--object-store-memory={OBJECT_STORE}"],
+         f"--temp-dir={temp_dir}/ray", "--disable-usage-stats", f"--object-store-memory={OBJECT_STORE}"],
         env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -120,18 +124,23 @@ def start_ray_node(head: RayHead, cpus: int) -> subprocess.Popen:
          f"--num-cpus={cpus}", f"--object-store-memory={OBJECT_STORE}", "--disable-usage-stats"],
         env={**os.environ, **head.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
-    wait_for(lambda: node.poll() is not None or _cluster_cpus(head) >= before + cpus, timeout=120,
-             what="the Ray node to join", every=2)  # each look is a `ray status` process
-    assert node.poll() is None, "ray start --address exited"
+    try:
+        wait_for(lambda: node.poll() is not None or _cluster_cpus(head) >= before + cpus, timeout=120,
+                 what="the Ray node to join", every=2)  # each look is a `ray status` process
+        assert node.poll() is None, "ray start --address exited"
+    except BaseException:
+        stop_ray_node(node)
+        raise
     return node
 
 
 def _cluster_cpus(head: RayHead) -> float:
-    """The CPUs of the cluster's live nodes, as `ray status` counts them."""
+    """The CPUs of the cluster's live nodes, as `ray status` counts them (`0.0/2.0 CPU`, maybe
+    followed by what placement groups reserve)."""
     done = subprocess.run([RAY, "status", f"--address={head.env['RAY_ADDRESS']}"], capture_output=True,
                           text=True, env={**os.environ, **head.env})
-    usage = [line for line in done.stdout.splitlines() if line.strip().endswith(" CPU")]
-    return float(usage[0].split("/")[1].split()[0]) if usage else 0.0
+    found = re.search(r"([\d.]+)/([\d.]+) CPU\b", done.stdout)
+    return float(found.group(2)) if found else 0.0
 
 
 def kill_ray_node(node: subprocess.Popen) -> None:
@@ -147,11 +156,13 @@ def kill_ray_node(node: subprocess.Popen) -> None:
 
 
 def stop_ray_node(node: subprocess.Popen) -> None:
-    """Stop a `ray start --block` we started: SIGTERM to its process group, SIGKILL if it lingers."""
-    with contextlib.suppress(ProcessLookupError):  # nothing left of a node kill_ray_node ended
-        os.killpg(node.pid, signal.SIGTERM)
-        try:
-            node.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-    node.wait()
+    """Stop a `ray start --block` we started: SIGTERM to its process group, SIGKILL if it lingers.
+    A node kill_ray_node ended (reaped, every process gone) is left alone."""
+    if node.returncode is not None:
+        return
+    os.killpg(node.pid, signal.SIGTERM)
+    try:
+        node.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()

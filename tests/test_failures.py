@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from recorder import Recorder
 from servers import free_port, start_mlflow_server, stop_server, wait_for
-from training_runs import ray_checkpoints, run_train, train_command
+from training_runs import RUN, ray_checkpoints, run_train, train_command
 
 from distcluster.build import WorkerContext
 from distcluster.config import from_dict, load_recipe
@@ -21,9 +21,6 @@ from distcluster.data import load_source
 from distcluster.loop import train_loop
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
-
-RUN = ["--epochs", "8", "--batch-size", "128", "--set", "max_samples=512", "--seed", "3"]
-
 
 # ---- guards ----------------------------------------------------------------------------------
 

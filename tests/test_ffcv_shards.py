@@ -41,9 +41,12 @@ def local_ray():
     from distcluster.ray_train import init_ray
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
+    had_temp_dir = "RAY_TMPDIR" in os.environ
     init_ray()
     yield
     ray.shutdown()
+    if not had_temp_dir:  # init_ray chose this instance's folder: later processes must not inherit it
+        os.environ.pop("RAY_TMPDIR")
 
 
 def test_each_rank_reads_a_disjoint_shard_and_together_they_cover_the_data(tmp_path, local_ray):

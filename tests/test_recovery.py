@@ -11,14 +11,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from servers import wait_for
-from training_runs import ray_checkpoints, run_train, summary_of, train_command
+from training_runs import EPOCHS, RUN, ray_checkpoints, run_train, summary_of, train_command
 
 from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
-
-EPOCHS = 8
-RUN = ["--epochs", str(EPOCHS), "--batch-size", "128", "--set", "max_samples=512", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from distcluster.checkpoint import (
 )
 from distcluster.errors import MAX_MESSAGE, UserError
 from distcluster.images import read_member
-from distcluster.ray_train import check_ray_address, cpus_per_worker, warn_if_oversubscribed
+from distcluster.ray_train import check_ray_address, warn_if_oversubscribed
 from distcluster.tracking import check_reachable
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -250,18 +250,6 @@ def test_more_workers_than_cpus_gets_a_warning():
     warn_if_oversubscribed(config.Config(workers=8), {"CPU": 2.0}, said.append)
     warn_if_oversubscribed(config.Config(workers=2), {"CPU": 2.0}, said.append)
     assert len(said) == 1 and "8 workers" in said[0] and "2 CPUs" in said[0]
-
-
-def test_an_elastic_group_gets_whole_cpus_and_a_warning_only_when_its_smallest_size_cannot_start():
-    said = []
-    elastic = config.from_dict({"workers": "2-8", "batch_size": 840})
-    assert cpus_per_worker(elastic, {"CPU": 16.0}) == 2.0  # whole CPUs: 8 workers fit on 16
-    assert cpus_per_worker(elastic, {"CPU": 4.0}) == 1.0  # never a fraction
-    assert cpus_per_worker(config.Config(workers=2), {"CPU": 2.0}) == 0.75  # fixed groups share
-    warn_if_oversubscribed(elastic, {"CPU": 4.0}, said.append)  # 8 workers, but 2 fit: no warning
-    warn_if_oversubscribed(elastic, {"CPU": 1.0}, said.append)
-    assert said == ["warning: the smallest group, 2 workers, needs 2 CPUs and the cluster has 1: "
-                    "training waits until nodes join"]
 
 
 def test_weights_that_are_not_finite_are_never_exported(tmp_path):

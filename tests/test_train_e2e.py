@@ -13,9 +13,7 @@ from mlflow.tracking import MlflowClient
 from distcluster.data import load_source
 from distcluster.metrics import cluster_scores
 
-# real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`; one xdist process, so
-# that the module's fixture runs once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-run")]
+pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
 EPOCHS = 3
 

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+EPOCHS = 8
+# A short run on digits: 4 steps an epoch, checkpoints every epoch.
+RUN = ["--epochs", str(EPOCHS), "--batch-size", "128", "--set", "max_samples=512", "--seed", "3"]
+
 
 def train_command(folder: Path, name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "distcluster.train", *args, "--output", str(folder / name),
