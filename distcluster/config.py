@@ -457,8 +457,8 @@ def _worker_range(values: dict[str, Any]) -> dict[str, Any]:
         return values
     found = WORKER_RANGE.fullmatch(text)
     _check(found is not None, "workers", text, "must be a whole number or MIN-MAX (e.g. 1-4)")
-    low, high = found.group(1), found.group(2) or found.group(1)
-    if found.group(2) is None:
+    low, high = found.groups()
+    if high is None:
         return {**values, "min_workers": 0, "workers": int(low)}
     _check(1 <= int(low) <= int(high), "workers", text, "MIN-MAX needs 1 <= MIN <= MAX")
     return {**values, "min_workers": int(low), "workers": int(high)}

@@ -99,7 +99,8 @@ def ray_head(cpus: int = 2, settings: dict[str, str] | None = None):
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--num-cpus={cpus}",
-         f"--temp-dir={temp_dir}/ray", "--disable-usage-stats", f"--object-store-memory={OBJECT_STORE}"],
+         f"--temp-dir={temp_dir}/ray", "--disable-usage-stats", f"--object-store-memory={OBJECT_STORE}",
+         *_agent_port()],
         env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -116,12 +117,20 @@ def ray_head(cpus: int = 2, settings: dict[str, str] | None = None):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _agent_port() -> list[str]:
+    """Each node's dashboard agent on a free port. Ray's default, 52365, is one per machine: a
+    second node's agent then runs without its HTTP server, and a head without it answers every
+    `ray job submit` with "No available agent to submit job"."""
+    return [f"--dashboard-agent-listen-port={free_port()}"]
+
+
 def start_ray_node(head: RayHead, cpus: int) -> subprocess.Popen:
     """Another Ray node on this machine, joining `head`; it is up when the cluster has its CPUs."""
     before = _cluster_cpus(head)
     node = subprocess.Popen(
         [RAY, "start", "--block", f"--address={head.env['RAY_ADDRESS']}", "--node-ip-address=127.0.0.1",
-         f"--num-cpus={cpus}", f"--object-store-memory={OBJECT_STORE}", "--disable-usage-stats"],
+         f"--num-cpus={cpus}", f"--object-store-memory={OBJECT_STORE}", "--disable-usage-stats",
+         *_agent_port()],
         env={**os.environ, **head.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     try:

@@ -6,18 +6,9 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import RAY, ray_head
+from servers import RAY
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
-
-
-@pytest.fixture(scope="module")
-def job_head():
-    """A head of its own. The session's shared head, after ten minutes of other tests, once
-    answered "No available agent" to every submission for two minutes (its job agent gone, for
-    reasons not found); a fresh head's agent answers within seconds."""
-    with ray_head() as head:
-        yield head
 
 
 def submit(address: str, env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
@@ -33,8 +24,8 @@ def submit(address: str, env: dict[str, str], *argv: str) -> subprocess.Complete
         time.sleep(2)
 
 
-def test_ray_job_submit_trains_and_lands_its_run_in_mlflow(tmp_path, job_head):
-    address, env = job_head.dashboard, job_head.job_env()
+def test_ray_job_submit_trains_and_lands_its_run_in_mlflow(tmp_path, ray_cluster):
+    address, env = ray_cluster.dashboard, ray_cluster.job_env()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     entrypoint = ["python", "-m", "distcluster.train", "--epochs", "2", "--batch-size", "64",
                   "--set", "max_samples=256", "--output", str(tmp_path / "out"), "--run-name", "job",
@@ -50,8 +41,8 @@ def test_ray_job_submit_trains_and_lands_its_run_in_mlflow(tmp_path, job_head):
     assert (tmp_path / "out" / "summary.json").is_file()
 
 
-def test_without_the_token_the_cluster_refuses_jobs(tmp_path, job_head):
-    address, env = job_head.dashboard, job_head.job_env()
+def test_without_the_token_the_cluster_refuses_jobs(tmp_path, ray_cluster):
+    address, env = ray_cluster.dashboard, ray_cluster.job_env()
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     no_token["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "wrong-token")
     (tmp_path / "wrong-token").write_text("not-the-token")
