@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+# scipy and scikit-learn are imported where they are used: importing them costs each process
+# (every Ray worker and controller imports this module) about a second.
 
 
 def contingency(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
@@ -21,6 +22,8 @@ def contingency(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 
 def hungarian_match(y_true: np.ndarray, y_pred: np.ndarray) -> dict[int, int]:
     """The one-to-one cluster -> class map that maximises agreement."""
+    from scipy.optimize import linear_sum_assignment
+
     counts = contingency(y_true, y_pred)
     classes, clusters = linear_sum_assignment(counts, maximize=True)
     return {int(k): int(c) for c, k in zip(classes, clusters, strict=True)}
@@ -28,6 +31,8 @@ def hungarian_match(y_true: np.ndarray, y_pred: np.ndarray) -> dict[int, int]:
 
 def cluster_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     """ACC (best one-to-one matching, Hungarian), NMI and ARI of a clustering."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
@@ -82,6 +87,8 @@ def consensus(partitions: list[np.ndarray], weights: list[float]) -> list[float]
     models agree with it. Models with a wrong K merge or split different classes, so
     they agree less with the rest than models that found the data's own groups.
     With a single partition there is nothing to compare: 1."""
+    from sklearn.metrics import normalized_mutual_info_score
+
     n = len(partitions)
     nmi = np.ones((n, n))
     for i in range(n):

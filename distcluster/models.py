@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from distcluster.config import ModelConfig
@@ -43,6 +42,8 @@ class SmallConvNet(nn.Module):
 
 def cifar_resnet(depth: int, in_channels: int) -> nn.Module:
     """torchvision ResNet-18/34 with the CIFAR stem: 3x3 stride-1 conv, no max-pool."""
+    import torchvision  # here: importing it costs every process (each Ray worker) over a second
+
     net = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34}[depth]()
     net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()

@@ -114,6 +114,14 @@ def test_an_elastic_group_gets_whole_cpus_and_a_warning_only_when_its_smallest_s
                     "training waits until nodes join"]
 
 
+def test_ray_processes_get_a_fast_controller_poll_and_the_forwarded_settings_a_user_set_win():
+    from distcluster.ray_train import ray_env
+
+    assert ray_env({"HOME": "/root"}) == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+    users = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "DISTCLUSTER_CACHE": "/c"}
+    assert ray_env({**users, "HOME": "/root"}) == users
+
+
 def test_crop_larger_than_the_image_is_refused():
     cfg = config_from_args(["--set", "augment.crops=[{count: 2, size: 12}]"])
     with pytest.raises(ConfigError, match=r"augment.crops\[0\].size.*larger than the 8 px"):

@@ -10,7 +10,7 @@ import threading
 import pytest
 from mlflow.tracking import MlflowClient
 from servers import kill_ray_node, ray_head, start_ray_node, stop_ray_node, wait_for
-from training_runs import ray_checkpoints, run_train, summary_of, train_command
+from training_runs import PACED, ray_checkpoints, run_train, summary_of, train_command
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
@@ -52,7 +52,7 @@ def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path, 
         nodes = [start_ray_node(head, cpus=1)]
         process = subprocess.Popen(train_command(tmp_path, "elastic", *RUN), cwd=tmp_path, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, **head.env, **GROUP_START_TIMEOUT})
+                                   env={**os.environ, **head.env, **GROUP_START_TIMEOUT, **PACED})
         output = Output(process)
         try:
             # a checkpoint counts once every rank has reported it: the second one's arrival proves the first

@@ -4,6 +4,7 @@ test_recovery.py.)"""
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from recorder import Recorder
 from servers import free_port, start_mlflow_server, stop_server, wait_for
-from training_runs import RUN, ray_checkpoints, run_train, train_command
+from training_runs import PACED, RUN, ray_checkpoints, run_train, train_command
 
 from distcluster.build import WorkerContext
 from distcluster.config import from_dict, load_recipe
@@ -98,7 +99,8 @@ def test_ctrl_c_with_ray_workers_is_an_interruption_like_in_process(tmp_path):
     """SIGINT to the driver of a Ray run: one 'interrupted' line, exit 130, the MLflow run KILLED
     (not FAILED), and the same command resumes it."""
     process = subprocess.Popen(train_command(tmp_path, "ctrl-c", *RUN, "--workers", "1"), cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **PACED})
     wait_for(lambda: len(ray_checkpoints(tmp_path, "ctrl-c")) >= 1 or process.poll() is not None,
              what="a checkpoint")
     process.send_signal(signal.SIGINT)

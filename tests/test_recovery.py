@@ -4,14 +4,16 @@ checkpoints."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from servers import wait_for
-from training_runs import EPOCHS, RUN, ray_checkpoints, run_train, summary_of, train_command
+from training_runs import EPOCHS, PACED, RUN, ray_checkpoints, run_train, summary_of, train_command
 
 from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
 
@@ -43,7 +45,7 @@ def own_ray_workers(driver_pid: int) -> list[int]:
 
 def test_sigkilled_ray_worker_is_restarted_and_the_run_finishes(tmp_path, uninterrupted):
     process = subprocess.Popen(train_command(tmp_path, "killed", *RUN), cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, **PACED})
     # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
     wait_for(lambda: len(ray_checkpoints(tmp_path, "killed")) >= 2 or process.poll() is not None,
              what="a committed checkpoint")
@@ -60,7 +62,9 @@ def test_sigkilled_ray_worker_is_restarted_and_the_run_finishes(tmp_path, uninte
 
 
 def test_killed_driver_resumes_from_its_checkpoint_and_skips_a_truncated_one(tmp_path, uninterrupted):
+    ray_temp = tempfile.mkdtemp(prefix="dr", dir="/tmp")  # a killed driver cannot remove its own
     process = subprocess.Popen(train_command(tmp_path, "driver", *RUN), cwd=tmp_path,
+                               env={**os.environ, **PACED, "RAY_TMPDIR": ray_temp},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: len(ray_checkpoints(tmp_path, "driver")) >= 2 or process.poll() is not None,
              what="two checkpoints")
@@ -70,6 +74,7 @@ def test_killed_driver_resumes_from_its_checkpoint_and_skips_a_truncated_one(tmp
     for pid in workers:  # and its workers, wherever Ray put them
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(ray_temp, ignore_errors=True)
     epochs = sorted(json.loads(p.read_text())["epoch"] for p in ray_checkpoints(tmp_path, "driver"))
     newest = max(ray_checkpoints(tmp_path, "driver"), key=lambda p: json.loads(p.read_text())["epoch"])
     data = (newest.parent / "checkpoint.pt").read_bytes()
