@@ -1,5 +1,5 @@
 """What a short Ray run spends outside its training steps: importing distcluster in each new
-process, and waiting for Ray Train's controller to collect each epoch's report.
+process, waiting for Ray Train's controller to collect each epoch's report, drawing the gallery.
 
     .venv/bin/python benchmarks/run_overhead.py [--repeats 3] [--epochs 8]
 
@@ -10,6 +10,8 @@ process, and waiting for Ray Train's controller to collect each epoch's report.
    every 2 s (Ray's default, set through RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and every 0.25 s
    (distcluster's), interleaved, each repeated `--repeats` times: the median time in training
    (summary.json fit_seconds) and of the whole command.
+3. The cluster gallery of the 1,797 digits (10 most confident images per cluster) for 10 and
+   100 clusters (random assignments for 100), in this process.
 Prints a table and updates the `run-overhead-<device>` section of RESULTS.md.
 """
 
@@ -25,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_section  # noqa: E402
 
@@ -34,6 +38,18 @@ POLLS = ("2", "0.25")  # seconds: Ray's default, distcluster's
 def import_seconds() -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import distcluster.ray_train"], check=True)
+    return time.perf_counter() - started
+
+
+def gallery_seconds(k: int, folder: Path) -> float:
+    from distcluster.images import digits_arrays
+    from distcluster.plots import gallery
+
+    images, labels = digits_arrays()
+    rng = np.random.default_rng(0)
+    clusters = labels if k == 10 else rng.integers(0, k, len(labels))
+    started = time.perf_counter()
+    gallery(images, clusters, rng.random(len(labels)), k, folder / f"gallery-{k}.png")
     return time.perf_counter() - started
 
 
@@ -58,6 +74,9 @@ def main() -> None:
     imports = statistics.median(import_seconds() for _ in range(args.repeats))
     runs: dict[str, list[dict[str, float]]] = {poll: [] for poll in POLLS}
     with tempfile.TemporaryDirectory() as tmp:
+        gallery_seconds(10, Path(tmp))  # matplotlib's import and font cache: not the gallery's
+        galleries = {k: statistics.median(gallery_seconds(k, Path(tmp)) for _ in range(args.repeats))
+                     for k in (10, 100)}
         for _ in range(args.repeats):
             for poll in POLLS:
                 runs[poll].append(short_run(poll, args.epochs, Path(tmp)))
@@ -67,6 +86,8 @@ def main() -> None:
              f"--epochs {args.epochs}` (medians of the repeats).", "",
              f"Import of `distcluster.ray_train` in a new process (each Ray worker and controller): "
              f"**{imports:.2f} s**.", "",
+             "Cluster gallery of the 1,797 digits: " + ", ".join(
+                 f"**{seconds:.2f} s** for {k} clusters" for k, seconds in galleries.items()) + ".", "",
              f"`python -m distcluster.train --workers 2 --epochs {args.epochs} --batch-size 128 --set "
              "max_samples=512` (a report and a checkpoint every epoch):", "",
              "| controller poll | training s | training s of each repeat | command s | final ACC |",

@@ -52,6 +52,18 @@ def test_most_confident_members_best_first():
     assert [m.tolist() for m in most_confident(clusters, confidence, 3, 2)] == [[2, 3], [1, 4], []]
 
 
+def test_a_mosaic_puts_each_image_in_its_cell_and_leaves_gaps_and_empty_cells_white():
+    from distcluster.plots import mosaic
+
+    tile = [np.full((2, 3, 1), value, np.uint8) for value in (10, 20, 30)]
+    grid = mosaic([[tile[0], tile[1]], [], [tile[2]]], columns=2)  # the middle cluster is empty
+    assert grid.shape == (3 * 3, 2 * 4, 1)  # cells of 2x3 pixels, one white pixel after each
+    assert (grid[0:2, 0:3] == 10).all() and (grid[0:2, 4:7] == 20).all() and (grid[6:8, 0:3] == 30).all()
+    written = np.zeros(grid.shape, bool)
+    written[0:2, 0:3] = written[0:2, 4:7] = written[6:8, 0:3] = True
+    assert (grid[~written] == 255).all()
+
+
 def test_view_mi_is_one_for_stable_balanced_clusters_and_zero_for_collapse():
     from distcluster.metrics import view_mi
 
