@@ -31,7 +31,6 @@ import signal
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
 from distcluster.config import Config, from_dict
 from distcluster.errors import TrainingDiverged, UserError
 from distcluster.loop import EpochReport, train_loop
+from distcluster.run_monitor import RunMonitor
 from distcluster.sources import open_source
 from distcluster.tracking import RunTracker
 
@@ -69,25 +69,6 @@ class RayRun:
 
     checkpoint_dirs: list[Path]  # the newest first
     starts: list[dict[str, Any]]  # {"time", "epoch" it resumed at, "workers"}, in order
-
-
-@ray.remote(num_cpus=0)
-class RunMonitor:
-    """Records each worker-group start (when, the epoch it resumed at, how many workers) and a
-    divergence message."""
-
-    def __init__(self) -> None:
-        self.starts: list[dict[str, Any]] = []
-        self.failure = ""
-
-    def started(self, epoch: int, workers: int) -> None:
-        self.starts.append({"time": time.time(), "epoch": epoch, "workers": workers})
-
-    def diverged(self, message: str) -> None:
-        self.failure = message
-
-    def summary(self) -> tuple[list[dict[str, Any]], str]:
-        return self.starts, self.failure
 
 
 def init_ray() -> None:
