@@ -5,12 +5,11 @@ and grows back to two workers when a node joins again."""
 import os
 import signal
 import subprocess
-import threading
 
 import pytest
 from mlflow.tracking import MlflowClient
 from servers import kill_ray_node, ray_head, start_ray_node, stop_ray_node, wait_for
-from training_runs import PACED, ray_checkpoints, run_train, summary_of, train_command
+from training_runs import PACED, Output, ray_checkpoints, run_train, summary_of, train_command
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
@@ -27,22 +26,6 @@ RUN = ["--workers", "1-2", "--epochs", str(EPOCHS), "--batch-size", "128", "--se
 # yet known dead gives up after 20 s (not 60) and is decided again.
 FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "2"}
 GROUP_START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
-
-
-class Output:
-    """The lines a running process has printed so far (read on a thread)."""
-
-    def __init__(self, process: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        self.thread = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
-        self.thread.start()
-
-    def has(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
-    def text(self) -> str:
-        self.thread.join(timeout=60)
-        return "".join(self.lines)
 
 
 def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path, ray_cluster):

@@ -4,6 +4,7 @@ checkpoints."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from servers import wait_for
-from training_runs import EPOCHS, PACED, RUN, ray_checkpoints, run_train, summary_of, train_command
+from training_runs import EPOCHS, PACED, RUN, Output, ray_checkpoints, run_train, summary_of, train_command
 
 from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
 
@@ -43,53 +44,65 @@ def own_ray_workers(driver_pid: int) -> list[int]:
     return workers
 
 
-def test_sigkilled_ray_worker_is_restarted_and_the_run_finishes(tmp_path, uninterrupted):
-    process = subprocess.Popen(train_command(tmp_path, "killed", *RUN), cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, **PACED})
-    # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
-    wait_for(lambda: len(ray_checkpoints(tmp_path, "killed")) >= 2 or process.poll() is not None,
-             what="a committed checkpoint")
-    pids = own_ray_workers(process.pid)
-    assert pids, "no Ray Train worker process found under the driver"
-    os.kill(pids[-1], signal.SIGKILL)
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output[-3000:]
-    summary = summary_of(tmp_path, "killed")
-    assert summary["restarts"] >= 1 and summary["epochs"] == EPOCHS
-    first, *resumed = summary["start_epochs"]
-    assert first == 0 and all(epoch >= 1 for epoch in resumed)  # never back past a checkpoint
-    assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05
-
-
-def test_killed_driver_resumes_from_its_checkpoint_and_skips_a_truncated_one(tmp_path, uninterrupted):
+def test_a_run_outlives_a_killed_worker_then_its_killed_driver_and_a_truncated_checkpoint(
+        tmp_path, uninterrupted):
+    """One run through three failures (one run, not three, to keep the suite short): Ray restarts
+    the group when a worker is SIGKILLed; the driver SIGKILLed later, the same command resumes
+    from the newest checkpoint that verifies."""
     ray_temp = tempfile.mkdtemp(prefix="dr", dir="/tmp")  # a killed driver cannot remove its own
-    process = subprocess.Popen(train_command(tmp_path, "driver", *RUN), cwd=tmp_path,
+    process = subprocess.Popen(train_command(tmp_path, "run", *RUN), cwd=tmp_path, text=True,
                                env={**os.environ, **PACED, "RAY_TMPDIR": ray_temp},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: len(ray_checkpoints(tmp_path, "driver")) >= 2 or process.poll() is not None,
-             what="two checkpoints")
-    workers = own_ray_workers(process.pid)
-    os.killpg(process.pid, signal.SIGKILL)  # the driver and everything it started in its session
-    process.wait()
-    for pid in workers:  # and its workers, wherever Ray put them
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(ray_temp, ignore_errors=True)
-    epochs = sorted(json.loads(p.read_text())["epoch"] for p in ray_checkpoints(tmp_path, "driver"))
-    newest = max(ray_checkpoints(tmp_path, "driver"), key=lambda p: json.loads(p.read_text())["epoch"])
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    output = Output(process)
+    try:
+        # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
+        wait_for(lambda: len(ray_checkpoints(tmp_path, "run")) >= 2 or process.poll() is not None,
+                 what="a committed checkpoint")
+        pids = own_ray_workers(process.pid)
+        assert pids, "no Ray Train worker process found under the driver"
+        os.kill(pids[-1], signal.SIGKILL)
+        wait_for(lambda: len(group_starts(output)) >= 2 or process.poll() is not None,
+                 what="the group to restart")
+        restarted = group_starts(output)[1]
+        wait_for(lambda: output.has(f"epoch {restarted + 1}/") or process.poll() is not None,
+                 what="an epoch of the restarted group")
+        kill_driver(process)
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    # the restarted group resumed from a checkpoint, never from the start
+    assert group_starts(output)[0] == 0 and restarted >= 1, output.text()[-3000:]
+    epochs = sorted(json.loads(p.read_text())["epoch"] for p in ray_checkpoints(tmp_path, "run"))
+    newest = max(ray_checkpoints(tmp_path, "run"), key=lambda p: json.loads(p.read_text())["epoch"])
     data = (newest.parent / "checkpoint.pt").read_bytes()
     (newest.parent / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # a half-written file
-    done = run_train(tmp_path, "driver", *RUN)
+    done = run_train(tmp_path, "run", *RUN)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = summary_of(tmp_path, "driver")
+    summary = summary_of(tmp_path, "run")
     assert summary["start_epochs"][0] == epochs[-2]  # the older, intact checkpoint
     assert summary["epochs"] == EPOCHS
     assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05
-    again = run_train(tmp_path, "driver", *RUN)  # finished: not retrained
+    again = run_train(tmp_path, "run", *RUN)  # finished: not retrained
     assert again.returncode == 0 and "already finished" in again.stdout
     runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [summary["mlflow"]["experiment_id"]])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # resumed into the same run
+
+
+def group_starts(output: Output) -> list[int]:
+    """The epoch each start of the worker group resumed at, as rank 0 printed it."""
+    printed = output.text(wait=False)
+    return [int(epoch) for epoch in re.findall(r"training on 2 workers from epoch (\d+)", printed)]
+
+
+def kill_driver(process: subprocess.Popen) -> None:
+    """SIGKILL the driver, everything it started in its session, and its workers wherever Ray put
+    them."""
+    workers = own_ray_workers(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_truncated_checkpoint_is_passed_over_for_the_previous_one(tmp_path):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 EPOCHS = 8
@@ -34,3 +35,21 @@ def summary_of(folder: Path, name: str) -> dict:
 def ray_checkpoints(folder: Path, name: str) -> list[Path]:
     """The checkpoints Ray Train has committed so far, by folder name (oldest first)."""
     return sorted((folder / name / "ray").glob(f"{name}/checkpoint_*/checkpoint.json"))
+
+
+class Output:
+    """The lines a running process has printed so far (read on a thread)."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
+        self.thread.start()
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def text(self, wait: bool = True) -> str:
+        """All it printed (waiting for its end), or with wait=False what it has printed so far."""
+        if wait:
+            self.thread.join(timeout=60)
+        return "".join(self.lines)
