@@ -41,7 +41,7 @@ def registered(tmp_path_factory):
     images, labels = digits_arrays()
     np.savez(folder / "digits400.npz", x=images[:400], y=labels[:400])
     with mlflow_server(folder) as uri:
-        done = cli("train", "--config", "digits-imc-swav", "--workers", "0", "--epochs", "4",
+        done = cli("train", "--config", "digits-imc-swav", "--workers", "0", "--epochs", "2",
                    "--batch-size", "100", "--data", str(folder / "digits400.npz"), "--register", NAME,
                    "--tracking-uri", uri, "--output", str(folder / "out"), cwd=folder)
         assert done.returncode == 0, done.stderr[-3000:]
