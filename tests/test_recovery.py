@@ -46,9 +46,9 @@ def own_ray_workers(driver_pid: int) -> list[int]:
 
 def test_a_run_outlives_a_killed_worker_then_its_killed_driver_and_a_truncated_checkpoint(
         tmp_path, uninterrupted):
-    """One run through three failures (one run, not three, to keep the suite short): Ray restarts
-    the group when a worker is SIGKILLed; the driver SIGKILLed later, the same command resumes
-    from the newest checkpoint that verifies."""
+    """Three failures met by one run (one run for the three keeps the suite short): Ray restarts
+    the group when a worker is SIGKILLed; when the driver is SIGKILLed later, the same command
+    resumes from the newest checkpoint that verifies."""
     ray_temp = tempfile.mkdtemp(prefix="dr", dir="/tmp")  # a killed driver cannot remove its own
     process = subprocess.Popen(train_command(tmp_path, "run", *RUN), cwd=tmp_path, text=True,
                                env={**os.environ, **PACED, "RAY_TMPDIR": ray_temp},
@@ -68,6 +68,8 @@ def test_a_run_outlives_a_killed_worker_then_its_killed_driver_and_a_truncated_c
                  what="an epoch of the restarted group")
         kill_driver(process)
     finally:
+        if process.poll() is None:  # the test failed midway
+            kill_driver(process)
         shutil.rmtree(ray_temp, ignore_errors=True)
     # the restarted group resumed from a checkpoint, never from the start
     assert group_starts(output)[0] == 0 and restarted >= 1, output.text()[-3000:]
