@@ -56,7 +56,10 @@ def gallery(images: Mapping[int, np.ndarray] | np.ndarray, clusters: np.ndarray,
 def mosaic(rows: list[list[np.ndarray]], columns: int, gap: int = 1) -> np.ndarray:
     """The images in a grid, one list a row and `columns` cells a row, with `gap` white pixels
     after each cell; empty cells white. Images: (H, W, C) uint8, all of one shape."""
-    height, width, channels = next(image.shape for row in rows for image in row)
+    shapes = [image.shape for row in rows for image in row]
+    if not shapes:
+        raise ValueError("a mosaic needs at least one image")
+    height, width, channels = shapes[0]
     grid = np.full((len(rows) * (height + gap), columns * (width + gap), channels), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, image in enumerate(row[:columns]):

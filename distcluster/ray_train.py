@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,11 @@ FORWARDED_ENV = ("DISTCLUSTER_TEST_NAN_STEPS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
                  "MLFLOW_HTTP_REQUEST_TIMEOUT", "DISTCLUSTER_CACHE", "RAY_ADDRESS")
 # Ray Train's controller takes the workers' reports when it polls them, every 2 s by default,
 # and a worker's next report waits until then: with short epochs (0.3 s on digits) the poll set
-# the pace (8 epochs took 12 s, not 3). Polling every 0.25 s costs a few actor calls a second.
-# Ray's own variable, forwarded to every Ray process of the run; a value the user set wins.
-CONTROLLER_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# the pace (8 epochs of 512 digits: 12 s from the first epoch line to the last; 3 s at 0.25 s).
+# Polling every 0.25 s costs a few actor calls a second. Ray's own variable: Ray Train hands it
+# from the process that starts the trainer to its controller and workers.
+CONTROLLER_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # what `ray job submit` gives its entrypoint
 
 
 @dataclass
@@ -75,7 +78,8 @@ def init_ray() -> None:
     """Join RAY_ADDRESS when set (as under `ray job submit`), else start a local instance."""
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": ray_env(os.environ)}
+    env = ray_env(os.environ)
+    runtime_env = {"env_vars": env} if env else None
     address = os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(address)
@@ -91,9 +95,17 @@ def init_ray() -> None:
 
 
 def ray_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment variables every Ray process of the run gets: CONTROLLER_POLL, and those of
-    FORWARDED_ENV and CONTROLLER_POLL that `environ` sets."""
-    return {**CONTROLLER_POLL, **{k: environ[k] for k in (*FORWARDED_ENV, *CONTROLLER_POLL) if k in environ}}
+    """The FORWARDED_ENV variables `environ` sets, for every Ray process of the run, less those
+    the runtime env of a submitted job sets already (they reach every process of the job, and
+    Ray refuses to merge a variable named twice)."""
+    job = json.loads(environ.get(JOB_CONFIG) or "{}")
+    set_by_job = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: environ[k] for k in FORWARDED_ENV if k in environ and k not in set_by_job}
+
+
+def use_fast_controller_poll(environ: MutableMapping[str, str]) -> None:
+    """CONTROLLER_POLL in `environ`, unless the user chose a value."""
+    environ.setdefault(*CONTROLLER_POLL)
 
 
 def _own_ray_temp_dir() -> None:
@@ -265,6 +277,7 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
     """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data.
     `callbacks`: Ray Train UserCallbacks (Tune's TuneReportCallback in a sweep)."""
     init_ray()
+    use_fast_controller_poll(os.environ)
     resources = ray.cluster_resources()
     warn_if_oversubscribed(cfg, resources)
     cpus = cpus_per_worker(cfg, resources)

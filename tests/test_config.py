@@ -114,12 +114,24 @@ def test_an_elastic_group_gets_whole_cpus_and_a_warning_only_when_its_smallest_s
                     "training waits until nodes join"]
 
 
-def test_ray_processes_get_a_fast_controller_poll_and_the_forwarded_settings_a_user_set_win():
+def test_ray_processes_get_the_forwarded_settings_a_submitted_job_does_not_set_itself():
+    import json
+
     from distcluster.ray_train import ray_env
 
-    assert ray_env({"HOME": "/root"}) == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
-    users = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "DISTCLUSTER_CACHE": "/c"}
+    users = {"DISTCLUSTER_CACHE": "/c", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     assert ray_env({**users, "HOME": "/root"}) == users
+    job = {"runtime_env": {"env_vars": {"DISTCLUSTER_CACHE": "/c"}}}  # ray job submit --runtime-env-json
+    submitted = ray_env({**users, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)})
+    assert submitted == {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def test_the_controller_polls_every_quarter_second_unless_the_user_chose():
+    from distcluster.ray_train import use_fast_controller_poll
+
+    for environ, expected in (({}, "0.25"), ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}, "2")):
+        use_fast_controller_poll(environ)
+        assert environ == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": expected}
 
 
 def test_crop_larger_than_the_image_is_refused():

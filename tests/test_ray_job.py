@@ -1,6 +1,8 @@
 """`ray job submit -- python -m distcluster.train` against a real `ray start --head` on 127.0.0.1,
 with Ray's token authentication on."""
 
+import json
+import os
 import subprocess
 import time
 
@@ -30,7 +32,12 @@ def test_ray_job_submit_trains_and_lands_its_run_in_mlflow(tmp_path, ray_cluster
     entrypoint = ["python", "-m", "distcluster.train", "--epochs", "2", "--batch-size", "64",
                   "--set", "max_samples=256", "--output", str(tmp_path / "out"), "--run-name", "job",
                   "--tracking-uri", uri, "--experiment", "ray-jobs"]
-    submitted = submit(address, env, "--submission-id", "dc-test", "--", *entrypoint)
+    # Settings in the job's runtime env, one of them also one distcluster forwards to its Ray
+    # processes (Ray refuses to merge a variable named twice).
+    settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
+                "DISTCLUSTER_CACHE": os.environ["DISTCLUSTER_CACHE"]}
+    submitted = submit(address, env, "--submission-id", "dc-test",
+                       "--runtime-env-json", json.dumps({"env_vars": settings}), "--", *entrypoint)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     status = subprocess.run([RAY, "job", "status", "--address", address, "dc-test"], env=env,
                             capture_output=True, text=True)

@@ -2,13 +2,13 @@
 checkpoints."""
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +16,12 @@ from mlflow.tracking import MlflowClient
 from servers import wait_for
 from training_runs import EPOCHS, PACED, RUN, Output, ray_checkpoints, run_train, summary_of, train_command
 
-from distcluster.checkpoint import newest_valid_checkpoint, save_checkpoint
+from distcluster.checkpoint import (
+    CorruptCheckpoint,
+    newest_valid_checkpoint,
+    save_checkpoint,
+    verified_checkpoint,
+)
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
@@ -47,8 +52,9 @@ def own_ray_workers(driver_pid: int) -> list[int]:
 def test_a_run_outlives_a_killed_worker_then_its_killed_driver_and_a_truncated_checkpoint(
         tmp_path, uninterrupted):
     """Three failures met by one run (one run for the three keeps the suite short): Ray restarts
-    the group when a worker is SIGKILLed; when the driver is SIGKILLed later, the same command
-    resumes from the newest checkpoint that verifies."""
+    the group from a checkpoint when a worker is SIGKILLed, and the restarted group trains on;
+    when the driver is SIGKILLed later, the same command resumes from the newest checkpoint
+    that verifies."""
     ray_temp = tempfile.mkdtemp(prefix="dr", dir="/tmp")  # a killed driver cannot remove its own
     process = subprocess.Popen(train_command(tmp_path, "run", *RUN), cwd=tmp_path, text=True,
                                env={**os.environ, **PACED, "RAY_TMPDIR": ray_temp},
@@ -56,38 +62,48 @@ def test_a_run_outlives_a_killed_worker_then_its_killed_driver_and_a_truncated_c
     output = Output(process)
     try:
         # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
-        wait_for(lambda: len(ray_checkpoints(tmp_path, "run")) >= 2 or process.poll() is not None,
-                 what="a committed checkpoint")
+        wait_while_running(process, output, lambda: len(intact_checkpoints(tmp_path)) >= 2, "two checkpoints")
         pids = own_ray_workers(process.pid)
         assert pids, "no Ray Train worker process found under the driver"
         os.kill(pids[-1], signal.SIGKILL)
-        wait_for(lambda: len(group_starts(output)) >= 2 or process.poll() is not None,
-                 what="the group to restart")
+        wait_while_running(process, output, lambda: len(group_starts(output)) >= 2, "the group to restart")
         restarted = group_starts(output)[1]
-        wait_for(lambda: output.has(f"epoch {restarted + 1}/") or process.poll() is not None,
-                 what="an epoch of the restarted group")
-        kill_driver(process)
+        wait_while_running(process, output, lambda: max(intact_checkpoints(tmp_path)) > restarted,
+                           "a checkpoint of the restarted group")
     finally:
-        if process.poll() is None:  # the test failed midway
-            kill_driver(process)
+        kill_driver(process)
         shutil.rmtree(ray_temp, ignore_errors=True)
-    # the restarted group resumed from a checkpoint, never from the start
-    assert group_starts(output)[0] == 0 and restarted >= 1, output.text()[-3000:]
-    epochs = sorted(json.loads(p.read_text())["epoch"] for p in ray_checkpoints(tmp_path, "run"))
-    newest = max(ray_checkpoints(tmp_path, "run"), key=lambda p: json.loads(p.read_text())["epoch"])
-    data = (newest.parent / "checkpoint.pt").read_bytes()
-    (newest.parent / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # a half-written file
+    assert group_starts(output)[0] == 0 and restarted >= 1  # resumed from a checkpoint, not the start
+    intact = intact_checkpoints(tmp_path)
+    newest = intact[max(intact)] / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a half-written file
     done = run_train(tmp_path, "run", *RUN)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = summary_of(tmp_path, "run")
-    assert summary["start_epochs"][0] == epochs[-2]  # the older, intact checkpoint
+    assert summary["start_epochs"][0] == sorted(intact)[-2]  # the older, intact checkpoint
     assert summary["epochs"] == EPOCHS
     assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05
     again = run_train(tmp_path, "run", *RUN)  # finished: not retrained
     assert again.returncode == 0 and "already finished" in again.stdout
-    runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
-        [summary["mlflow"]["experiment_id"]])
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # resumed into the same run
+    logged = client.get_metric_history(runs[0].info.run_id, "train/workers")  # at each group start
+    assert [m.step for m in sorted(logged, key=lambda m: m.timestamp)] == [0, restarted, sorted(intact)[-2]]
+
+
+def wait_while_running(process: subprocess.Popen, output: Output, condition, what: str) -> None:
+    wait_for(lambda: condition() or process.poll() is not None, what=what, every=0.5)
+    assert process.poll() is None, f"the run ended before {what}: {output.text()[-3000:]}"
+
+
+def intact_checkpoints(folder: Path) -> dict[int, Path]:
+    """{epoch: folder} of the run's committed checkpoints that verify (Ray may be copying one)."""
+    intact = {}
+    for meta in ray_checkpoints(folder, "run"):
+        with contextlib.suppress(CorruptCheckpoint):
+            intact[verified_checkpoint(meta.parent)["epoch"]] = meta.parent
+    return intact
 
 
 def group_starts(output: Output) -> list[int]:
@@ -98,7 +114,9 @@ def group_starts(output: Output) -> list[int]:
 
 def kill_driver(process: subprocess.Popen) -> None:
     """SIGKILL the driver, everything it started in its session, and its workers wherever Ray put
-    them."""
+    them (nothing when it has ended)."""
+    if process.poll() is not None:
+        return
     workers = own_ray_workers(process.pid)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()

@@ -12,7 +12,7 @@ EPOCHS = 8
 # A short run on digits: 4 steps an epoch, checkpoints every epoch.
 RUN = ["--epochs", str(EPOCHS), "--batch-size", "128", "--set", "max_samples=512", "--seed", "3"]
 # For runs a test kills midway: Ray Train's controller polls its workers every 2 s (its default;
-# distcluster asks for 0.25 s), and each epoch's report waits for a poll, so epochs take 2 s each
+# distcluster asks for 0.25 s), and each epoch's report waits for a poll, so epochs take up to 2 s
 # and the test has time to act after a checkpoint before the run ends.
 PACED = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
 
