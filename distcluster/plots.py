@@ -42,7 +42,7 @@ def gallery(images: Mapping[int, np.ndarray] | np.ndarray, clusters: np.ndarray,
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
               interpolation="nearest")
     ax.set_yticks((np.arange(k) + 0.5) * cell_height - 0.5,
-                  [f"{c} ({(clusters == c).sum()})" for c in range(k)], fontsize=8)
+                  [f"{c} ({size})" for c, size in enumerate(np.bincount(clusters, minlength=k))], fontsize=8)
     ax.set_xticks([])
     ax.tick_params(length=0)
     for side in ax.spines.values():

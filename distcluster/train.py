@@ -317,9 +317,11 @@ def _workers(summary: dict[str, Any]) -> str:
     said = f"{count} worker{'' if count == 1 else 's'}"
     if not isinstance(config["workers"], str):
         return said
-    sizes = [changes[0]["from"], *(change["to"] for change in changes)] if changes else []
-    resized = f", resized {' -> '.join(map(str, sizes))}" if sizes else ""
-    return f"{said}, elastic {config['workers']}{resized}"
+    said += f", elastic {config['workers']}"
+    if not changes:
+        return said
+    sizes = [changes[0]["from"], *(change["to"] for change in changes)]
+    return f"{said}, resized {' -> '.join(map(str, sizes))}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,11 +127,15 @@ def test_ray_processes_get_the_forwarded_settings_a_submitted_job_does_not_set_i
 
 
 def test_the_controller_polls_every_quarter_second_unless_the_user_chose():
-    from distcluster.ray_train import use_fast_controller_poll
+    from distcluster.errors import UserError
+    from distcluster.ray_train import ray_env, use_fast_controller_poll
 
     for environ, expected in (({}, "0.25"), ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}, "2")):
         use_fast_controller_poll(environ)
-        assert environ == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": expected}
+        assert ray_env(environ) == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": expected}  # to every Ray process
+    for bad in ("soon", "0", "-1", "inf"):
+        with pytest.raises(UserError, match=f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S must be .* got '{bad}'"):
+            use_fast_controller_poll({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": bad})
 
 
 def test_crop_larger_than_the_image_is_refused():

@@ -3,13 +3,12 @@ training goes on with one worker from the last committed checkpoint and the same
 and grows back to two workers when a node joins again."""
 
 import os
-import signal
 import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
 from servers import kill_ray_node, ray_head, start_ray_node, stop_ray_node, wait_for
-from training_runs import PACED, Output, ray_checkpoints, run_train, summary_of, train_command
+from training_runs import PACED, Output, kill_driver, ray_checkpoints, run_train, summary_of, train_command
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
@@ -47,9 +46,7 @@ def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path, 
             nodes.append(start_ray_node(head, cpus=1))
             process.wait(timeout=600)
         finally:
-            if process.poll() is None:  # the test failed midway: end the driver we started
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            kill_driver(process)  # when the test failed midway
             for node in nodes:
                 stop_ray_node(node)
     log = output.text()

@@ -14,7 +14,18 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from servers import wait_for
-from training_runs import EPOCHS, PACED, RUN, Output, ray_checkpoints, run_train, summary_of, train_command
+from training_runs import (
+    EPOCHS,
+    PACED,
+    RUN,
+    Output,
+    kill_driver,
+    own_ray_workers,
+    ray_checkpoints,
+    run_train,
+    summary_of,
+    train_command,
+)
 
 from distcluster.checkpoint import (
     CorruptCheckpoint,
@@ -32,21 +43,6 @@ def uninterrupted(tmp_path_factory, ray_cluster) -> dict:
     done = run_train(folder, "baseline", *RUN, env=ray_cluster.env)
     assert done.returncode == 0, done.stderr[-3000:]
     return summary_of(folder, "baseline")
-
-
-def own_ray_workers(driver_pid: int) -> list[int]:
-    """The Ray Train workers of this test's own run: the driver started its local Ray instance
-    (address="local"), so they are in its process tree, and no other Ray job's are."""
-    import psutil
-
-    workers = []
-    for child in psutil.Process(driver_pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
-                workers.append(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return workers
 
 
 def test_a_run_outlives_a_killed_worker_then_its_killed_driver_and_a_truncated_checkpoint(
@@ -110,19 +106,6 @@ def group_starts(output: Output) -> list[int]:
     """The epoch each start of the worker group resumed at, as rank 0 printed it."""
     printed = output.text(wait=False)
     return [int(epoch) for epoch in re.findall(r"training on 2 workers from epoch (\d+)", printed)]
-
-
-def kill_driver(process: subprocess.Popen) -> None:
-    """SIGKILL the driver, everything it started in its session, and its workers wherever Ray put
-    them (nothing when it has ended)."""
-    if process.poll() is not None:
-        return
-    workers = own_ray_workers(process.pid)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_truncated_checkpoint_is_passed_over_for_the_previous_one(tmp_path):

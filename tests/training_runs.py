@@ -1,8 +1,10 @@
 """`python -m distcluster.train` as the failure tests run it: a named run in a test folder, with
 its own sqlite MLflow store, and what it leaves there."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -53,3 +55,31 @@ class Output:
         if wait:
             self.thread.join(timeout=60)
         return "".join(self.lines)
+
+
+def own_ray_workers(driver_pid: int) -> list[int]:
+    """The Ray Train workers of this test's own run: the driver started its local Ray instance
+    (address="local"), so they are in its process tree, and no other Ray job's are."""
+    import psutil
+
+    workers = []
+    for child in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                workers.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
+
+
+def kill_driver(process: subprocess.Popen) -> None:
+    """SIGKILL the driver, everything it started in its session, and its workers wherever Ray put
+    them (nothing when it has ended)."""
+    if process.poll() is not None:
+        return
+    workers = own_ray_workers(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
