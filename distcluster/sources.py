@@ -23,7 +23,7 @@ CACHE_VERSION = 2  # bump when prepare writes different pixels (2: EXIF orientat
 
 
 def cache_dir() -> Path:
-    folder = Path(os.environ.get("DISTCLUSTER_CACHE") or Path.home() / ".cache" / "distcluster")
+    folder = Path(os.environ.get("DISTCLUSTER_CACHE") or Path.home() / ".cache" / "distcluster").absolute()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"DISTCLUSTER_CACHE={folder} is not a folder")
     return folder
@@ -42,14 +42,15 @@ def fingerprint(path: Path) -> str:
 
 def resolve_data(spec: str, progress: bool = True, on_error: str = "fail",
                  max_resolution: int = DEFAULT_MAX_RESOLUTION) -> str:
-    """`spec` itself when it can be read directly, else the path of its cached .beton, its
-    images at most `max_resolution` px (prepare's size rule); a corrupt image stops it
+    """What every process of the run can open: `digits`; an absolute path for a .beton or .npz
+    (Ray workers do not run in the driver's folder); else the path of its cached .beton, its
+    images at most `max_resolution` px (prepare's size rule), where a corrupt image stops it
     (CorruptImage) or, with on_error `skip`, is left out."""
     if spec.endswith(".beton"):
-        return spec
+        return str(Path(spec).absolute())
     fmt, path = detect_format(spec)
     if fmt in IN_MEMORY:
-        return spec
+        return str(path.absolute()) if path else spec
     from distcluster.ffcv_io import metadata_path, write_beton
 
     size = "" if max_resolution == DEFAULT_MAX_RESOLUTION else f"-r{max_resolution}"

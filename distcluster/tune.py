@@ -387,7 +387,10 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
             tracker.log_artifact(out / "tune_summary.json")
     finally:
         if ray.is_initialized():
-            ray.shutdown()
+            try:  # also when the sweep failed or was interrupted: no trial outlives it
+                ray_train.release_placement_groups()
+            finally:
+                ray.shutdown()
     _print_result(summary, out)
     return summary
 

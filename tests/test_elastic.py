@@ -21,14 +21,17 @@ RUN = ["--workers", "1-2", "--epochs", str(EPOCHS), "--batch-size", "128", "--se
 
 
 # Faster timers than Ray's defaults, the same mechanism: the head notices a dead node after 2 missed
-# one-second health checks (not 5 of 3 s), and a group start that waits for workers on a node not
-# yet known dead gives up after 20 s (not 60) and is decided again.
+# one-second health checks (not 5 of 3 s), and a group start whose placement group waits for a
+# node not yet known dead gives up after 8 s (not 60) and is decided again (the timeout covers only
+# the placement group, which live CPUs give at once, not the workers' start).
 FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "2"}
-GROUP_START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+GROUP_START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "8"}
 
 
-def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path, ray_cluster):
-    baseline = run_train(tmp_path, "baseline", *RUN, env=ray_cluster.env)  # 2 workers throughout
+def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path):
+    # The uninterrupted run to compare with: in-process, with the same global batch and schedule
+    # (N workers compute what one process does: test_distributed), in a third of a Ray run's time.
+    baseline = run_train(tmp_path, "baseline", *RUN, "--workers", "0")
     assert baseline.returncode == 0, baseline.stderr[-3000:]
     with ray_head(cpus=1, settings=FAST_NODE_DEATH) as head:
         nodes = [start_ray_node(head, cpus=1)]
@@ -54,7 +57,7 @@ def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path, 
     assert process.returncode == 0, log[-3000:]
     summary, uninterrupted = summary_of(tmp_path, "elastic"), summary_of(tmp_path, "baseline")
     assert summary["epochs"] == EPOCHS
-    assert (uninterrupted["workers"], uninterrupted["start_epochs"], uninterrupted["resizes"]) == (2, [0], [])
+    assert (uninterrupted["workers"], uninterrupted["start_epochs"], uninterrupted["resizes"]) == (0, [0], [])
     assert len(summary["resizes"]) == 2, f"expected a shrink and a growth: {summary['resizes']}"
     shrunk, grown = summary["resizes"]
     assert (shrunk["from"], shrunk["to"], grown["from"], grown["to"]) == (2, 1, 1, 2), summary["resizes"]

@@ -95,12 +95,12 @@ def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
     assert summary["mlflow"]["lost"] and summary["epochs"] == 10
 
 
-def test_ctrl_c_with_ray_workers_is_an_interruption_like_in_process(tmp_path):
+def test_ctrl_c_with_ray_workers_is_an_interruption_like_in_process(tmp_path, ray_cluster):
     """SIGINT to the driver of a Ray run: one 'interrupted' line, exit 130, the MLflow run KILLED
     (not FAILED), and the same command resumes it."""
     process = subprocess.Popen(train_command(tmp_path, "ctrl-c", *RUN, "--workers", "1"), cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **PACED})
+                               env={**os.environ, **ray_cluster.env, **PACED})
     wait_for(lambda: len(ray_checkpoints(tmp_path, "ctrl-c")) >= 1 or process.poll() is not None,
              what="a checkpoint")
     process.send_signal(signal.SIGINT)

@@ -80,7 +80,8 @@ def test_two_worker_training_from_a_cifar10_beton(tmp_path, ray_cluster):
         for name in names[::200]:  # 250 images, all ten classes
             out.writestr(name, shared.read(name))
     assert prepare_main([str(tmp_path / "c.zip"), "--out", str(tmp_path / "c.beton"), "--quiet"]) == 0
-    argv = [sys.executable, "-m", "distcluster.train", "--data", str(tmp_path / "c.beton"), "--workers", "2",
+    # a path relative to the command's folder, which Ray's workers do not share
+    argv = [sys.executable, "-m", "distcluster.train", "--data", "c.beton", "--workers", "2",
             "--epochs", "2", "--batch-size", "64", "--set", "model.backbone=small_cnn",
             "--set", "imc_swav.prototypes=30", "--output", str(tmp_path / "out"),
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]

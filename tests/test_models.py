@@ -11,15 +11,18 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from commands import refused
 from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from servers import free_port, mlflow_server, stop_server, wait_for
 
+from distcluster import evaluate, predict
 from distcluster.images import digits_arrays
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -33,6 +36,27 @@ def cli(module: str, *argv: str, cwd: Path, env: dict[str, str] | None = None) -
     quiet = ["--quiet"] if module != "train" else []
     return subprocess.run([sys.executable, "-m", f"distcluster.{module}", *argv, *quiet], capture_output=True,
                           text=True, cwd=cwd, timeout=600, env={**os.environ, **(env or {})})
+
+
+# Commands that need no Ray run in-process: a `python -m` process costs seconds of imports each.
+def predicted_in_process(*argv: str) -> None:
+    assert predict.main([*argv, "--quiet"]) == 0
+
+
+@pytest.fixture(autouse=True)
+def _no_global_mlflow_settings_left():
+    """A models:/ lookup points MLflow's process-wide URIs at the registry it reads, in MLflow's
+    module and in os.environ (which later subprocesses inherit): undone after each test."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +105,16 @@ def test_predict_on_new_jpegs_gives_one_row_per_image_and_one_file_alone_the_sam
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(photos / f"p{i:02d}.jpg")
     for suffix in ("csv", "parquet"):
         out = tmp_path / f"clusters.{suffix}"
-        done = cli("predict", "--model", f"models:/{NAME}/1", "--data", str(photos), "--out", str(out),
-                   "--tracking-uri", uri, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
+        predicted_in_process("--model", f"models:/{NAME}/1", "--data", str(photos), "--out", str(out),
+                             "--tracking-uri", uri)
         table = pd.read_csv(out) if suffix == "csv" else pd.read_parquet(out)
         assert list(table.columns) == ["index", "path", "cluster", "confidence"]
         assert table["index"].tolist() == list(range(23))
         assert [Path(p).name for p in table["path"]] == [f"p{i:02d}.jpg" for i in range(23)]
         assert table["cluster"].between(0, 9).all() and table["confidence"].between(0.1, 1).all()
     alone = tmp_path / "alone.csv"  # one image file: the same answer as in its folder
-    done = cli("predict", "--model", f"models:/{NAME}/1", "--data", str(photos / "p05.jpg"), "--out",
-               str(alone), "--tracking-uri", uri, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    predicted_in_process("--model", f"models:/{NAME}/1", "--data", str(photos / "p05.jpg"), "--out",
+                         str(alone), "--tracking-uri", uri)
     row = pd.read_csv(alone)
     assert row["path"].tolist() == [str(photos / "p05.jpg")] and row["cluster"][0] == table["cluster"][5]
     assert row["confidence"][0] == pytest.approx(table["confidence"][5], rel=1e-4)
@@ -103,7 +125,7 @@ class _RunsCode:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_a_pickle_that_would_run_code_is_refused_and_the_code_never_runs(registered, tmp_path):
+def test_a_pickle_that_would_run_code_is_refused_and_the_code_never_runs(registered, tmp_path, capsys):
     folder, _, _ = registered
     model = tmp_path / "model"  # an older version's layout: weights.pt + config.json
     model.mkdir()
@@ -111,10 +133,8 @@ def test_a_pickle_that_would_run_code_is_refused_and_the_code_never_runs(registe
     payload = _RunsCode()
     payload.marker = str(tmp_path / "pwned")
     (model / "weights.pt").write_bytes(pickle.dumps({"model": payload}))
-    done = cli("predict", "--model", str(model), "--data", "digits", "--out", str(tmp_path / "p.csv"),
-               cwd=tmp_path)
-    assert done.returncode == 2 and "refused to load" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    argv = ["--model", str(model), "--data", "digits", "--out", str(tmp_path / "p.csv"), "--quiet"]
+    assert "refused to load" in refused(predict, argv, capsys)
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "p.csv").exists()
 
 
@@ -128,7 +148,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_the_code_never_runs(registe
     ("missing-local-model", "model not found"),
     ("mismatched-model", "model config and weights do not match"),
 ])
-def test_bad_input_exits_2_with_one_line(registered, tmp_path, case, needle):
+def test_bad_input_exits_2_with_one_line(registered, tmp_path, case, needle, capsys):
     folder, uri, _ = registered
     photos = tmp_path / "flat"
     photos.mkdir()
@@ -139,7 +159,7 @@ def test_bad_input_exits_2_with_one_line(registered, tmp_path, case, needle):
     meta = json.loads((mismatched / MODEL_FILES / "config.json").read_text())
     meta["config"]["clusters"] = 20  # heads of 10 in the weights
     (mismatched / MODEL_FILES / "config.json").write_text(json.dumps(meta))
-    module, argv = {
+    command, argv = {
         "unknown-model": ("evaluate", ["--model", "models:/no-such-model@latest", "--tracking-uri", uri]),
         "unknown-alias": ("evaluate", ["--model", f"models:/{NAME}@champion", "--tracking-uri", uri]),
         "closed-registry": ("evaluate", ["--model", f"models:/{NAME}@latest", "--tracking-uri", closed]),
@@ -152,21 +172,24 @@ def test_bad_input_exits_2_with_one_line(registered, tmp_path, case, needle):
     }[case]
     if "--data" not in argv:
         argv += ["--data", "digits"]
-    done = cli(module, *argv, cwd=tmp_path)
-    err = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(err) == 1 and needle in err[0], done.stderr[-2000:]
+    assert needle in refused({"evaluate": evaluate, "predict": predict}[command], [*argv, "--quiet"], capsys)
 
 
 ALIAS = "served"  # set by the tests below (the error cases above need champion unset)
 
 
-def predicted(folder: Path, uri: str, out: Path, *extra: str, env: dict[str, str] | None = None
+def predicted(folder: Path, uri: str, out: Path, *extra: str, ray: dict[str, str] | None = None
               ) -> pd.DataFrame:
-    """distcluster.predict's rows for the 400 digits, with the model of alias ALIAS."""
+    """distcluster.predict's rows for the 400 digits, with the model of alias ALIAS; in a process
+    of its own joining the Ray cluster whose environment `ray` is, else in-process."""
     MlflowClient(uri).set_registered_model_alias(NAME, ALIAS, "1")
-    done = cli("predict", "--model", f"models:/{NAME}@{ALIAS}", "--data", str(folder / "digits400.npz"),
-               "--out", str(out), "--tracking-uri", uri, *extra, cwd=out.parent, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    argv = ["--model", f"models:/{NAME}@{ALIAS}", "--data", str(folder / "digits400.npz"), "--out", str(out),
+            "--tracking-uri", uri, *extra]
+    if ray:
+        done = cli("predict", *argv, cwd=out.parent, env=ray)
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        predicted_in_process(*argv)
     return pd.read_parquet(out) if out.suffix != ".csv" else pd.read_csv(out)
 
 
@@ -237,7 +260,7 @@ def test_predict_on_two_ray_data_actors_writes_exactly_the_single_process_rows(r
     single = predicted(folder, uri, tmp_path / "single.csv", "--batch-size", "64")
     for out in ("rows.csv", "shards"):
         actors = predicted(folder, uri, tmp_path / out, "--workers", "2", "--batch-size", "64",
-                           env=ray_cluster.env)
+                           ray=ray_cluster.env)
         if out == "shards":
             assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["part-00000.parquet"]
         assert actors["index"].tolist() == single["index"].tolist() == list(range(400))
@@ -263,7 +286,7 @@ def test_predict_actors_asking_for_a_gpu_the_cluster_lacks_exit_2_with_one_line(
     ("weights-byte", "changed after export"),
     ("weights-header", "unreadable model weights"),
 ])  # a tampered config.json: the mismatched-model case above
-def test_a_tampered_model_folder_is_refused_with_exit_2(registered, tmp_path, tamper, needle):
+def test_a_tampered_model_folder_is_refused_with_exit_2(registered, tmp_path, tamper, needle, capsys):
     folder, _, _ = registered
     model = tmp_path / "model"
     shutil.copytree(folder / "out" / "model", model)
@@ -278,8 +301,6 @@ def test_a_tampered_model_folder_is_refused_with_exit_2(registered, tmp_path, ta
         weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])
         meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     config.write_text(json.dumps(meta))
-    done = cli("predict", "--model", str(model), "--data", "digits", "--out", str(tmp_path / "p.csv"),
-               cwd=tmp_path)
-    err = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(err) == 1 and needle in err[0], done.stderr[-2000:]
+    argv = ["--model", str(model), "--data", "digits", "--out", str(tmp_path / "p.csv"), "--quiet"]
+    assert needle in refused(predict, argv, capsys)
     assert not (tmp_path / "p.csv").exists()

@@ -311,6 +311,20 @@ def test_a_folder_is_prepared_once_and_again_when_a_file_is_added_or_changed(cla
     assert resolve_data(str(root), progress=False) not in (first, added)
 
 
+def test_data_is_resolved_to_absolute_paths_that_ray_workers_in_other_folders_can_open(
+        class_folder, tmp_path, monkeypatch):
+    root, _ = class_folder
+    np.savez(tmp_path / "a.npz", x=rng_images(2))
+    (tmp_path / "a.beton").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISTCLUSTER_CACHE", "cache")
+    assert resolve_data("a.npz") == str(tmp_path / "a.npz")
+    assert resolve_data("a.beton") == str(tmp_path / "a.beton")
+    assert resolve_data("digits") == "digits"
+    cached = Path(resolve_data(os.path.relpath(root, tmp_path), progress=False))
+    assert cached.parent == tmp_path / "cache" and cached.is_file()
+
+
 def test_a_photo_is_read_turned_as_its_exif_orientation_says(tmp_path):
     stored = np.zeros((16, 32, 3), np.uint8)
     stored[:, 16:] = (255, 160, 0)  # as the sensor wrote it: dark left half, orange right half

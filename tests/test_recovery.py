@@ -4,10 +4,8 @@ checkpoints."""
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,6 @@ from training_runs import (
     RUN,
     Output,
     kill_driver,
-    own_ray_workers,
     ray_checkpoints,
     run_train,
     summary_of,
@@ -38,42 +35,40 @@ pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, ray_cluster) -> dict:
+def uninterrupted(tmp_path_factory) -> dict:
+    """The run with nothing killed, in-process: the same global batch and schedule as 2 Ray
+    workers (test_distributed), without Ray's start-up."""
     folder = tmp_path_factory.mktemp("baseline")
-    done = run_train(folder, "baseline", *RUN, env=ray_cluster.env)
+    done = run_train(folder, "baseline", *RUN, "--workers", "0")
     assert done.returncode == 0, done.stderr[-3000:]
     return summary_of(folder, "baseline")
 
 
 def test_a_run_outlives_a_killed_worker_then_its_killed_driver_and_a_truncated_checkpoint(
-        tmp_path, uninterrupted):
-    """Three failures met by one run (one run for the three keeps the suite short): Ray restarts
-    the group from a checkpoint when a worker is SIGKILLed, and the restarted group trains on;
-    when the driver is SIGKILLed later, the same command resumes from the newest checkpoint
-    that verifies."""
-    ray_temp = tempfile.mkdtemp(prefix="dr", dir="/tmp")  # a killed driver cannot remove its own
+        tmp_path, uninterrupted, ray_cluster):
+    """Three failures met by one run on the session's Ray head (one run for the three keeps the
+    suite short): Ray restarts the group from a checkpoint when a worker is SIGKILLed, and the
+    restarted group trains on; when the driver is SIGKILLed later (Ray then ends its job's
+    actors), the same command resumes from the newest checkpoint that verifies."""
     process = subprocess.Popen(train_command(tmp_path, "run", *RUN), cwd=tmp_path, text=True,
-                               env={**os.environ, **PACED, "RAY_TMPDIR": ray_temp},
+                               env={**os.environ, **ray_cluster.env, **PACED},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     output = Output(process)
     try:
         # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
         wait_while_running(process, output, lambda: len(intact_checkpoints(tmp_path)) >= 2, "two checkpoints")
-        pids = own_ray_workers(process.pid)
-        assert pids, "no Ray Train worker process found under the driver"
-        os.kill(pids[-1], signal.SIGKILL)
+        os.kill(printing_worker(output), signal.SIGKILL)
         wait_while_running(process, output, lambda: len(group_starts(output)) >= 2, "the group to restart")
         restarted = group_starts(output)[1]
         wait_while_running(process, output, lambda: max(intact_checkpoints(tmp_path)) > restarted,
                            "a checkpoint of the restarted group")
     finally:
         kill_driver(process)
-        shutil.rmtree(ray_temp, ignore_errors=True)
     assert group_starts(output)[0] == 0 and restarted >= 1  # resumed from a checkpoint, not the start
     intact = intact_checkpoints(tmp_path)
     newest = intact[max(intact)] / "checkpoint.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a half-written file
-    done = run_train(tmp_path, "run", *RUN)
+    done = run_train(tmp_path, "run", *RUN, env=ray_cluster.env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = summary_of(tmp_path, "run")
     assert summary["start_epochs"][0] == sorted(intact)[-2]  # the older, intact checkpoint
@@ -100,6 +95,14 @@ def intact_checkpoints(folder: Path) -> dict[int, Path]:
         with contextlib.suppress(CorruptCheckpoint):
             intact[verified_checkpoint(meta.parent)["epoch"]] = meta.parent
     return intact
+
+
+def printing_worker(output: Output) -> int:
+    """The process of this run's rank 0, by the PID in the prefix Ray gives its lines (other Ray
+    jobs on the head are not this driver's to print)."""
+    found = re.search(r"\(RayTrainWorker pid=(\d+)\)", output.text(wait=False))
+    assert found, f"no Ray Train worker has printed yet: {output.text(wait=False)[-3000:]}"
+    return int(found.group(1))
 
 
 def group_starts(output: Output) -> list[int]:

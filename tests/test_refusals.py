@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from commands import refused
 
 from distcluster import config, prepare, train
 from distcluster.checkpoint import (
@@ -20,20 +21,12 @@ from distcluster.checkpoint import (
     verified_checkpoint,
     write_json_atomic,
 )
-from distcluster.errors import MAX_MESSAGE, UserError
+from distcluster.errors import UserError
 from distcluster.images import read_member
 from distcluster.ray_train import check_ray_address, warn_if_oversubscribed
 from distcluster.tracking import check_reachable
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
-
-
-def refused(command, argv, capsys) -> str:
-    """Run a command's main in-process; it must exit 2 with one short line on stderr."""
-    assert command.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err and len(err) < MAX_MESSAGE + 60, err
-    return err
 
 
 # --------------------------------------------------------------------- files we write

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
-from servers import mlflow_server
+from servers import RAY, mlflow_server
 
 from distcluster.errors import UserError
 from distcluster.search_space import load_space, space_names
@@ -109,6 +109,34 @@ def sweep(tmp_path_factory, ray_cluster):
                     "--output", str(folder / "out"), cwd=folder, env=ray_cluster.env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         yield folder, uri, json.loads((folder / "out" / "tune_summary.json").read_text()), done
+
+
+def reserved_placement_groups(ray_cluster) -> list[dict]:
+    done = subprocess.run([RAY, "list", "placement-groups", "--filter", "state=CREATED", "--format", "json"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **ray_cluster.env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [] if done.stdout.startswith("No resource") else json.loads(done.stdout)  # Ray's words for none
+
+
+def test_the_ended_sweep_leaves_no_resources_reserved_on_the_cluster(sweep, ray_cluster):
+    assert reserved_placement_groups(ray_cluster) == []  # the next job gets every CPU
+
+
+RELEASE = """
+import ray
+from ray.util.placement_group import placement_group
+from distcluster.ray_train import init_ray, release_placement_groups
+init_ray()
+ray.get(placement_group([{"CPU": 0.25}]).ready())
+print(release_placement_groups())
+"""
+
+
+def test_a_placement_group_left_by_a_trial_is_released(ray_cluster):
+    done = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **ray_cluster.env})
+    assert done.returncode == 0 and done.stdout.split() == ["1"], done.stderr[-2000:]
+    assert reserved_placement_groups(ray_cluster) == []
 
 
 def test_four_trials_one_stopped_early_by_asha(sweep):

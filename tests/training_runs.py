@@ -1,7 +1,6 @@
 """`python -m distcluster.train` as the failure tests run it: a named run in a test folder, with
 its own sqlite MLflow store, and what it leaves there."""
 
-import contextlib
 import json
 import os
 import signal
@@ -57,29 +56,10 @@ class Output:
         return "".join(self.lines)
 
 
-def own_ray_workers(driver_pid: int) -> list[int]:
-    """The Ray Train workers of this test's own run: the driver started its local Ray instance
-    (address="local"), so they are in its process tree, and no other Ray job's are."""
-    import psutil
-
-    workers = []
-    for child in psutil.Process(driver_pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
-                workers.append(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return workers
-
-
 def kill_driver(process: subprocess.Popen) -> None:
-    """SIGKILL the driver, everything it started in its session, and its workers wherever Ray put
-    them (nothing when it has ended)."""
+    """SIGKILL the driver and everything it started in its session (nothing when it has ended).
+    The drivers here join a Ray head, which then ends their job's actors, workers included."""
     if process.poll() is not None:
         return
-    workers = own_ray_workers(process.pid)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
