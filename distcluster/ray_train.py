@@ -144,12 +144,12 @@ def release_placement_groups() -> int:
 
     job = ray.get_runtime_context().get_job_id()
     try:  # Ray's state API answers through the dashboard, which a cluster may run without
-        reserved = list_placement_groups(filters=[("creator_job_id", "=", job), ("state", "=", "CREATED")])
-    except Exception as exc:  # noqa: BLE001 - a clean-up: say so and go on
-        print(f"warning: cannot list this job's placement groups to release them: {exc}", file=sys.stderr)
+        reserved = list_placement_groups(filters=[("creator_job_id", "=", job), ("state", "!=", "REMOVED")])
+        for group in reserved:  # pending ones too: they would take CPUs as they free up
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
+    except Exception as exc:  # noqa: BLE001 - a clean-up must not hide the sweep's own outcome
+        print(f"warning: cannot release this job's placement groups: {exc}", file=sys.stderr)
         return 0
-    for group in reserved:
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
     return len(reserved)
 
 

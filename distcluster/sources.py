@@ -42,8 +42,8 @@ def fingerprint(path: Path) -> str:
 
 def resolve_data(spec: str, progress: bool = True, on_error: str = "fail",
                  max_resolution: int = DEFAULT_MAX_RESOLUTION) -> str:
-    """What every process of the run can open: `digits`; an absolute path for a .beton or .npz
-    (Ray workers do not run in the driver's folder); else the path of its cached .beton, its
+    """`digits`, or an absolute path (Ray workers do not run in the driver's folder): a .beton
+    or .npz itself, else its cached .beton (in this machine's cache: see README on shared storage), its
     images at most `max_resolution` px (prepare's size rule), where a corrupt image stops it
     (CorruptImage) or, with on_error `skip`, is left out."""
     if spec.endswith(".beton"):

@@ -42,9 +42,10 @@ def _quiet_threads():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One Ray head for the session (one per xdist worker): the runs that don't kill Ray
-    processes join it through `ray_cluster.env` instead of each starting and stopping a local
-    instance (about 6 s each)."""
+    """One Ray head for the session (one per xdist worker): runs join it through
+    `ray_cluster.env` instead of each starting and stopping a local instance (about 6 s each).
+    Runs that kill a node need a cluster of their own (test_elastic); a killed driver or worker
+    is fine here, Ray ends the job's actors and releases their CPUs."""
     from servers import ray_head
 
     with ray_head() as head:

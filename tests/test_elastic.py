@@ -29,8 +29,9 @@ GROUP_START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "8"}
 
 
 def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path):
-    # The uninterrupted run to compare with: in-process, with the same global batch and schedule
-    # (N workers compute what one process does: test_distributed), in a third of a Ray run's time.
+    # The uninterrupted run to compare with: in-process (a third of a Ray run's time), with the same
+    # data, seed, global batch and learning-rate schedule; augmentation draws and batch-norm
+    # statistics differ from 2 workers', which the ACC comparison's 0.05 allows for.
     baseline = run_train(tmp_path, "baseline", *RUN, "--workers", "0")
     assert baseline.returncode == 0, baseline.stderr[-3000:]
     with ray_head(cpus=1, settings=FAST_NODE_DEATH) as head:
@@ -62,7 +63,7 @@ def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path):
     shrunk, grown = summary["resizes"]
     assert (shrunk["from"], shrunk["to"], grown["from"], grown["to"]) == (2, 1, 1, 2), summary["resizes"]
     # Resumed from committed checkpoints, never back. When the group grows depends on how fast
-    # the new node joins on a busy machine: measured at epoch 11 of 16 alone, 16 and 24 of 24
+    # the new node joins on a busy machine: measured at epoch 11 of 16 alone, at 6 to 24 of 24
     # under `make test` (at 24 the two workers resume from the last checkpoint and finish).
     assert 1 <= shrunk["epoch"] <= grown["epoch"] <= EPOCHS
     assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from recorder import Recorder
 from servers import free_port, start_mlflow_server, stop_server, wait_for
-from training_runs import PACED, RUN, ray_checkpoints, run_train, train_command
+from training_runs import PACED, RUN, kill_driver, ray_checkpoints, run_train, train_command
 
 from distcluster.build import WorkerContext
 from distcluster.config import from_dict, load_recipe
@@ -96,15 +96,18 @@ def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
 
 
 def test_ctrl_c_with_ray_workers_is_an_interruption_like_in_process(tmp_path, ray_cluster):
-    """SIGINT to the driver of a Ray run: one 'interrupted' line, exit 130, the MLflow run KILLED
-    (not FAILED), and the same command resumes it."""
+    """SIGINT to the driver of a Ray run: one 'interrupted' line, exit 130, and the MLflow run
+    KILLED (not FAILED)."""
     process = subprocess.Popen(train_command(tmp_path, "ctrl-c", *RUN, "--workers", "1"), cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **ray_cluster.env, **PACED})
-    wait_for(lambda: len(ray_checkpoints(tmp_path, "ctrl-c")) >= 1 or process.poll() is not None,
-             what="a checkpoint")
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+                               env={**os.environ, **ray_cluster.env, **PACED}, start_new_session=True)
+    try:
+        wait_for(lambda: len(ray_checkpoints(tmp_path, "ctrl-c")) >= 1 or process.poll() is not None,
+                 what="a checkpoint")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        kill_driver(process)  # when the test failed midway: no driver left holding the head's CPUs
     assert process.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "distcluster.train: interrupted"
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

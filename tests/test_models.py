@@ -38,8 +38,9 @@ def cli(module: str, *argv: str, cwd: Path, env: dict[str, str] | None = None) -
                           text=True, cwd=cwd, timeout=600, env={**os.environ, **(env or {})})
 
 
-# Commands that need no Ray run in-process: a `python -m` process costs seconds of imports each.
-def predicted_in_process(*argv: str) -> None:
+# Commands that need no Ray run in-process (a `python -m` process costs seconds of imports each);
+# evaluate by alias and training stay real processes, as a user runs them.
+def predict_in_process(*argv: str) -> None:
     assert predict.main([*argv, "--quiet"]) == 0
 
 
@@ -105,7 +106,7 @@ def test_predict_on_new_jpegs_gives_one_row_per_image_and_one_file_alone_the_sam
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(photos / f"p{i:02d}.jpg")
     for suffix in ("csv", "parquet"):
         out = tmp_path / f"clusters.{suffix}"
-        predicted_in_process("--model", f"models:/{NAME}/1", "--data", str(photos), "--out", str(out),
+        predict_in_process("--model", f"models:/{NAME}/1", "--data", str(photos), "--out", str(out),
                              "--tracking-uri", uri)
         table = pd.read_csv(out) if suffix == "csv" else pd.read_parquet(out)
         assert list(table.columns) == ["index", "path", "cluster", "confidence"]
@@ -113,7 +114,7 @@ def test_predict_on_new_jpegs_gives_one_row_per_image_and_one_file_alone_the_sam
         assert [Path(p).name for p in table["path"]] == [f"p{i:02d}.jpg" for i in range(23)]
         assert table["cluster"].between(0, 9).all() and table["confidence"].between(0.1, 1).all()
     alone = tmp_path / "alone.csv"  # one image file: the same answer as in its folder
-    predicted_in_process("--model", f"models:/{NAME}/1", "--data", str(photos / "p05.jpg"), "--out",
+    predict_in_process("--model", f"models:/{NAME}/1", "--data", str(photos / "p05.jpg"), "--out",
                          str(alone), "--tracking-uri", uri)
     row = pd.read_csv(alone)
     assert row["path"].tolist() == [str(photos / "p05.jpg")] and row["cluster"][0] == table["cluster"][5]
@@ -178,18 +179,18 @@ def test_bad_input_exits_2_with_one_line(registered, tmp_path, case, needle, cap
 ALIAS = "served"  # set by the tests below (the error cases above need champion unset)
 
 
-def predicted(folder: Path, uri: str, out: Path, *extra: str, ray: dict[str, str] | None = None
+def predicted(folder: Path, uri: str, out: Path, *extra: str, ray_env: dict[str, str] | None = None
               ) -> pd.DataFrame:
     """distcluster.predict's rows for the 400 digits, with the model of alias ALIAS; in a process
-    of its own joining the Ray cluster whose environment `ray` is, else in-process."""
+    of its own joining the Ray cluster whose environment `ray_env` is, else in-process."""
     MlflowClient(uri).set_registered_model_alias(NAME, ALIAS, "1")
     argv = ["--model", f"models:/{NAME}@{ALIAS}", "--data", str(folder / "digits400.npz"), "--out", str(out),
             "--tracking-uri", uri, *extra]
-    if ray:
-        done = cli("predict", *argv, cwd=out.parent, env=ray)
+    if ray_env:
+        done = cli("predict", *argv, cwd=out.parent, env=ray_env)
         assert done.returncode == 0, done.stderr[-3000:]
     else:
-        predicted_in_process(*argv)
+        predict_in_process(*argv)
     return pd.read_parquet(out) if out.suffix != ".csv" else pd.read_csv(out)
 
 
@@ -260,7 +261,7 @@ def test_predict_on_two_ray_data_actors_writes_exactly_the_single_process_rows(r
     single = predicted(folder, uri, tmp_path / "single.csv", "--batch-size", "64")
     for out in ("rows.csv", "shards"):
         actors = predicted(folder, uri, tmp_path / out, "--workers", "2", "--batch-size", "64",
-                           ray=ray_cluster.env)
+                           ray_env=ray_cluster.env)
         if out == "shards":
             assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["part-00000.parquet"]
         assert actors["index"].tolist() == single["index"].tolist() == list(range(400))
