@@ -63,3 +63,4 @@ def test_the_mlflow_server_uses_postgres_and_serves_artifacts():
     assert re.search(r"--backend-store-uri postgresql://", command)
     assert "--artifacts-destination" in command and "--serve-artifacts" in command
     assert compose["services"]["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert compose["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
