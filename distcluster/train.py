@@ -219,6 +219,10 @@ def train(cfg: Config) -> dict[str, Any]:
     data = resolve_data(cfg.data, on_error=cfg.on_error, max_resolution=cfg.max_resolution)
     source = open_source(data, cfg.max_samples)
     check_fits(cfg, source)
+    if cfg.workers:  # Ray's poll setting is the user's to get wrong: said before a run is opened
+        from distcluster.ray_train import use_fast_controller_poll
+
+        use_fast_controller_poll(os.environ)
     if cfg.gpu and cfg.workers == 0 and not torch.cuda.is_available():
         # With Ray workers the GPUs may live on other nodes: Ray then waits for them.
         raise ConfigError("gpu", True, "no CUDA GPU is visible to this process (use --no-gpu)")

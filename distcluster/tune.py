@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -355,6 +356,7 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
     metric, ranked_by = METRICS[select], RANKED_BY[select]
     uri = resolve_tracking_uri(args.tracking_uri or space.base["tracking_uri"])
     check_reachable(uri)
+    ray_train.use_fast_controller_poll(os.environ)  # a bad value said before anything is written
     out = Path(args.output or f"runs/tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out / "tune_summary.json").exists():
         raise UserError(f"{out} already holds a finished sweep; choose another --output")

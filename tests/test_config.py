@@ -169,6 +169,16 @@ def test_command_line_mistakes_exit_2_with_one_line(argv, fragment, capsys, tmp_
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_bad_controller_poll_exits_2_before_an_mlflow_run_is_opened(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "soon")
+    assert main(["--epochs", "1", "--set", "max_samples=256"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("distcluster.train: error: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S must be a number of "
+                   "seconds > 0, got 'soon'")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_real_process_exits_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "distcluster.train", "--set", "clusters=1"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
