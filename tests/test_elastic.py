@@ -8,16 +8,24 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 from servers import kill_ray_node, ray_head, start_ray_node, stop_ray_node, wait_for
-from training_runs import PACED, Output, kill_driver, ray_checkpoints, run_train, summary_of, train_command
+from sklearn.cluster import KMeans
+from training_runs import PACED, Output, kill_driver, ray_checkpoints, summary_of, train_command
+
+from distcluster.data import load_source
+from distcluster.metrics import cluster_scores
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
 # Enough epochs that the one-worker group still trains when the new node has joined and Ray has
 # looked again, also while the other test process is busy (with 16 it had finished first).
-EPOCHS = 24
+EPOCHS, SAMPLES = 24, 1024
+# The learning rate drops at epoch 12 (0.001, then 0.0004 from the 12th epoch's end on): a group
+# restarted from a checkpoint must keep the schedule where the checkpoint left it.
+MILESTONE, LR, GAMMA = 12, 1e-3, 0.4
 # One whole CPU per worker on one-CPU nodes: one worker per node, so losing a node loses a worker.
-RUN = ["--workers", "1-2", "--epochs", str(EPOCHS), "--batch-size", "128", "--set", "max_samples=1024",
-       "--seed", "3", "--set", "cpus_per_worker=1", "--set", "resize_check_seconds=3", "--max-failures", "5"]
+RUN = ["--workers", "1-2", "--epochs", str(EPOCHS), "--batch-size", "128", "--set", f"max_samples={SAMPLES}",
+       "--seed", "3", "--set", "cpus_per_worker=1", "--set", "resize_check_seconds=3", "--max-failures", "5",
+       "--set", f"optim.lr={LR}", "--set", f"optim.milestones=[{MILESTONE}]", "--set", f"optim.gamma={GAMMA}"]
 
 
 # Faster timers than Ray's defaults, the same mechanism: the head notices a dead node after 2 missed
@@ -29,11 +37,6 @@ GROUP_START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "8"}
 
 
 def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path):
-    # The uninterrupted run to compare with: in-process (a third of a Ray run's time), with the same
-    # data, seed, global batch and learning-rate schedule; augmentation draws and batch-norm
-    # statistics differ from 2 workers', which the ACC comparison's 0.05 allows for.
-    baseline = run_train(tmp_path, "baseline", *RUN, "--workers", "0")
-    assert baseline.returncode == 0, baseline.stderr[-3000:]
     with ray_head(cpus=1, settings=FAST_NODE_DEATH) as head:
         nodes = [start_ray_node(head, cpus=1)]
         process = subprocess.Popen(train_command(tmp_path, "elastic", *RUN), cwd=tmp_path, text=True,
@@ -56,9 +59,8 @@ def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path):
     log = output.text()
     (tmp_path / "elastic.log").write_text(log)  # what a user saw, kept with the test's files
     assert process.returncode == 0, log[-3000:]
-    summary, uninterrupted = summary_of(tmp_path, "elastic"), summary_of(tmp_path, "baseline")
+    summary = summary_of(tmp_path, "elastic")
     assert summary["epochs"] == EPOCHS
-    assert (uninterrupted["workers"], uninterrupted["start_epochs"], uninterrupted["resizes"]) == (0, [0], [])
     assert len(summary["resizes"]) == 2, f"expected a shrink and a growth: {summary['resizes']}"
     shrunk, grown = summary["resizes"]
     assert (shrunk["from"], shrunk["to"], grown["from"], grown["to"]) == (2, 1, 1, 2), summary["resizes"]
@@ -66,12 +68,23 @@ def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path):
     # the new node joins on a busy machine: measured at epoch 11 of 16 alone, at 6 to 24 of 24
     # under `make test` (at 24 the two workers resume from the last checkpoint and finish).
     assert 1 <= shrunk["epoch"] <= grown["epoch"] <= EPOCHS
-    assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05
+    assert (summary["start_epochs"], summary["restarts"]) == ([0, shrunk["epoch"], grown["epoch"]], 2)
+    # It learned through both restarts: better than k-means on the same images' pixels (measured
+    # 0.947 against 0.793; an uninterrupted in-process run reaches 0.933).
+    assert summary["metrics"]["acc"] > kmeans_acc(SAMPLES), summary["metrics"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    workers = client.get_metric_history(summary["mlflow"]["run_id"], "train/workers")
+    run_id = summary["mlflow"]["run_id"]
+    workers = client.get_metric_history(run_id, "train/workers")
     assert [m.value for m in sorted(workers, key=lambda m: m.timestamp)] == [2, 1, 2]
-    assert lr_by_epoch(client, summary) == pytest.approx(lr_by_epoch(client, uninterrupted))  # the same steps
+    # every epoch logged the lr it leaves for the next (an epoch trained again after a restart
+    # logs again at the same step): the schedule by epoch, whatever the group's size and restarts
+    lrs = client.get_metric_history(run_id, "train/lr")
+    assert {m.step for m in lrs} == set(range(1, EPOCHS + 1))
+    assert [m.value for m in lrs] == pytest.approx([LR * GAMMA ** (m.step >= MILESTONE) for m in lrs])
 
 
-def lr_by_epoch(client: MlflowClient, summary: dict) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(summary["mlflow"]["run_id"], "train/lr")}
+def kmeans_acc(samples: int) -> float:
+    source = load_source("digits", samples)  # the images `max_samples` picks
+    pixels = source.images.flatten(1).float().numpy()
+    found = KMeans(10, n_init=10, random_state=0).fit_predict(pixels)
+    return cluster_scores(source.labels.numpy(), found)["acc"]

@@ -1,6 +1,6 @@
 """Guards and interruptions on real processes: non-finite losses, a diverging run, cluster
-collapse, an MLflow server that is closed or lost, and Ctrl-C. (Killed workers and drivers:
-test_recovery.py.)"""
+collapse, an MLflow server that is closed or lost, and Ctrl-C. (A killed driver:
+test_recovery.py; a killed worker: test_elastic.py.)"""
 
 import json
 import math

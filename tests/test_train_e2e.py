@@ -1,14 +1,17 @@
-"""A real 2-worker Ray Train run of `python -m distcluster.train` on a digits subset."""
+"""A real 2-worker Ray Train run of `python -m distcluster.train` on a digits subset, submitted as
+users do (`ray job submit -- python -m distcluster.train`) to a real `ray start --head` on
+127.0.0.1 with Ray's token authentication on."""
 
 import json
 import os
 import subprocess
-import sys
+import time
 
 import numpy as np
 import pytest
 from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
+from servers import RAY
 
 from distcluster.data import load_source
 from distcluster.metrics import cluster_scores
@@ -18,15 +21,35 @@ pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test
 EPOCHS = 3
 
 
+def submit(address: str, env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, again while the head answers "No available agent to submit job, please
+    try again later": its job agent registers some seconds after the head serves requests (up
+    to a minute on a busy machine)."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run([RAY, "job", "submit", "--address", address, *argv], env=env,
+                              capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory, ray_cluster):
+    """The submitted run: its folder, tracking URI and what `ray job submit` printed (the job's
+    own output, its Ray workers' lines included)."""
     folder = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{folder}/mlflow.db"
-    argv = [sys.executable, "-m", "distcluster.train", "--workers", "2", "--epochs", str(EPOCHS),
-            "--batch-size", "128", "--set", "max_samples=512", "--output", str(folder / "out"),
-            "--tracking-uri", uri, "--experiment", "e2e", "--run-name", "two-workers"]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=folder, timeout=600,
-                          env={**os.environ, **ray_cluster.env})
+    # the job's plain `python` is the venv's: the head was started with the venv first on PATH
+    entrypoint = ["python", "-m", "distcluster.train", "--workers", "2", "--epochs", str(EPOCHS),
+                  "--batch-size", "128", "--set", "max_samples=512", "--output", str(folder / "out"),
+                  "--tracking-uri", uri, "--experiment", "e2e", "--run-name", "two-workers"]
+    # Settings in the job's runtime env, one of them also one distcluster forwards to its Ray
+    # processes (Ray refuses to merge a variable named twice).
+    settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
+                "DISTCLUSTER_CACHE": os.environ["DISTCLUSTER_CACHE"]}
+    done = submit(ray_cluster.dashboard, ray_cluster.job_env(), "--submission-id", "dc-e2e",
+                  "--runtime-env-json", json.dumps({"env_vars": settings}), "--", *entrypoint)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return folder, uri, done
 
@@ -37,6 +60,12 @@ def chance_acc(count: int, draws: int = 200) -> float:
     labels = load_source("digits", count).labels.numpy()
     rng = np.random.default_rng(0)
     return max(cluster_scores(labels, rng.integers(0, 10, len(labels)))["acc"] for _ in range(draws))
+
+
+def test_the_cluster_reports_the_job_succeeded(ray_run, ray_cluster):
+    status = subprocess.run([RAY, "job", "status", "--address", ray_cluster.dashboard, "dc-e2e"],
+                            env=ray_cluster.job_env(), capture_output=True, text=True, timeout=120)
+    assert "Job 'dc-e2e' succeeded" in status.stdout, status.stdout + status.stderr  # status SUCCEEDED
 
 
 def test_summary_json_has_the_contracted_fields(ray_run):
@@ -57,7 +86,9 @@ def test_rank_zero_logged_every_epoch_to_the_mlflow_run(ray_run):
     folder, uri, _ = ray_run
     summary = json.loads((folder / "out" / "summary.json").read_text())
     client = MlflowClient(uri)
-    run = client.get_run(summary["mlflow"]["run_id"])
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow"]["run_id"]]  # the job's one run
+    run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "two-workers"
     assert run.data.params["workers"] == "2" and run.data.params["objective"] == "imc_swav"
     for key in ("train/loss", "train/swav", "train/mi", "eval/acc", "eval/nmi", "eval/balance",
@@ -77,3 +108,15 @@ def test_both_workers_trained_and_output_is_readable(ray_run):
         assert f"rank {rank} of 2: done, {EPOCHS} epochs, {steps} steps" in done.stdout, done.stdout[-3000:]
     assert "Reporting training result" not in done.stdout + done.stderr
     assert any(line.startswith("imc_swav on digits: ACC") for line in done.stdout.splitlines())
+
+
+def test_without_the_token_the_cluster_refuses_jobs(tmp_path, ray_cluster):
+    address, env = ray_cluster.dashboard, ray_cluster.job_env()
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    no_token["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "wrong-token")
+    (tmp_path / "wrong-token").write_text("not-the-token")
+    refused = subprocess.run([RAY, "job", "list", "--address", address], env=no_token,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "AuthenticationError: Authentication failed: Forbidden: Invalid authentication token" in (
+        refused.stderr), refused.stderr[-2000:]  # refused for the token, not for some other reason

@@ -49,10 +49,9 @@ class Output:
     def has(self, text: str) -> bool:
         return any(text in line for line in self.lines)
 
-    def text(self, wait: bool = True) -> str:
-        """All it printed (waiting for its end), or with wait=False what it has printed so far."""
-        if wait:
-            self.thread.join(timeout=60)
+    def text(self) -> str:
+        """All it printed (waiting for its end)."""
+        self.thread.join(timeout=60)
         return "".join(self.lines)
 
 
