@@ -7,8 +7,10 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
-# scipy and scikit-learn are imported where they are used: importing them costs each process
-# (every Ray worker and controller imports this module) about a second.
+# scipy is imported where it is used: importing it costs each process (every Ray worker and
+# controller imports this module) time. NMI and ARI are computed here from the contingency table,
+# as scikit-learn defines them (tests compare the two): importing scikit-learn's metrics cost each
+# process about a CPU-second.
 
 
 def contingency(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
@@ -29,10 +31,53 @@ def hungarian_match(y_true: np.ndarray, y_pred: np.ndarray) -> dict[int, int]:
     return {int(k): int(c) for c, k in zip(classes, clusters, strict=True)}
 
 
+def normalized_mutual_info(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Mutual information of two labellings over the mean of their entropies (scikit-learn's
+    `normalized_mutual_info_score`, arithmetic mean): 1 when both put every sample in one group,
+    0 when they share no information."""
+    counts = _nonempty_contingency(y_true, y_pred)
+    if counts.shape[0] == counts.shape[1] <= 1:
+        return 1.0
+    joint = counts / counts.sum()
+    outer = joint.sum(1, keepdims=True) @ joint.sum(0, keepdims=True)
+    seen = joint > 0
+    mutual = max(0.0, float((joint[seen] * np.log(joint[seen] / outer[seen])).sum()))
+    if mutual == 0:
+        return 0.0
+    return mutual / ((_entropy(joint.sum(1)) + _entropy(joint.sum(0))) / 2)
+
+
+def adjusted_rand_index(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Agreement over pairs of samples (same group in both, or different in both), adjusted for
+    chance (scikit-learn's `adjusted_rand_score`): 1 for the same partition, about 0 for random."""
+    counts = _nonempty_contingency(y_true, y_pred)
+    n = int(counts.sum())
+    squares = int((counts**2).sum())
+    per_class, per_cluster = counts.sum(1), counts.sum(0)
+    same_both = squares - n  # ordered pairs together in both
+    same_cluster_only = int((counts * per_cluster).sum()) - squares
+    same_class_only = int((counts * per_class[:, None]).sum()) - squares
+    apart_both = n * n - same_cluster_only - same_class_only - squares
+    if same_cluster_only == same_class_only == 0:
+        return 1.0
+    return 2.0 * (same_both * apart_both - same_class_only * same_cluster_only) / (
+        (same_both + same_class_only) * (same_class_only + apart_both)
+        + (same_both + same_cluster_only) * (same_cluster_only + apart_both))
+
+
+def _nonempty_contingency(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
+    """contingency() without the rows and columns of labels no sample has."""
+    counts = contingency(np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64))
+    return counts[counts.sum(1) > 0][:, counts.sum(0) > 0]
+
+
+def _entropy(probabilities: np.ndarray) -> float:
+    seen = probabilities[probabilities > 0]
+    return float(-(seen * np.log(seen)).sum())
+
+
 def cluster_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     """ACC (best one-to-one matching, Hungarian), NMI and ARI of a clustering."""
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
@@ -40,8 +85,8 @@ def cluster_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     matched = sum(contingency(y_true, y_pred)[c, k] for k, c in hungarian_match(y_true, y_pred).items())
     return {
         "acc": float(matched / len(y_true)),
-        "nmi": float(normalized_mutual_info_score(y_true, y_pred)),
-        "ari": float(adjusted_rand_score(y_true, y_pred)),
+        "nmi": normalized_mutual_info(y_true, y_pred),
+        "ari": adjusted_rand_index(y_true, y_pred),
     }
 
 
@@ -87,13 +132,11 @@ def consensus(partitions: list[np.ndarray], weights: list[float]) -> list[float]
     models agree with it. Models with a wrong K merge or split different classes, so
     they agree less with the rest than models that found the data's own groups.
     With a single partition there is nothing to compare: 1."""
-    from sklearn.metrics import normalized_mutual_info_score
-
     n = len(partitions)
     nmi = np.ones((n, n))
     for i in range(n):
         for j in range(i + 1, n):
-            nmi[i, j] = nmi[j, i] = normalized_mutual_info_score(partitions[i], partitions[j])
+            nmi[i, j] = nmi[j, i] = normalized_mutual_info(partitions[i], partitions[j])
     w = np.asarray(weights, dtype=float)
     scores = []
     for i in range(n):

@@ -1,4 +1,5 @@
-"""The pure core imports and trains with ray, mlflow and ffcv unavailable."""
+"""The pure core imports and trains with ray, mlflow and ffcv unavailable, and without importing
+scikit-learn."""
 
 import subprocess
 import sys
@@ -31,6 +32,8 @@ class Quiet:
 cfg = from_dict({**load_recipe("digits-imc-swav"), "epochs": 1, "max_samples": 300,
                  "batch_size": 100})
 train_loop(cfg, load_source("digits", 300), WorkerContext(), Quiet(), log=lambda s: None)
+# nor scikit-learn, which a run on the digits would import for nothing but data and scores
+assert "sklearn" not in sys.modules, "the core imported scikit-learn"
 print("core ok")
 """
 

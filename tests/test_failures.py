@@ -81,7 +81,7 @@ def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
     server, uri = start_mlflow_server(tmp_path)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "distcluster.train", *RUN, "--workers", "0", "--epochs", "10",
+            [sys.executable, "-m", "distcluster.train", *RUN, "--workers", "0", "--epochs", "4",
              "--tracking-uri", uri, "--output", str(tmp_path / "out"), "--run-name", "lost"],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: (tmp_path / "out" / "run.json").exists() or process.poll() is not None,
@@ -92,7 +92,7 @@ def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
     assert process.returncode == 0, err[-3000:]
     assert f"warning: lost MLflow at {uri}" in err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["mlflow"]["lost"] and summary["epochs"] == 10
+    assert summary["mlflow"]["lost"] and summary["epochs"] == 4
 
 
 def test_ctrl_c_with_ray_workers_is_an_interruption_like_in_process(tmp_path, ray_cluster):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from distcluster.metrics import cluster_scores, label_free_scores
+from distcluster.metrics import adjusted_rand_index, cluster_scores, label_free_scores, normalized_mutual_info
 
 
 def test_relabelled_labels_score_perfectly():
@@ -21,6 +21,41 @@ def test_more_clusters_than_classes_matches_one_cluster_per_class():
     y_true = np.array([0, 0, 1, 1])
     y_pred = np.array([0, 1, 2, 2])
     assert cluster_scores(y_true, y_pred)["acc"] == pytest.approx(3 / 4)
+
+
+def test_nmi_and_ari_on_a_known_split():
+    y_true, y_pred = [0, 0, 0, 0], [0, 0, 1, 1]
+    assert normalized_mutual_info(y_true, y_pred) == 0.0  # one class: no information to share
+    y_true, y_pred = [0, 0, 1, 1], [0, 0, 0, 1]
+    # MI = 1.5 ln 2 - 0.75 ln 3 = 0.2158; H(true) = ln 2, H(pred) = 0.5623: NMI 0.3437
+    assert normalized_mutual_info(y_true, y_pred) == pytest.approx(0.34372, abs=1e-5)
+    # the 6 pairs: together in both 1, apart in both 2, class only 1, cluster only 2: ARI
+    # 2 (1 * 2 - 1 * 2) / (...) = 0
+    assert adjusted_rand_index(y_true, y_pred) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("y_true, y_pred, nmi, ari", [
+    ([0, 0, 0], [5, 5, 5], 1.0, 1.0),  # both unsplit: the same partition
+    ([0, 1, 2], [0, 0, 0], 0.0, 0.0),
+    ([0, 1], [1, 0], 1.0, 1.0),
+    ([3], [7], 1.0, 1.0),
+])
+def test_nmi_and_ari_limit_cases(y_true, y_pred, nmi, ari):
+    assert (normalized_mutual_info(y_true, y_pred), adjusted_rand_index(y_true, y_pred)) == (nmi, ari)
+
+
+def test_nmi_and_ari_are_scikit_learns():
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        count, classes, clusters = rng.integers(1, 300), rng.integers(1, 12), rng.integers(1, 30)
+        y_true = rng.integers(0, classes, count)
+        y_pred = rng.integers(0, clusters, count) if trial % 2 else (y_true * 3 + rng.integers(0, 2, count))
+        assert normalized_mutual_info(y_true, y_pred) == pytest.approx(
+            normalized_mutual_info_score(y_true, y_pred), abs=1e-12)
+        assert adjusted_rand_index(y_true, y_pred) == pytest.approx(
+            adjusted_rand_score(y_true, y_pred), abs=1e-12)
 
 
 def test_label_free_scores_of_balanced_and_collapsed_outputs():

@@ -129,6 +129,17 @@ def test_cifar_python_format_round_trips(tmp_path, fmt):
     assert meta["format"] == fmt and len(meta["label_names"]) == (10 if fmt == "cifar10" else 20)
 
 
+def test_digits_are_scikit_learns_scaled_to_bytes():
+    from sklearn.datasets import load_digits
+
+    images, labels = digits_arrays()
+    reference = load_digits()
+    assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8 and labels.dtype == np.int64
+    np.testing.assert_array_equal(images[..., 0], np.round(reference.images * 255 / 16).astype(np.uint8))
+    np.testing.assert_array_equal(labels, reference.target)
+    assert images.max() == 255 and sorted(set(labels.tolist())) == list(range(10))
+
+
 def test_npz_and_digits_round_trip_with_greyscale_kept_as_one_channel(tmp_path):
     x = rng_images(5, (9, 9))
     np.savez(tmp_path / "a.npz", x=x, y=np.arange(5))
