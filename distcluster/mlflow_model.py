@@ -10,7 +10,11 @@ model files under `artifacts/model/` (weights.safetensors + config.json), which
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,9 +37,29 @@ def save_mlflow_model(state: dict[str, Any], folder: Path) -> None:
         files.mkdir()
         export_model(state, files)
         loaded = load_model(files)
-        mlflow.pyfunc.save_model(str(folder), python_model=str(MODEL_CODE), artifacts={"model": str(files)},
-                                 signature=signature(loaded), input_example=example_images(loaded),
-                                 pip_requirements=pip_requirements())
+        with _without_mlflow_chatter():
+            mlflow.pyfunc.save_model(str(folder), python_model=str(MODEL_CODE),
+                                     artifacts={"model": str(files)}, signature=signature(loaded),
+                                     input_example=example_images(loaded),
+                                     pip_requirements=pip_requirements())
+
+
+@contextlib.contextmanager
+def _without_mlflow_chatter() -> Iterator[None]:
+    """Without what MLflow's save_model printed at the end of every run while it checks the input
+    example against the signature: an INFO line and a download bar."""
+    logger, bar = logging.getLogger("mlflow.pyfunc"), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    level, shown = logger.level, os.environ.get(bar)
+    logger.setLevel(logging.WARNING)
+    os.environ[bar] = "false"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if shown is None:
+            os.environ.pop(bar)
+        else:
+            os.environ[bar] = shown
 
 
 def example_images(loaded: LoadedModel) -> np.ndarray:

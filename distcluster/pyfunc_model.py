@@ -27,8 +27,9 @@ class ClusterAssigner(PythonModel):
 
         self.loaded = load_model(Path(context.artifacts["model"]))
 
-    # No type hints here: MLflow would read them as a schema; the signature in MLmodel is the schema.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    # An ndarray hint is one MLflow infers no schema from (the signature in MLmodel is the schema);
+    # without any, MLflow warned at every save that predict has no type hints.
+    def predict(self, context: Any, model_input: np.ndarray, params: dict | None = None) -> Any:
         from distcluster.inference import assignment_table
 
         return assignment_table(self.loaded, np.asarray(model_input))

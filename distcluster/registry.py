@@ -7,8 +7,10 @@ folder (a run's output, its `model/`, or a checkpoint folder).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from distcluster.errors import UserError
@@ -49,14 +51,9 @@ def fetch_model(uri: str, tracking_uri: str = "",
 
     scratch = tempfile.TemporaryDirectory(prefix="distcluster-model-")
     try:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking)  # else MLflow opens ./mlflow.db for parts of the lookup
-        mlflow.set_registry_uri(tracking)
-        if not progress:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch.name,
-                                                    tracking_uri=tracking)
+        with _mlflow_pointed_at(tracking, progress):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch.name,
+                                                        tracking_uri=tracking)
     except MlflowException as exc:
         scratch.cleanup()
         raise UserError(f"cannot load {uri} from {tracking}: {exc.message.splitlines()[0][:200]}") from None
@@ -64,3 +61,36 @@ def fetch_model(uri: str, tracking_uri: str = "",
         scratch.cleanup()
         raise UserError(f"cannot load {uri} from {tracking}: {exc}") from None
     return Path(local), scratch
+
+
+# What MLflow reads process-wide during a lookup, in os.environ (MLflow's setters write there too)
+MLFLOW_SETTINGS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+
+
+@contextlib.contextmanager
+def _mlflow_pointed_at(tracking: str, progress: bool) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs set to `tracking` for the block (else a
+    models:/ lookup opens ./mlflow.db for parts of it), the download bar off without `progress`;
+    afterwards all put back as they were, in MLflow and in os.environ: a Python caller's own
+    MLflow settings, and the environment its later subprocesses inherit, stay its own."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_settings
+    from mlflow.tracking._tracking_service import utils as tracking_settings
+
+    # MLflow keeps what its setters set in these module variables (None: never set)
+    before = tracking_settings._tracking_uri, registry_settings._registry_uri
+    environ = {name: os.environ.get(name) for name in MLFLOW_SETTINGS}
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    if not progress:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+        for name, value in environ.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -44,22 +44,6 @@ def predict_in_process(*argv: str) -> None:
     assert predict.main([*argv, "--quiet"]) == 0
 
 
-@pytest.fixture(autouse=True)
-def _no_global_mlflow_settings_left():
-    """A models:/ lookup points MLflow's process-wide URIs at the registry it reads, in MLflow's
-    module and in os.environ (which later subprocesses inherit): undone after each test."""
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    before = {name: os.environ.get(name) for name in names}
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     folder = tmp_path_factory.mktemp("registry")
@@ -192,6 +176,25 @@ def predicted(folder: Path, uri: str, out: Path, *extra: str, ray_env: dict[str,
     else:
         predict_in_process(*argv)
     return pd.read_parquet(out) if out.suffix != ".csv" else pd.read_csv(out)
+
+
+def test_a_models_lookup_leaves_the_callers_mlflow_settings_as_they_were(registered, tmp_path, monkeypatch):
+    """predict in a Python session that has MLflow settings of its own: its tracking URI (in MLflow
+    and in the environment its subprocesses inherit) is still its own afterwards, no registry URI
+    and no progress-bar setting appeared."""
+    folder, uri, _ = registered
+    mine = f"sqlite:///{tmp_path}/mine.db"
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(mine)
+    try:
+        predicted(folder, uri, tmp_path / "rows.csv")
+        assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == (mine, mine)
+        assert mlflow.get_registry_uri() == mine  # MLflow's default: the tracking URI
+        assert "MLFLOW_REGISTRY_URI" not in os.environ
+        assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 PYFUNC_SESSION = """
