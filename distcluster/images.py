@@ -344,13 +344,16 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 8x8 digits (values 0-16) as uint8 (N, 8, 8, 1) and labels, read from
     the file scikit-learn ships (one row per image: 64 pixels, then the label) without importing
-    scikit-learn, which cost each process that loads them (every Ray worker) 1.3 CPU-seconds."""
+    scikit-learn, which every Ray worker that loads them would pay for (docs/architecture.md)."""
     package = importlib.util.find_spec("sklearn")
     if package is None or not package.submodule_search_locations:
         raise UserError("the digits data set comes with scikit-learn: pip install scikit-learn")
     path = Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-    with gzip.open(path, "rt") as rows:
-        table = np.loadtxt(rows, delimiter=",")
+    try:
+        with gzip.open(path, "rt") as rows:
+            table = np.loadtxt(rows, delimiter=",")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the digits scikit-learn ships at {path}: {exc}") from None
     images = np.clip(np.round(table[:, :64].reshape(-1, 8, 8) * (255 / 16)), 0, 255).astype(np.uint8)
     return images[..., None], table[:, 64].astype(np.int64)
 

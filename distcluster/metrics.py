@@ -7,10 +7,9 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
-# scipy is imported where it is used: importing it costs each process (every Ray worker and
-# controller imports this module) time. NMI and ARI are computed here from the contingency table,
-# as scikit-learn defines them (tests compare the two): importing scikit-learn's metrics cost each
-# process about a CPU-second.
+# scipy is imported where it is used (every Ray worker and controller imports this module), and
+# NMI and ARI are computed here from the contingency table as scikit-learn defines them (tests
+# compare the two) rather than importing scikit-learn: docs/architecture.md has the cost.
 
 
 def contingency(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
@@ -35,7 +34,7 @@ def normalized_mutual_info(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Mutual information of two labellings over the mean of their entropies (scikit-learn's
     `normalized_mutual_info_score`, arithmetic mean): 1 when both put every sample in one group,
     0 when they share no information."""
-    counts = _nonempty_contingency(y_true, y_pred)
+    counts = _label_contingency(y_true, y_pred)
     if counts.shape[0] == counts.shape[1] <= 1:
         return 1.0
     joint = counts / counts.sum()
@@ -50,7 +49,7 @@ def normalized_mutual_info(y_true: ArrayLike, y_pred: ArrayLike) -> float:
 def adjusted_rand_index(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Agreement over pairs of samples (same group in both, or different in both), adjusted for
     chance (scikit-learn's `adjusted_rand_score`): 1 for the same partition, about 0 for random."""
-    counts = _nonempty_contingency(y_true, y_pred)
+    counts = _label_contingency(y_true, y_pred)
     n = int(counts.sum())
     squares = int((counts**2).sum())
     per_class, per_cluster = counts.sum(1), counts.sum(0)
@@ -65,10 +64,16 @@ def adjusted_rand_index(y_true: ArrayLike, y_pred: ArrayLike) -> float:
         + (same_both + same_cluster_only) * (same_cluster_only + apart_both))
 
 
-def _nonempty_contingency(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
-    """contingency() without the rows and columns of labels no sample has."""
-    counts = contingency(np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64))
-    return counts[counts.sum(1) > 0][:, counts.sum(0) > 0]
+def _label_contingency(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
+    """counts[i, j] = samples with the i-th label of y_true and the j-th of y_pred, over the
+    labels present (any values, negative ones too); (0, 0) for no samples."""
+    true_ids = np.unique(np.asarray(y_true), return_inverse=True)[1].ravel()
+    pred_ids = np.unique(np.asarray(y_pred), return_inverse=True)[1].ravel()
+    if len(true_ids) != len(pred_ids):
+        raise ValueError(f"{len(true_ids)} true labels but {len(pred_ids)} predicted")
+    if len(true_ids) == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    return contingency(true_ids, pred_ids)
 
 
 def _entropy(probabilities: np.ndarray) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 
 from distcluster.checkpoint import export_model
 from distcluster.inference import LoadedModel, load_model, probability_columns
+from distcluster.tracking import environment_restored
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 EXAMPLE_IMAGES = 2
@@ -46,20 +47,17 @@ def save_mlflow_model(state: dict[str, Any], folder: Path) -> None:
 
 @contextlib.contextmanager
 def _without_mlflow_chatter() -> Iterator[None]:
-    """Without what MLflow's save_model printed at the end of every run while it checks the input
-    example against the signature: an INFO line and a download bar."""
+    """Without what MLflow's save_model printed at the end of every run: a download bar while it
+    copies the model files in, and an INFO line while it checks the input example."""
     logger, bar = logging.getLogger("mlflow.pyfunc"), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    level, shown = logger.level, os.environ.get(bar)
-    logger.setLevel(logging.WARNING)
-    os.environ[bar] = "false"
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        if shown is None:
-            os.environ.pop(bar)
-        else:
-            os.environ[bar] = shown
+    level = logger.level
+    with environment_restored((bar,)):
+        os.environ[bar] = "false"
+        logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
 
 
 def example_images(loaded: LoadedModel) -> np.ndarray:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from distcluster.errors import UserError
-from distcluster.tracking import RunTracker, check_reachable, resolve_tracking_uri
+from distcluster.tracking import RunTracker, check_reachable, environment_restored, resolve_tracking_uri
 
 REMOTE_PREFIXES = ("models:/", "runs:/")
 
@@ -71,26 +71,23 @@ MLFLOW_SETTINGS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_
 def _mlflow_pointed_at(tracking: str, progress: bool) -> Iterator[None]:
     """MLflow's process-wide tracking and registry URIs set to `tracking` for the block (else a
     models:/ lookup opens ./mlflow.db for parts of it), the download bar off without `progress`;
-    afterwards all put back as they were, in MLflow and in os.environ: a Python caller's own
-    MLflow settings, and the environment its later subprocesses inherit, stay its own."""
+    afterwards all put back as they were, in MLflow and in os.environ, so that a Python caller's
+    own MLflow settings, and the environment its later subprocesses inherit, stay its own (for
+    a caller that does not use MLflow from another thread meanwhile: the settings are global)."""
     import mlflow
     from mlflow.tracking._model_registry import utils as registry_settings
     from mlflow.tracking._tracking_service import utils as tracking_settings
 
-    # MLflow keeps what its setters set in these module variables (None: never set)
-    before = tracking_settings._tracking_uri, registry_settings._registry_uri
-    environ = {name: os.environ.get(name) for name in MLFLOW_SETTINGS}
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
-    if not progress:
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
-        for name, value in environ.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # what MLflow's setters last set (None: never set), in module variables of its own
+    before = (getattr(tracking_settings, "_tracking_uri", None),
+              getattr(registry_settings, "_registry_uri", None))
+    with environment_restored(MLFLOW_SETTINGS):
+        try:
+            mlflow.set_tracking_uri(tracking)
+            mlflow.set_registry_uri(tracking)
+            if not progress:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+            yield
+        finally:
+            mlflow.set_tracking_uri(before[0])
+            mlflow.set_registry_uri(before[1])

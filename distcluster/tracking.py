@@ -21,6 +21,21 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+@contextlib.contextmanager
+def environment_restored(names: tuple[str, ...]) -> Iterator[None]:
+    """The block may set or remove the environment variables `names`: afterwards each has its
+    value from before again (or is absent again)."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def resolve_tracking_uri(explicit: str = "") -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else ./mlflow.db; sqlite paths made absolute
     so that Ray workers (which run in other folders) write to the same database."""

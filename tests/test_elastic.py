@@ -65,15 +65,24 @@ def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path):
     shrunk, grown = summary["resizes"]
     assert (shrunk["from"], shrunk["to"], grown["from"], grown["to"]) == (2, 1, 1, 2), summary["resizes"]
     # Resumed from committed checkpoints, never back. When the group grows depends on how fast
-    # the new node joins on a busy machine: measured at epoch 11 of 16 alone, at 6 to 24 of 24
-    # under `make test` (at 24 the two workers resume from the last checkpoint and finish).
+    # the new node joins on a busy machine: measured at epoch 9 alone, at 6 to 24 under `make test`
+    # (at 24 the two workers resume from the last checkpoint and finish).
     assert 1 <= shrunk["epoch"] <= grown["epoch"] <= EPOCHS
     assert (summary["start_epochs"], summary["restarts"]) == ([0, shrunk["epoch"], grown["epoch"]], 2)
-    # It learned through both restarts: better than k-means on the same images' pixels (measured
-    # 0.947 against 0.793; an uninterrupted in-process run reaches 0.933).
+    # It learned: better than k-means on the same images' pixels (measured 0.947 against 0.793; an
+    # uninterrupted in-process run reaches 0.933).
     assert summary["metrics"]["acc"] > kmeans_acc(SAMPLES), summary["metrics"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_id = summary["mlflow"]["run_id"]
+    # Each restarted group went on from the checkpoint's model: its first epoch scores about what
+    # the epoch before the restart did. A group that had lost the weights would score about 0.19,
+    # as any first epoch does (seen by the growth: by then ACC is far above that).
+    acc = sorted(client.get_metric_history(run_id, "eval/acc"), key=lambda m: m.timestamp)
+    for resumed in (shrunk["epoch"], grown["epoch"]):
+        if resumed < EPOCHS:  # grown at the last epoch, the group only finishes
+            before = [m.value for m in acc if m.step == resumed][-1]
+            after = [m.value for m in acc if m.step == resumed + 1][-1]  # the new group's
+            assert after > before - 0.15, (resumed, before, after)
     workers = client.get_metric_history(run_id, "train/workers")
     assert [m.value for m in sorted(workers, key=lambda m: m.timestamp)] == [2, 1, 2]
     # every epoch logged the lr it leaves for the next (an epoch trained again after a restart

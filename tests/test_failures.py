@@ -1,10 +1,11 @@
 """Guards and interruptions on real processes: non-finite losses, a diverging run, cluster
-collapse, an MLflow server that is closed or lost, and Ctrl-C. (A killed driver:
-test_recovery.py; a killed worker: test_elastic.py.)"""
+collapse, an MLflow server that is closed or lost, a killed worker, and Ctrl-C. (A killed driver:
+test_recovery.py; a dead node: test_elastic.py.)"""
 
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from recorder import Recorder
 from servers import free_port, start_mlflow_server, stop_server, wait_for
-from training_runs import PACED, RUN, kill_driver, ray_checkpoints, run_train, train_command
+from training_runs import PACED, RUN, Output, kill_driver, ray_checkpoints, run_train, train_command
 
 from distcluster.build import WorkerContext
 from distcluster.config import from_dict, load_recipe
@@ -95,22 +96,48 @@ def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
     assert summary["mlflow"]["lost"] and summary["epochs"] == 4
 
 
-def test_ctrl_c_with_ray_workers_is_an_interruption_like_in_process(tmp_path, ray_cluster):
-    """SIGINT to the driver of a Ray run: one 'interrupted' line, exit 130, and the MLflow run
-    KILLED (not FAILED)."""
+def test_a_killed_worker_restarts_in_place_and_ctrl_c_then_ends_the_run_like_in_process(
+        tmp_path, ray_cluster):
+    """A fixed 1-worker run on the session's Ray head: its worker SIGKILLed (the node lives on),
+    Ray restarts it in place from the last committed checkpoint, not the start; then SIGINT to
+    the driver: one 'interrupted' line, exit 130, and the MLflow run KILLED (not FAILED)."""
     process = subprocess.Popen(train_command(tmp_path, "ctrl-c", *RUN, "--workers", "1"), cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, **ray_cluster.env, **PACED}, start_new_session=True)
+    printed, errors = Output(process), Output(process, process.stderr)
     try:
-        wait_for(lambda: len(ray_checkpoints(tmp_path, "ctrl-c")) >= 1 or process.poll() is not None,
-                 what="a checkpoint")
+        # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
+        wait_while_running(process, lambda: len(ray_checkpoints(tmp_path, "ctrl-c")) >= 2, "two checkpoints")
+        os.kill(worker_pid(printed), signal.SIGKILL)
+        wait_while_running(process, lambda: len(group_starts(printed)) >= 2, "the worker to restart")
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
+        process.wait(timeout=120)
     finally:
         kill_driver(process)  # when the test failed midway: no driver left holding the head's CPUs
-    assert process.returncode == 130, err[-3000:]
-    assert err.strip().splitlines()[-1] == "distcluster.train: interrupted"
+    assert process.returncode == 130, errors.text()[-3000:]
+    assert errors.text().strip().splitlines()[-1] == "distcluster.train: interrupted"
+    starts = group_starts(printed)
+    assert starts[0] == 0 and starts[1] >= 1, starts  # restarted from a checkpoint, not the start
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("distcluster").experiment_id])[0]
     assert run.info.status == "KILLED"
     assert not (tmp_path / "ctrl-c" / "summary.json").exists()
+
+
+def wait_while_running(process: subprocess.Popen, condition, what: str) -> None:
+    wait_for(lambda: condition() or process.poll() is not None, what=what, every=0.5)
+    assert process.poll() is None, f"the run ended before {what}"
+
+
+def worker_pid(printed: Output) -> int:
+    """The run's worker, by the PID in the prefix Ray gives its lines (`pid=N` or `pid=N, ip=...`;
+    other Ray jobs on the head are not this driver's to print)."""
+    found = re.search(r"\(RayTrainWorker pid=(\d+)[,)]", "".join(printed.lines))
+    assert found, f"no Ray Train worker has printed yet: {''.join(printed.lines)[-3000:]}"
+    return int(found.group(1))
+
+
+def group_starts(printed: Output) -> list[int]:
+    """The epoch each start of the worker group resumed at, as the worker printed it."""
+    starts = re.findall(r"training on 1 worker from epoch (\d+)", "".join(printed.lines))
+    return [int(epoch) for epoch in starts]

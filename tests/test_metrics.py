@@ -39,9 +39,12 @@ def test_nmi_and_ari_on_a_known_split():
     ([0, 1, 2], [0, 0, 0], 0.0, 0.0),
     ([0, 1], [1, 0], 1.0, 1.0),
     ([3], [7], 1.0, 1.0),
+    ([], [], 1.0, 1.0),  # no samples: scikit-learn's answer
+    ([-1, 0, 1, 1], [0, 0, 1, 1], 0.8, 4 / 7),  # any label values, negative ones too
 ])
 def test_nmi_and_ari_limit_cases(y_true, y_pred, nmi, ari):
-    assert (normalized_mutual_info(y_true, y_pred), adjusted_rand_index(y_true, y_pred)) == (nmi, ari)
+    scores = normalized_mutual_info(y_true, y_pred), adjusted_rand_index(y_true, y_pred)
+    assert scores == pytest.approx((nmi, ari), abs=1e-12)
 
 
 def test_nmi_and_ari_are_scikit_learns():

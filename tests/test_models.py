@@ -24,6 +24,8 @@ from servers import free_port, mlflow_server, stop_server, wait_for
 
 from distcluster import evaluate, predict
 from distcluster.images import digits_arrays
+from distcluster.registry import MLFLOW_SETTINGS
+from distcluster.tracking import environment_restored
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
@@ -167,7 +169,7 @@ def predicted(folder: Path, uri: str, out: Path, *extra: str, ray_env: dict[str,
               ) -> pd.DataFrame:
     """distcluster.predict's rows for the 400 digits, with the model of alias ALIAS; in a process
     of its own joining the Ray cluster whose environment `ray_env` is, else in-process."""
-    MlflowClient(uri).set_registered_model_alias(NAME, ALIAS, "1")
+    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(NAME, ALIAS, "1")
     argv = ["--model", f"models:/{NAME}@{ALIAS}", "--data", str(folder / "digits400.npz"), "--out", str(out),
             "--tracking-uri", uri, *extra]
     if ray_env:
@@ -178,23 +180,30 @@ def predicted(folder: Path, uri: str, out: Path, *extra: str, ray_env: dict[str,
     return pd.read_parquet(out) if out.suffix != ".csv" else pd.read_csv(out)
 
 
-def test_a_models_lookup_leaves_the_callers_mlflow_settings_as_they_were(registered, tmp_path, monkeypatch):
-    """predict in a Python session that has MLflow settings of its own: its tracking URI (in MLflow
-    and in the environment its subprocesses inherit) is still its own afterwards, no registry URI
-    and no progress-bar setting appeared."""
+@pytest.mark.parametrize("set_by", ["mlflow", "environment"])
+def test_a_models_lookup_leaves_the_callers_mlflow_settings_as_they_were(registered, tmp_path, set_by):
+    """predict in a Python session with MLflow settings of its own, set through MLflow or only in
+    the environment: afterwards its tracking and registry URIs (in MLflow and in the environment
+    its subprocesses inherit) are still its own, and no progress-bar setting appeared."""
     folder, uri, _ = registered
-    mine = f"sqlite:///{tmp_path}/mine.db"
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
-        monkeypatch.delenv(name, raising=False)
-    mlflow.set_tracking_uri(mine)
-    try:
-        predicted(folder, uri, tmp_path / "rows.csv")
-        assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == (mine, mine)
-        assert mlflow.get_registry_uri() == mine  # MLflow's default: the tracking URI
-        assert "MLFLOW_REGISTRY_URI" not in os.environ
-        assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
-    finally:
-        mlflow.set_tracking_uri(None)
+    mine, my_registry = f"sqlite:///{tmp_path}/mine.db", f"sqlite:///{tmp_path}/registry.db"
+    with environment_restored(MLFLOW_SETTINGS):  # this test's own settings go afterwards
+        for name in MLFLOW_SETTINGS:
+            os.environ.pop(name, None)
+        if set_by == "mlflow":
+            mlflow.set_tracking_uri(mine)
+            mlflow.set_registry_uri(my_registry)
+        else:
+            os.environ.update(MLFLOW_TRACKING_URI=mine, MLFLOW_REGISTRY_URI=my_registry)
+        try:
+            predicted(folder, uri, tmp_path / "rows.csv")
+            assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (mine, my_registry)
+            environment = os.environ["MLFLOW_TRACKING_URI"], os.environ["MLFLOW_REGISTRY_URI"]
+            assert environment == (mine, my_registry)
+            assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
 
 
 PYFUNC_SESSION = """

@@ -1,5 +1,5 @@
 """Surviving failures on real processes: a killed driver and damaged checkpoints (a killed Ray
-worker: test_elastic)."""
+worker: test_failures; a dead node: test_elastic)."""
 
 import contextlib
 import os
@@ -47,9 +47,7 @@ def test_a_killed_driver_resumes_from_the_newest_checkpoint_that_verifies(
         tmp_path, uninterrupted, ray_cluster):
     """A 2-worker run on the session's Ray head whose driver is SIGKILLed midway (Ray then ends its
     job's actors) and whose newest checkpoint is left half-written: the same command resumes from
-    the newest checkpoint that verifies, into the same MLflow run. (A killed worker, which Ray Train
-    meets by restarting the group from the last committed checkpoint: test_elastic, where a node's
-    death kills one.)"""
+    the newest checkpoint that verifies, into the same MLflow run."""
     process = subprocess.Popen(train_command(tmp_path, "run", *RUN), cwd=tmp_path, text=True,
                                env={**os.environ, **ray_cluster.env, **PACED},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

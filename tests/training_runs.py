@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO
 
 EPOCHS = 8
 # A short run on digits: 4 steps an epoch, checkpoints every epoch.
@@ -39,11 +40,13 @@ def ray_checkpoints(folder: Path, name: str) -> list[Path]:
 
 
 class Output:
-    """The lines a running process has printed so far (read on a thread)."""
+    """The lines a running process has printed so far to `stream` (its stdout unless named),
+    read on a thread."""
 
-    def __init__(self, process: subprocess.Popen) -> None:
+    def __init__(self, process: subprocess.Popen, stream: IO[str] | None = None) -> None:
         self.lines: list[str] = []
-        self.thread = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
+        source = stream or process.stdout
+        self.thread = threading.Thread(target=lambda: self.lines.extend(source), daemon=True)
         self.thread.start()
 
     def has(self, text: str) -> bool:
