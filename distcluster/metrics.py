@@ -34,7 +34,10 @@ def normalized_mutual_info(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Mutual information of two labellings over the mean of their entropies (scikit-learn's
     `normalized_mutual_info_score`, arithmetic mean): 1 when both put every sample in one group,
     0 when they share no information."""
-    counts = _label_contingency(y_true, y_pred)
+    return _nmi_of(_label_contingency(y_true, y_pred))
+
+
+def _nmi_of(counts: np.ndarray) -> float:
     if counts.shape[0] == counts.shape[1] <= 1:
         return 1.0
     joint = counts / counts.sum()
@@ -49,7 +52,10 @@ def normalized_mutual_info(y_true: ArrayLike, y_pred: ArrayLike) -> float:
 def adjusted_rand_index(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Agreement over pairs of samples (same group in both, or different in both), adjusted for
     chance (scikit-learn's `adjusted_rand_score`): 1 for the same partition, about 0 for random."""
-    counts = _label_contingency(y_true, y_pred)
+    return _ari_of(_label_contingency(y_true, y_pred))
+
+
+def _ari_of(counts: np.ndarray) -> float:
     n = int(counts.sum())
     squares = int((counts**2).sum())
     per_class, per_cluster = counts.sum(1), counts.sum(0)
@@ -87,12 +93,11 @@ def cluster_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     y_pred = np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-D")
-    matched = sum(contingency(y_true, y_pred)[c, k] for k, c in hungarian_match(y_true, y_pred).items())
-    return {
-        "acc": float(matched / len(y_true)),
-        "nmi": normalized_mutual_info(y_true, y_pred),
-        "ari": adjusted_rand_index(y_true, y_pred),
-    }
+    from scipy.optimize import linear_sum_assignment
+
+    counts = _label_contingency(y_true, y_pred)  # one table for the three scores
+    matched = counts[linear_sum_assignment(counts, maximize=True)].sum()
+    return {"acc": float(matched / len(y_true)), "nmi": _nmi_of(counts), "ari": _ari_of(counts)}
 
 
 def label_free_scores(probs: np.ndarray) -> dict[str, float]:

@@ -42,10 +42,10 @@ def fingerprint(path: Path) -> str:
 
 def resolve_data(spec: str, progress: bool = True, on_error: str = "fail",
                  max_resolution: int = DEFAULT_MAX_RESOLUTION) -> str:
-    """`digits`, or an absolute path (Ray workers do not run in the driver's folder): a .beton
-    or .npz itself, else its cached .beton (in this machine's cache: see README on shared storage), its
-    images at most `max_resolution` px (prepare's size rule), where a corrupt image stops it
-    (CorruptImage) or, with on_error `skip`, is left out."""
+    """Where a run reads `spec` from: `digits` itself; a .beton or .npz by its absolute path (Ray
+    workers run in other folders); anything else converted once into a cached .beton (this
+    machine's cache: README, shared storage), images at most `max_resolution` px (prepare's size
+    rule), a corrupt image stopping it (CorruptImage) or, with on_error `skip`, left out."""
     if spec.endswith(".beton"):
         return str(Path(spec).absolute())
     fmt, path = detect_format(spec)

@@ -7,9 +7,17 @@ import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import kill_ray_node, ray_head, start_ray_node, stop_ray_node, wait_for
+from servers import kill_ray_node, ray_head, start_ray_node, stop_ray_node
 from sklearn.cluster import KMeans
-from training_runs import PACED, Output, kill_driver, ray_checkpoints, summary_of, train_command
+from training_runs import (
+    PACED,
+    Output,
+    kill_driver,
+    ray_checkpoints,
+    summary_of,
+    train_command,
+    wait_while_running,
+)
 
 from distcluster.data import load_source
 from distcluster.metrics import cluster_scores
@@ -45,11 +53,11 @@ def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path):
         output = Output(process)
         try:
             # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
-            wait_for(lambda: len(ray_checkpoints(tmp_path, "elastic")) >= 2 or process.poll() is not None,
-                     what="a committed checkpoint")
+            wait_while_running(process, lambda: len(ray_checkpoints(tmp_path, "elastic")) >= 2,
+                               "a committed checkpoint", output)
             kill_ray_node(nodes[0])
-            wait_for(lambda: output.has("training on 1 worker") or process.poll() is not None,
-                     what="the group to shrink")
+            wait_while_running(process, lambda: output.has("training on 1 worker"), "the group to shrink",
+                               output)
             nodes.append(start_ray_node(head, cpus=1))
             process.wait(timeout=600)
         finally:

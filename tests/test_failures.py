@@ -15,7 +15,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 from recorder import Recorder
 from servers import free_port, start_mlflow_server, stop_server, wait_for
-from training_runs import PACED, RUN, Output, kill_driver, ray_checkpoints, run_train, train_command
+from training_runs import (
+    PACED,
+    RUN,
+    Output,
+    kill_driver,
+    ray_checkpoints,
+    run_train,
+    train_command,
+    wait_while_running,
+)
 
 from distcluster.build import WorkerContext
 from distcluster.config import from_dict, load_recipe
@@ -107,9 +116,10 @@ def test_a_killed_worker_restarts_in_place_and_ctrl_c_then_ends_the_run_like_in_
     printed, errors = Output(process), Output(process, process.stderr)
     try:
         # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
-        wait_while_running(process, lambda: len(ray_checkpoints(tmp_path, "ctrl-c")) >= 2, "two checkpoints")
+        wait_while_running(process, lambda: len(ray_checkpoints(tmp_path, "ctrl-c")) >= 2, "two checkpoints",
+                           errors)
         os.kill(worker_pid(printed), signal.SIGKILL)
-        wait_while_running(process, lambda: len(group_starts(printed)) >= 2, "the worker to restart")
+        wait_while_running(process, lambda: len(group_starts(printed)) >= 2, "the worker to restart", errors)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
     finally:
@@ -124,20 +134,15 @@ def test_a_killed_worker_restarts_in_place_and_ctrl_c_then_ends_the_run_like_in_
     assert not (tmp_path / "ctrl-c" / "summary.json").exists()
 
 
-def wait_while_running(process: subprocess.Popen, condition, what: str) -> None:
-    wait_for(lambda: condition() or process.poll() is not None, what=what, every=0.5)
-    assert process.poll() is None, f"the run ended before {what}"
-
-
 def worker_pid(printed: Output) -> int:
     """The run's worker, by the PID in the prefix Ray gives its lines (`pid=N` or `pid=N, ip=...`;
     other Ray jobs on the head are not this driver's to print)."""
-    found = re.search(r"\(RayTrainWorker pid=(\d+)[,)]", "".join(printed.lines))
-    assert found, f"no Ray Train worker has printed yet: {''.join(printed.lines)[-3000:]}"
+    found = re.search(r"\(RayTrainWorker pid=(\d+)[,)]", printed.so_far())
+    assert found, f"no Ray Train worker has printed yet: {printed.so_far()[-3000:]}"
     return int(found.group(1))
 
 
 def group_starts(printed: Output) -> list[int]:
     """The epoch each start of the worker group resumed at, as the worker printed it."""
-    starts = re.findall(r"training on 1 worker from epoch (\d+)", "".join(printed.lines))
+    starts = re.findall(r"training on 1 worker from epoch (\d+)", printed.so_far())
     return [int(epoch) for epoch in starts]

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from servers import wait_for
 from training_runs import (
     EPOCHS,
     PACED,
@@ -20,6 +19,7 @@ from training_runs import (
     run_train,
     summary_of,
     train_command,
+    wait_while_running,
 )
 
 from distcluster.checkpoint import (
@@ -54,7 +54,7 @@ def test_a_killed_driver_resumes_from_the_newest_checkpoint_that_verifies(
     output = Output(process)
     try:
         # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
-        wait_while_running(process, output, lambda: len(intact_checkpoints(tmp_path)) >= 2, "two checkpoints")
+        wait_while_running(process, lambda: len(intact_checkpoints(tmp_path)) >= 2, "two checkpoints", output)
     finally:
         kill_driver(process)
     intact = intact_checkpoints(tmp_path)
@@ -74,11 +74,6 @@ def test_a_killed_driver_resumes_from_the_newest_checkpoint_that_verifies(
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # resumed into the same run
     logged = client.get_metric_history(runs[0].info.run_id, "train/workers")  # at each group start
     assert [m.step for m in sorted(logged, key=lambda m: m.timestamp)] == [0, resumed]
-
-
-def wait_while_running(process: subprocess.Popen, output: Output, condition, what: str) -> None:
-    wait_for(lambda: condition() or process.poll() is not None, what=what, every=0.5)
-    assert process.poll() is None, f"the run ended before {what}: {output.text()[-3000:]}"
 
 
 def intact_checkpoints(folder: Path) -> dict[int, Path]:

@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 from typing import IO
 
+from servers import wait_for
+
 EPOCHS = 8
 # A short run on digits: 4 steps an epoch, checkpoints every epoch.
 RUN = ["--epochs", str(EPOCHS), "--batch-size", "128", "--set", "max_samples=512", "--seed", "3"]
@@ -52,10 +54,19 @@ class Output:
     def has(self, text: str) -> bool:
         return any(text in line for line in self.lines)
 
+    def so_far(self) -> str:
+        return "".join(self.lines)
+
     def text(self) -> str:
         """All it printed (waiting for its end)."""
         self.thread.join(timeout=60)
-        return "".join(self.lines)
+        return self.so_far()
+
+
+def wait_while_running(process: subprocess.Popen, condition, what: str, output: Output | None = None) -> None:
+    """Wait for `condition` while the run goes on; fail, with what it printed, if it ends first."""
+    wait_for(lambda: condition() or process.poll() is not None, what=what, every=0.5)
+    assert process.poll() is None, f"the run ended before {what}: {output.text()[-3000:] if output else ''}"
 
 
 def kill_driver(process: subprocess.Popen) -> None:
