@@ -39,11 +39,12 @@ PARALLEL := -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(PY) -m pytest -q $(PARALLEL) tests
 
-test-fast: $(STAMP)  # the pure core, for the edit-test loop (under 2 minutes on 2 cores)
+test-fast: $(STAMP)  # the pure tests, for the edit-test loop (under 2 minutes on 2 cores)
 	$(PY) -m pytest -q $(PARALLEL) -m "not slow" tests
 
-lint: $(STAMP)
+lint: $(STAMP)  # style, and the import contracts of docs/architecture.md (make test checks them too)
 	$(VENV)/bin/ruff check distcluster tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs mlflow.db

@@ -23,8 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_section  # noqa: E402
 
-from distcluster.augment import MultiCrop  # noqa: E402
-from distcluster.config import AugmentConfig, CropGroup  # noqa: E402
+from distcluster.data.augment import (  # noqa: E402
+    AugmentConfig,
+    CropGroup,
+    MultiCrop,  # noqa: E402
+)
 
 BATCH, SIZE = 256, 32
 GROUPS = [CropGroup(2, 28, (0.2, 1.0)), CropGroup(4, 18, (0.08, 0.4))]

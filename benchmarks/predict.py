@@ -36,15 +36,19 @@ def run(*argv: str) -> float:
 
 
 def network_only(model: Path, beton: Path, batch: int) -> tuple[int, float]:
-    from distcluster.ffcv_io import BetonSource
-    from distcluster.inference import assign, load_model
+    """predict's own assignment path (inference.batch.local_rows) on images decoded up front."""
+    from distcluster.data.arrays import ArraySource
+    from distcluster.data.ffcv_io import BetonSource
+    from distcluster.engine.exported import load_model
+    from distcluster.inference.batch import local_rows
 
     loaded, source = load_model(model), BetonSource(beton, threads=torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images = list(b.clone() for b in source.batches(batch))  # decoded up front: not timed
+    decoded = ArraySource(torch.cat(list(source.batches(batch))), None, "decoded")  # not timed
     started = time.perf_counter()
-    assign(loaded, iter(images), len(source), device, progress=False)
-    return len(source), time.perf_counter() - started
+    for _rows in local_rows(loaded, decoded, None, 0, len(decoded), batch, device):
+        pass
+    return len(decoded), time.perf_counter() - started
 
 
 def main() -> None:

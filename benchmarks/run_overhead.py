@@ -3,8 +3,8 @@ process, waiting for Ray Train's controller to collect each epoch's report, draw
 
     .venv/bin/python benchmarks/run_overhead.py [--repeats 3] [--epochs 8]
 
-1. The import of `distcluster.ray_train` that every Ray worker and controller does: a fresh
-   `python -c "import distcluster.ray_train"`, median of `--repeats`.
+1. The import of `distcluster.cluster.ray_train` that every Ray worker and controller does: a fresh
+   `python -c "import distcluster.cluster.ray_train"`, median of `--repeats`.
 2. The same short run, `python -m distcluster.train --workers 2 --epochs E --batch-size 128
    --set max_samples=512` (a checkpoint and a report every epoch), with the controller polling
    every 2 s (Ray's default, set through RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and every 0.25 s
@@ -37,13 +37,13 @@ POLLS = ("2", "0.25")  # seconds: Ray's default, distcluster's
 
 def import_seconds() -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import distcluster.ray_train"], check=True)
+    subprocess.run([sys.executable, "-c", "import distcluster.cluster.ray_train"], check=True)
     return time.perf_counter() - started
 
 
 def gallery_seconds(k: int, folder: Path) -> float:
-    from distcluster.images import digits_arrays
-    from distcluster.plots import gallery
+    from distcluster.data.images import digits_arrays
+    from distcluster.tracking.plots import gallery
 
     images, labels = digits_arrays()
     rng = np.random.default_rng(0)
@@ -84,7 +84,7 @@ def main() -> None:
     lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
              f"Command: `.venv/bin/python benchmarks/run_overhead.py --repeats {args.repeats} "
              f"--epochs {args.epochs}` (medians of the repeats).", "",
-             f"Import of `distcluster.ray_train` in a new process (each Ray worker and controller): "
+             f"Import of `distcluster.cluster.ray_train` in a new process (each Ray worker and controller): "
              f"**{imports:.2f} s**.", "",
              "Cluster gallery of the 1,797 digits: " + ", ".join(
                  f"**{seconds:.2f} s** for {k} clusters" for k, seconds in galleries.items()) + ".", "",

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_section  # noqa: E402
 
-from distcluster.checkpoint import verified_checkpoint  # noqa: E402
+from distcluster.engine.checkpoint import verified_checkpoint  # noqa: E402
 
 
 def run(recipe: str, data: str | None, workers: int, epochs: int, overrides: list[str],

@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_section  # noqa: E402
 
-from distcluster.search_space import load_space  # noqa: E402
+from distcluster.cluster.search_space import load_space  # noqa: E402
 
 
 def sweep(space: str, samples: int, search: str, seed: int, folder: Path) -> dict:

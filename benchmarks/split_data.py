@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from distcluster.cli import run_command
-from distcluster.errors import UserError
-from distcluster.sources import open_source, resolve_data
+from distcluster.commands.cli import run_command
+from distcluster.common.errors import UserError
+from distcluster.data.sources import open_source, resolve_data
 
 
 def read_all(spec: str) -> tuple[np.ndarray, np.ndarray]:

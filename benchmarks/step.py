@@ -27,10 +27,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_section  # noqa: E402
 
-from distcluster import config  # noqa: E402
-from distcluster.augment import MultiCrop  # noqa: E402
-from distcluster.build import WorkerContext, build_training_state, set_cpu_speedups  # noqa: E402
-from distcluster.step import autocast_for, train_step  # noqa: E402
+from distcluster import config
+from distcluster.data.augment import MultiCrop  # noqa: E402
+from distcluster.engine.build import WorkerContext, build_training_state, set_cpu_speedups  # noqa: E402
+from distcluster.engine.step import autocast_for, train_step  # noqa: E402
 
 # Dense bf16 datasheet peaks; the first name found in the device's name wins.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -34,10 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, write_section  # noqa: E402
 
-from distcluster import plots  # noqa: E402
-from distcluster.cli import run_command  # noqa: E402
-from distcluster.errors import RunFailed, UserError  # noqa: E402
-from distcluster.sources import open_source, resolve_data  # noqa: E402
+from distcluster.commands.cli import run_command  # noqa: E402
+from distcluster.common.errors import RunFailed, UserError  # noqa: E402
+from distcluster.data.sources import open_source, resolve_data  # noqa: E402
+from distcluster.tracking import plots
 
 MAX_HELD_OUT_POINTS = 12
 

@@ -1,8 +1,9 @@
 """distcluster: deep image clustering with mutual-information objectives.
 
-The pure core (config, objectives, models, augment, metrics, data, loop)
-imports neither ray, mlflow nor ffcv; the edge (train, ray_train, tracking)
-wires it to Ray Train and MLflow.
+Each sub-package is a room of the architecture (docs/architecture.md), importing only the
+rooms below it: commands -> inference -> cluster -> tracking -> engine -> config -> data ->
+core -> common. The pure core, config and engine import neither Ray, MLflow nor FFCV. The
+modules at this level are the `python -m distcluster.X` entry points and stable import paths.
 """
 
 __version__ = "0.1.0"

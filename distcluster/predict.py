@@ -1,55 +1,8 @@
-"""`python -m distcluster.predict --model URI --data SPEC --out FILE.csv|FILE.parquet|FOLDER`.
+"""`python -m distcluster.predict`: see distcluster.commands.predict."""
 
-One row per image: `index`, `path` (when known), `cluster`, `confidence` (the
-probability of that cluster). Batched, on the GPU when present, with a progress
-bar; with `--workers N`, on N Ray Data actors (on a Ray cluster under `ray job
-submit`). The rows are written as they come, to a temporary name renamed at the
-end; a FOLDER gets parquet shards (part-00000.parquet, ...), for inputs too large
-for one file.
-"""
+import sys
 
-from __future__ import annotations
-
-from pathlib import Path
-
-from distcluster.batch_inference import assign_all, model_arguments, open_inputs, table_writer
-from distcluster.cli import run_command
-from distcluster.errors import UserError
-
-PROG = "distcluster.predict"
-
-
-def check_out(out: Path) -> None:
-    if out.suffix in (".csv", ".parquet"):
-        if not out.parent.is_dir():
-            raise UserError(f"--out: folder {out.parent} does not exist")
-        return
-    if out.suffix:
-        raise UserError(f"--out must end in .csv or .parquet, or name a new folder (got {out})")
-    if out.exists():
-        raise UserError(f"--out {out} exists: name a new folder for the parquet shards")
-    if not out.parent.is_dir():
-        raise UserError(f"--out: folder {out.parent} does not exist")
-
-
-def predict(argv: list[str] | None = None) -> Path:
-    parser = model_arguments(PROG, __doc__)
-    parser.add_argument("--out", required=True,
-                        help="FILE.csv, FILE.parquet, or a new FOLDER (parquet shards)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    check_out(out)
-    inputs = open_inputs(args)
-    with table_writer(out) as write:
-        for rows in assign_all(inputs, args):
-            write(rows)
-    print(f"wrote {len(inputs.source)} rows to {out}")
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_command(PROG, lambda: predict(argv))
-
+from distcluster.commands.predict import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """A command's `main` run in-process, as the tests of its refusals use it (a real process's exit
 code and stderr: test_config's test_a_real_process_exits_2)."""
 
-from distcluster.errors import MAX_MESSAGE
+from distcluster.common.errors import MAX_MESSAGE
 
 
 def refused(command, argv: list[str], capsys) -> str:

@@ -8,12 +8,13 @@ import torch.distributed as dist
 from torch import nn
 
 from distcluster import config
-from distcluster.build import WorkerContext, build_training_state
-from distcluster.distributed import global_batchnorm
-from distcluster.objectives import CRLC, IIC, IMCSwAV, iic_loss, sinkhorn
-from distcluster.step import train_step
+from distcluster.core.distributed import global_batchnorm
+from distcluster.core.objectives import CRLC, IIC, IMCSwAV, iic_loss, sinkhorn
+from distcluster.engine.build import WorkerContext, build_training_state
+from distcluster.engine.step import train_step
 
 BATCH, FEATURES, CLUSTERS, VIEWS = 16, 12, 4, 4
+CPU = torch.device("cpu")
 
 
 def _objectives() -> dict[str, nn.Module]:
@@ -79,9 +80,10 @@ def _objective_case(objective: nn.Module, features: list[torch.Tensor], local: s
     return {"loss": loss, **_average_like_ddp(grads, world), **stats}
 
 
-def training_case(rank: int, world: int, sync_batchnorm: bool) -> dict[str, torch.Tensor]:
-    """Weights and BatchNorm statistics after three whole training steps (small CNN with
-    BatchNorm in train mode, IMC-SwAV, SGD) on this rank's share of one global batch."""
+def training_case(rank: int, world: int, sync_batchnorm: bool,
+                  device: torch.device = CPU) -> dict[str, torch.Tensor]:
+    """Weights and BatchNorm statistics (on the CPU) after three whole training steps (small CNN
+    with BatchNorm in train mode, IMC-SwAV, SGD) on this rank's share of one global batch."""
     cfg = config.from_dict({**config.load_recipe("digits-imc-swav"), "precision": "fp32",
                             "model": {"backbone": "small_cnn", "width": 8, "sync_batchnorm": sync_batchnorm},
                             "optim": {"name": "sgd", "lr": 0.05},
@@ -94,12 +96,12 @@ def training_case(rank: int, world: int, sync_batchnorm: bool) -> dict[str, torc
     for group in cfg.augment.crops:  # crop-major rows: crop c of every image, then crop c + 1
         everyone = torch.randn(group.count, BATCH, 1, group.size, group.size, generator=gen)
         crops.append(everyone[:, rank * local:(rank + 1) * local].flatten(0, 1))
-    state = build_training_state(cfg, 1, WorkerContext(rank, world))
+    state = build_training_state(cfg, 1, WorkerContext(rank, world, device))
     for _ in range(3):
-        train_step(state, crops, local)
+        train_step(state, [c.to(device) for c in crops], local)
     model = state.model
-    stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
-    return {"weights": nn.utils.parameters_to_vector(model.parameters()).detach(), **stats}
+    stats = {n: b.detach().cpu() for n, b in model.named_buffers() if "running" in n}
+    return {"weights": nn.utils.parameters_to_vector(model.parameters()).detach().cpu(), **stats}
 
 
 SKIP_MODES = {  # the host skips the update / the fused optimiser skips it on the device
@@ -133,5 +135,16 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.save(run_cases(rank, world), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def gpu_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank of an NCCL group on its own GPU: the global-BatchNorm training case (SyncBatchNorm)."""
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = training_case(rank, world, sync_batchnorm=True, device=torch.device("cuda", rank))
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """A Reporter for train_loop tests: keeps every epoch's report."""
 
-from distcluster.loop import EpochReport
+from distcluster.engine.loop import EpochReport
 
 
 class Recorder:

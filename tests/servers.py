@@ -79,6 +79,21 @@ class RayHead:
 
     env: dict[str, str]
     dashboard: str
+    process: subprocess.Popen  # `ray start --head --block`: every Ray process of the node is below it
+
+    def train_processes(self) -> list:
+        """The live Ray Train worker and controller processes of this node (by the process titles
+        Ray gives its actors), which are what write and delete a run's checkpoints."""
+        import psutil
+
+        found = []
+        for process in psutil.Process(self.process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                title = " ".join(process.cmdline())
+                if process.status() != psutil.STATUS_ZOMBIE and ("RayTrainWorker" in title
+                                                                 or "TrainController" in title):
+                    found.append(process)
+        return found
 
     def job_env(self) -> dict[str, str]:
         """The environment of `ray job` commands, which take the dashboard's address instead."""
@@ -115,7 +130,7 @@ def ray_head(cpus: int = 2, settings: dict[str, str] | None = None):
             assert time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
         joined = {key: env[key] for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "PATH")}
-        yield RayHead({**joined, "RAY_ADDRESS": f"127.0.0.1:{port}"}, address)
+        yield RayHead({**joined, "RAY_ADDRESS": f"127.0.0.1:{port}"}, address, head)
     finally:
         stop_ray_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,6 +1,8 @@
 import torch
 
-from distcluster.augment import (
+from distcluster.data.augment import (
+    AugmentConfig,
+    CropGroup,
     MultiCrop,
     apply_colour,
     colour_jitter,
@@ -8,7 +10,6 @@ from distcluster.augment import (
     draw_colour_params,
     gaussian_blur,
 )
-from distcluster.config import AugmentConfig, CropGroup
 
 
 def _images(n=32, c=3, size=16):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from distcluster import config
-from distcluster.errors import ConfigError
-from distcluster.train import config_from_args, main, resizes
+from distcluster.commands.train import config_from_args, main, resizes
+from distcluster.common.errors import ConfigError
 
 
 def test_every_packaged_recipe_loads_and_validates():
@@ -68,7 +68,7 @@ def test_a_worker_range_is_an_elastic_group_from_the_flag_a_set_or_a_recipe(tmp_
 
 
 def test_a_tune_space_searches_worker_ranges_like_any_key(tmp_path):
-    from distcluster.search_space import load_space
+    from distcluster.cluster.search_space import load_space
 
     path = tmp_path / "space.yaml"
     path.write_text("base: digits-imc-swav\nset: {batch_size: 120}\n"
@@ -101,7 +101,7 @@ def test_resizes_are_the_starts_that_changed_the_group_size():
 
 
 def test_an_elastic_group_gets_whole_cpus_and_a_warning_only_when_its_smallest_size_cannot_start():
-    from distcluster.ray_train import cpus_per_worker, warn_if_oversubscribed
+    from distcluster.cluster.ray_train import cpus_per_worker, warn_if_oversubscribed
 
     said = []
     elastic = config.from_dict({"workers": "2-8", "batch_size": 840})
@@ -117,7 +117,7 @@ def test_an_elastic_group_gets_whole_cpus_and_a_warning_only_when_its_smallest_s
 def test_ray_processes_get_the_forwarded_settings_a_submitted_job_does_not_set_itself():
     import json
 
-    from distcluster.ray_train import ray_env
+    from distcluster.cluster.ray_train import ray_env
 
     users = {"DISTCLUSTER_CACHE": "/c", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     assert ray_env({**users, "HOME": "/root"}) == users
@@ -127,8 +127,8 @@ def test_ray_processes_get_the_forwarded_settings_a_submitted_job_does_not_set_i
 
 
 def test_the_controller_polls_every_quarter_second_unless_the_user_chose():
-    from distcluster.errors import UserError
-    from distcluster.ray_train import ray_env, use_fast_controller_poll
+    from distcluster.cluster.ray_train import ray_env, use_fast_controller_poll
+    from distcluster.common.errors import UserError
 
     for environ, expected in (({}, "0.25"), ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}, "2")):
         use_fast_controller_poll(environ)
@@ -206,3 +206,13 @@ def test_assign_names_the_missing_key(key, reason):
     values = config.from_dict(config.load_recipe("digits-imc-swav")).to_dict()
     with pytest.raises(ConfigError, match=reason):
         config.assign(values, key, 1)
+
+
+def test_the_reference_docs_list_every_objective_argument_as_defined():
+    """docs/reference.md's tables are generated from the objectives' own definitions: one row per
+    argument with its default (`python -m distcluster.config.reference` rewrites them)."""
+    from distcluster.config import reference
+
+    text = reference.DOCS.read_text()
+    assert reference.with_tables(text) == text, "run: python -m distcluster.config.reference"
+    assert "| `imc_swav.temperature` | `0.1` |" in text and "| `iic.head_epochs` | `[1, 2]` |" in text

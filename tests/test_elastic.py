@@ -19,8 +19,8 @@ from training_runs import (
     wait_while_running,
 )
 
-from distcluster.data import load_source
-from distcluster.metrics import cluster_scores
+from distcluster.core.metrics import cluster_scores
+from distcluster.data.arrays import load_source
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 

@@ -26,12 +26,10 @@ from training_runs import (
     wait_while_running,
 )
 
-from distcluster.build import WorkerContext
 from distcluster.config import from_dict, load_recipe
-from distcluster.data import load_source
-from distcluster.loop import train_loop
-
-pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+from distcluster.data.arrays import load_source
+from distcluster.engine.build import WorkerContext
+from distcluster.engine.loop import train_loop
 
 # ---- guards ----------------------------------------------------------------------------------
 
@@ -40,6 +38,7 @@ pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test
 GUARDS = [("0", "1"), ("2", "4")]
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 @pytest.mark.parametrize("workers, check_every", GUARDS)
 def test_non_finite_steps_are_skipped_until_too_many_in_a_row_end_the_run_with_exit_1(
         tmp_path, ray_cluster, workers, check_every):
@@ -75,6 +74,7 @@ def test_cluster_collapse_is_flagged_after_warm_up():
     assert sum("warning: cluster collapse" in line for line in lines) == 2
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_unreachable_mlflow_exits_2_before_training(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -87,6 +87,7 @@ def test_unreachable_mlflow_exits_2_before_training(tmp_path):
     assert not (tmp_path / "out").exists() and time.monotonic() - started < 60
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
     server, uri = start_mlflow_server(tmp_path)
     try:
@@ -105,6 +106,7 @@ def test_mlflow_lost_mid_run_warns_and_training_finishes(tmp_path):
     assert summary["mlflow"]["lost"] and summary["epochs"] == 4
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_a_killed_worker_restarts_in_place_and_ctrl_c_then_ends_the_run_like_in_process(
         tmp_path, ray_cluster):
     """A fixed 1-worker run on the session's Ray head: its worker SIGKILLed (the node lives on),

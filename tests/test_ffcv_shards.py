@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distcluster.prepare import main as prepare_main
+from distcluster.commands.prepare import main as prepare_main
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
@@ -23,7 +23,7 @@ def _record_shards(config: dict) -> None:
     """Ray worker: decode the index written into each image's pixels, per epoch."""
     import ray.train
 
-    from distcluster.ffcv_io import BetonSource
+    from distcluster.data.ffcv_io import BetonSource
 
     rank = ray.train.get_context().get_world_rank()
     source = BetonSource(Path(config["beton"]))
@@ -38,7 +38,7 @@ def local_ray():
     import ray
     from ray import cloudpickle
 
-    from distcluster.ray_train import init_ray
+    from distcluster.cluster.ray_train import init_ray
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
     had_temp_dir = "RAY_TMPDIR" in os.environ

@@ -5,9 +5,8 @@ import json
 import torch
 
 from distcluster import config
-from distcluster.build import build_model
-from distcluster.checkpoint import LEGACY_WEIGHTS_FILE, MODEL_CONFIG_FILE
-from distcluster.inference import load_model
+from distcluster.engine.build import build_model
+from distcluster.engine.exported import LEGACY_WEIGHTS_FILE, MODEL_CONFIG_FILE, load_model
 
 
 def write_old_model(folder, cfg: config.Config, written: dict) -> dict[str, torch.Tensor]:

@@ -3,8 +3,8 @@
 import pytest
 
 from distcluster import config
-from distcluster.build import WorkerContext, build_training_state
-from distcluster.step import warm_up_learning_rate
+from distcluster.engine.build import WorkerContext, build_training_state
+from distcluster.engine.step import warm_up_learning_rate
 
 
 def test_the_learning_rate_warms_up_linearly_per_update_as_imc_swavs_code():

@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from distcluster.metrics import adjusted_rand_index, cluster_scores, label_free_scores, normalized_mutual_info
+from distcluster.core.metrics import (
+    adjusted_rand_index,
+    cluster_scores,
+    label_free_scores,
+    normalized_mutual_info,
+)
 
 
 def test_relabelled_labels_score_perfectly():
@@ -72,7 +77,7 @@ def test_label_free_scores_of_balanced_and_collapsed_outputs():
 
 
 def test_matched_confusion_puts_the_agreement_on_the_diagonal():
-    from distcluster.metrics import matched_confusion
+    from distcluster.core.metrics import matched_confusion
 
     y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2])
     y_pred = np.array([2, 2, 1, 0, 0, 1, 1, 3])  # cluster 2 -> class 0, 0 -> 1, 1 -> 2, 3 unmatched
@@ -83,7 +88,7 @@ def test_matched_confusion_puts_the_agreement_on_the_diagonal():
 
 
 def test_most_confident_members_best_first():
-    from distcluster.plots import most_confident
+    from distcluster.tracking.plots import most_confident
 
     clusters = np.array([0, 1, 0, 0, 1])
     confidence = np.array([0.5, 0.9, 0.8, 0.7, 0.6])
@@ -91,7 +96,7 @@ def test_most_confident_members_best_first():
 
 
 def test_a_mosaic_puts_each_image_in_its_cell_and_leaves_gaps_and_empty_cells_white():
-    from distcluster.plots import mosaic
+    from distcluster.tracking.plots import mosaic
 
     tile = [np.full((2, 3, 1), value, np.uint8) for value in (10, 20, 30)]
     grid = mosaic([[tile[0], tile[1]], [], [tile[2]]], columns=2)  # the middle cluster is empty
@@ -103,7 +108,7 @@ def test_a_mosaic_puts_each_image_in_its_cell_and_leaves_gaps_and_empty_cells_wh
 
 
 def test_view_mi_is_one_for_stable_balanced_clusters_and_zero_for_collapse():
-    from distcluster.metrics import view_mi
+    from distcluster.core.metrics import view_mi
 
     clusters = np.arange(400) % 4
     assert view_mi(clusters, clusters, 4) == pytest.approx(1.0)
@@ -114,7 +119,7 @@ def test_view_mi_is_one_for_stable_balanced_clusters_and_zero_for_collapse():
 
 
 def test_view_mi_of_assignments_that_ignore_the_image_is_near_zero():
-    from distcluster.metrics import view_mi
+    from distcluster.core.metrics import view_mi
 
     rng = np.random.default_rng(0)
     assert view_mi(rng.integers(0, 10, 20000), rng.integers(0, 10, 20000), 10) < 0.005
@@ -125,7 +130,7 @@ def test_view_mi_of_assignments_that_ignore_the_image_is_near_zero():
 
 
 def test_consensus_rewards_the_partition_the_stable_others_agree_with():
-    from distcluster.metrics import consensus
+    from distcluster.core.metrics import consensus
 
     rng = np.random.default_rng(0)
     truth = np.arange(600) % 6

@@ -22,10 +22,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from servers import free_port, mlflow_server, stop_server, wait_for
 
-from distcluster import evaluate, predict
-from distcluster.images import digits_arrays
-from distcluster.registry import MLFLOW_SETTINGS
-from distcluster.tracking import environment_restored
+from distcluster.commands import evaluate, predict
+from distcluster.data.images import digits_arrays
+from distcluster.engine.exported import assignment_table, load_model
+from distcluster.tracking.registry import MLFLOW_SETTINGS
+from distcluster.tracking.runs import environment_restored
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
@@ -90,6 +91,9 @@ def test_predict_on_new_jpegs_gives_one_row_per_image_and_one_file_alone_the_sam
     rng = np.random.default_rng(0)
     for i in range(23):  # RGB 20x20: the 1-channel 8x8 model gets them converted and resized
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(photos / f"p{i:02d}.jpg")
+    # what the model itself says of these pixels, decoded here: predict must write exactly that
+    pixels = np.stack([np.asarray(Image.open(photos / f"p{i:02d}.jpg").convert("RGB")) for i in range(23)])
+    expected = assignment_table(load_model(folder / "out"), pixels)
     for suffix in ("csv", "parquet"):
         out = tmp_path / f"clusters.{suffix}"
         predict_in_process("--model", f"models:/{NAME}/1", "--data", str(photos), "--out", str(out),
@@ -98,7 +102,8 @@ def test_predict_on_new_jpegs_gives_one_row_per_image_and_one_file_alone_the_sam
         assert list(table.columns) == ["index", "path", "cluster", "confidence"]
         assert table["index"].tolist() == list(range(23))
         assert [Path(p).name for p in table["path"]] == [f"p{i:02d}.jpg" for i in range(23)]
-        assert table["cluster"].between(0, 9).all() and table["confidence"].between(0.1, 1).all()
+        assert table["cluster"].tolist() == expected["cluster"].tolist()
+        assert np.allclose(table["confidence"], expected["confidence"], atol=1e-6)
     alone = tmp_path / "alone.csv"  # one image file: the same answer as in its folder
     predict_in_process("--model", f"models:/{NAME}/1", "--data", str(photos / "p05.jpg"), "--out",
                          str(alone), "--tracking-uri", uri)

@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distcluster.config import CRLCConfig, IICConfig, IMCSwAVConfig
-from distcluster.objectives import CRLC, IIC, IMCSwAV
+from distcluster.core.objectives import CRLC, IIC, CRLCArguments, IICArguments, IMCSwAV, IMCSwAVArguments
 
 BATCH, FEATURES, CLUSTERS = 12, 10, 4
 
@@ -69,7 +68,7 @@ def official_iic_step(head, feats: list[torch.Tensor], lamb: float) -> torch.Ten
 
 @pytest.mark.parametrize(("epoch", "trained"), [(0, "over"), (1, "main"), (2, "main"), (3, "over")])
 def test_iic_matches_the_authors_step_and_head_schedule(epoch, trained):
-    cfg = IICConfig(overclusters=7, subheads=3, lamb=1.3)  # defaults: anchor pairing, heads (1, 2)
+    cfg = IICArguments(overclusters=7, subheads=3, lamb=1.3)  # defaults: anchor pairing, heads (1, 2)
     torch.manual_seed(0)
     objective = IIC(FEATURES, CLUSTERS, **asdict(cfg)).double()
     compare(objective, lambda obj, f: official_iic_step(getattr(obj, trained), f, cfg.lamb),
@@ -111,7 +110,7 @@ def official_classifier(layers, z: torch.Tensor) -> torch.Tensor:
     return F.linear(x, last.weight, last.bias)
 
 
-def official_imc_step(obj: IMCSwAV, feats: list[torch.Tensor], cfg: IMCSwAVConfig,
+def official_imc_step(obj: IMCSwAV, feats: list[torch.Tensor], cfg: IMCSwAVArguments,
                       large_crops: int = 2) -> torch.Tensor:
     """model.Model._encode + forward and the loss of task_train._train."""
     tau, eps = cfg.temperature, cfg.epsilon
@@ -131,7 +130,7 @@ def official_imc_step(obj: IMCSwAV, feats: list[torch.Tensor], cfg: IMCSwAVConfi
 
 def test_imc_swav_matches_the_authors_step():
     torch.manual_seed(0)
-    cfg = IMCSwAVConfig(prototypes=9, projection_hidden=FEATURES, projection_dim=6, classifier_hidden=16)
+    cfg = IMCSwAVArguments(prototypes=9, projection_hidden=FEATURES, projection_dim=6, classifier_hidden=16)
     objective = IMCSwAV(FEATURES, CLUSTERS, **asdict(cfg)).double()
     objective.on_step_start()  # the prototypes are put back on the sphere before every step
     compare(objective, lambda obj, f: official_imc_step(obj, f, cfg), features(6, seed=1))
@@ -163,7 +162,7 @@ def official_cat_contrast(p_1: torch.Tensor, p_2: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, torch.zeros(2 * b, dtype=torch.long))
 
 
-def official_crlc_subhead(ly_1: torch.Tensor, ly_2: torch.Tensor, cfg: CRLCConfig) -> torch.Tensor:
+def official_crlc_subhead(ly_1: torch.Tensor, ly_2: torch.Tensor, cfg: CRLCArguments) -> torch.Tensor:
     """CRLC._loss_of_1_subhead with contrast_y 1, entropy 2, logit clamps 0.01 (run_train_cifar10)."""
     k, alpha, bound, zero = ly_1.shape[-1], cfg.smoothing, cfg.logit_bound, torch.zeros((), dtype=ly_1.dtype)
     py_1, py_2 = ly_1.softmax(-1), ly_2.softmax(-1)
@@ -175,7 +174,7 @@ def official_crlc_subhead(ly_1: torch.Tensor, ly_2: torch.Tensor, cfg: CRLCConfi
     return contrast_y + cfg.entropy_weight * (-entropy) + cfg.logit_penalty * (lower + upper)
 
 
-def official_crlc_step(obj: CRLC, feats: list[torch.Tensor], cfg: CRLCConfig) -> torch.Tensor:
+def official_crlc_step(obj: CRLC, feats: list[torch.Tensor], cfg: CRLCArguments) -> torch.Tensor:
     """CRLC._cluster_loss: 10 x NT-Xent of the projections + the mean of the sub-head losses."""
     first, _, second = obj.representation  # Linear -> ReLU -> Linear
     z = [F.normalize(F.linear(F.relu(F.linear(f, first.weight, first.bias)), second.weight, second.bias),
@@ -195,8 +194,8 @@ def official_crlc_step(obj: CRLC, feats: list[torch.Tensor], cfg: CRLCConfig) ->
 
 def test_crlc_matches_the_authors_step():
     torch.manual_seed(0)
-    cfg = CRLCConfig(subheads=3, hidden=8, projection_dim=5, logit_bound=1.5)  # a low bound: the clamps act
-    objective = CRLC(FEATURES, CLUSTERS, **asdict(cfg)).double()
+    args = CRLCArguments(subheads=3, hidden=8, projection_dim=5, logit_bound=1.5)  # the clamps act
+    objective = CRLC(FEATURES, CLUSTERS, args).double()
     feats = [f * 4 for f in features(2, seed=2)]
-    assert (objective.cluster(feats[0]).abs() > cfg.logit_bound).any()  # the clamp terms are in play
-    compare(objective, lambda obj, f: official_crlc_step(obj, f, cfg), feats)
+    assert (objective.cluster(feats[0]).abs() > args.logit_bound).any()  # the clamp terms are in play
+    compare(objective, lambda obj, f: official_crlc_step(obj, f, args), feats)

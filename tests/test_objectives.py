@@ -1,7 +1,6 @@
 """Known answers and from-the-equation references for the objectives."""
 
 import dataclasses
-import inspect
 import math
 
 import numpy as np
@@ -9,11 +8,14 @@ import pytest
 import torch
 
 from distcluster import config
-from distcluster.errors import ConfigError
-from distcluster.objectives import (
+from distcluster.common.errors import ConfigError
+from distcluster.core.objectives import (
     CRLC,
     IIC,
+    CRLCArguments,
+    IICArguments,
     IMCSwAV,
+    IMCSwAVArguments,
     Objective,
     crlc_cluster_nce,
     iic_loss,
@@ -138,15 +140,26 @@ def test_crlc_cluster_nce_handles_subhead_axis():
         assert stacked[s].item() == pytest.approx(crlc_cluster_nce(p_a[s], p_b[s]).item(), rel=1e-6)
 
 
-OBJECTIVE_SECTIONS = [(IIC, config.IICConfig), (IMCSwAV, config.IMCSwAVConfig), (CRLC, config.CRLCConfig)]
+OBJECTIVE_SECTIONS = [(IIC, "iic", IICArguments), (IMCSwAV, "imc_swav", IMCSwAVArguments),
+                      (CRLC, "crlc", CRLCArguments)]
 
 
-@pytest.mark.parametrize(("objective", "section"), OBJECTIVE_SECTIONS)
-def test_each_objective_takes_its_config_sections_keys_with_the_same_defaults(objective, section):
-    arguments = inspect.signature(objective).parameters
-    keyword = {name: p.default for name, p in arguments.items() if p.kind is p.KEYWORD_ONLY}
-    assert keyword == dataclasses.asdict(section())
-    assert isinstance(objective(8, 3), Objective)
+@pytest.mark.parametrize(("objective", "section", "arguments"), OBJECTIVE_SECTIONS)
+def test_each_config_section_is_its_objectives_own_arguments(objective, section, arguments):
+    """One definition: the config section is the objective's typed arguments, so a value set in a
+    recipe is the value the objective is built with."""
+    cfg = config.from_dict({"objective": section, section: {"subheads": 3} if section != "imc_swav"
+                            else {"prototypes": 7}})
+    assert type(getattr(cfg, section)) is arguments
+    built = objective(8, 3, getattr(cfg, section))
+    assert isinstance(built, Objective)
+    assert objective(8, 3, **dataclasses.asdict(getattr(cfg, section))).state_dict().keys() == \
+        built.state_dict().keys()
+
+
+def test_an_unknown_constructor_argument_is_refused():
+    with pytest.raises(TypeError, match="wobble"):
+        IIC(8, 3, wobble=1)
 
 
 @pytest.mark.parametrize(("build", "argument"), [

@@ -13,13 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from distcluster.data import STATS_SAMPLE, load_source, subset_indices
-from distcluster.ffcv_io import BetonSource, read_metadata
-from distcluster.images import digits_arrays, files_under
-from distcluster.prepare import main as prepare_main
-from distcluster.sources import resolve_data
-
-pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+from distcluster.commands.prepare import main as prepare_main
+from distcluster.data.arrays import STATS_SAMPLE, ArraySource, load_source, subset_indices
+from distcluster.data.ffcv_io import BetonSource, read_metadata, scan
+from distcluster.data.images import ArrayCollection, digits_arrays, files_under
+from distcluster.data.sources import resolve_data
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.zip"
 
@@ -61,6 +59,7 @@ def class_folder(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
     return root, expected
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_imagefolder_directory_round_trips_pixels_labels_and_class_names(class_folder, tmp_path):
     root, expected = class_folder
     meta = prepare(root, tmp_path / "pets.beton")
@@ -72,6 +71,7 @@ def test_imagefolder_directory_round_trips_pixels_labels_and_class_names(class_f
     assert labels.tolist() == [0 if "/cat/" in p else 1 for p in order]
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_zip_archive_gives_the_same_data_as_the_folder(class_folder, tmp_path):
     root, _ = class_folder
     archive = tmp_path / "pets.zip"
@@ -84,6 +84,7 @@ def test_zip_archive_gives_the_same_data_as_the_folder(class_folder, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_flat_folder_is_unlabelled_and_mixed_sizes_follow_the_size_rule(tmp_path):
     folder = tmp_path / "flat"
     folder.mkdir()
@@ -119,6 +120,7 @@ def write_cifar(root: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     return rows, labels
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 @pytest.mark.parametrize("fmt", ["cifar10", "cifar100-20"])
 def test_cifar_python_format_round_trips(tmp_path, fmt):
     rows, labels = write_cifar(tmp_path / "root", fmt)
@@ -140,6 +142,7 @@ def test_digits_are_scikit_learns_scaled_to_bytes():
     assert images.max() == 255 and sorted(set(labels.tolist())) == list(range(10))
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_npz_and_digits_round_trip_with_greyscale_kept_as_one_channel(tmp_path):
     x = rng_images(5, (9, 9))
     np.savez(tmp_path / "a.npz", x=x, y=np.arange(5))
@@ -155,6 +158,20 @@ def test_npz_and_digits_round_trip_with_greyscale_kept_as_one_channel(tmp_path):
     np.testing.assert_array_equal(labels, targets)
 
 
+def test_grey_images_are_one_channel_in_memory_and_when_prepared_alike():
+    """One channel rule (images.is_grey) for an .npz read in memory and for prepare: grey images
+    stored as RGB train as one channel both ways; colour keeps three."""
+    grey = np.repeat(rng_images(4)[..., :1], 3, axis=-1)
+    colour = rng_images(4)
+    for images, channels in ((grey, 1), (colour, 3)):
+        in_memory = ArraySource.from_hwc(images, None, "x").channels
+        scanned = scan(ArrayCollection(images, None, "x", "npz"), "fail", progress=False)
+        prepared = 1 if scanned.greyscale else 3
+        assert in_memory == prepared == channels
+    np.testing.assert_array_equal(ArraySource.from_hwc(grey, None, "x").images[:, 0], grey[..., 0])
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 @pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="needs ../shared/data/cifar10-train-jpg.zip")
 def test_subset_of_the_shared_cifar10_jpegs(tmp_path):
     with zipfile.ZipFile(SHARED_CIFAR) as shared, zipfile.ZipFile(tmp_path / "sub.zip", "w") as out:
@@ -196,6 +213,7 @@ def run_prepare(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_corrupt_image_fails_by_default_naming_the_file(folder_with_corrupt_image, tmp_path):
     done = run_prepare(str(folder_with_corrupt_image), "--out", "x.beton", "--quiet", cwd=tmp_path)
     assert done.returncode == 2
@@ -204,6 +222,7 @@ def test_corrupt_image_fails_by_default_naming_the_file(folder_with_corrupt_imag
     assert not list(tmp_path.glob("x.beton*")) and not list(tmp_path.glob(".x.beton*"))
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_corrupt_image_is_skipped_counted_and_listed_on_request(folder_with_corrupt_image, tmp_path):
     meta = prepare(folder_with_corrupt_image, tmp_path / "x.beton", "--on-error", "skip")
     assert meta["count"] == 3 and meta["skipped_count"] == 1
@@ -220,6 +239,7 @@ def test_corrupt_image_is_skipped_counted_and_listed_on_request(folder_with_corr
     ("bad-resolution", "--max-resolution"),
     ("bad-out", "must end in .beton"),
 ])
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, needle):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("hello")
@@ -240,10 +260,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, needle):
     assert not list(tmp_path.glob("*.beton*")) and not list(tmp_path.glob(".*.tmp*"))
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_image_failing_during_the_write_leaves_no_file_that_looks_complete(class_folder, tmp_path,
                                                                              monkeypatch, capsys):
     """The scan passes, then a file breaks before the writer reads it (a file changing under us)."""
-    from distcluster import ffcv_io
+    from distcluster.data import ffcv_io
 
     root, _ = class_folder
     real_scan = ffcv_io.scan
@@ -259,6 +280,7 @@ def test_image_failing_during_the_write_leaves_no_file_that_looks_complete(class
     assert not list(tmp_path.glob("p.beton*")) and not list(tmp_path.glob(".p.beton*"))
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_a_beton_without_its_metadata_is_refused(tmp_path):
     prepare("digits", tmp_path / "d.beton")
     (tmp_path / "d.beton.json").unlink()
@@ -266,12 +288,14 @@ def test_a_beton_without_its_metadata_is_refused(tmp_path):
         BetonSource(tmp_path / "d.beton")
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_metadata_json_is_plain_json(tmp_path):
     prepare("digits", tmp_path / "d.beton")
     meta = json.loads((tmp_path / "d.beton.json").read_text())
     assert {"count", "image_shape", "label_names", "labelled", "skipped", "source"} <= set(meta)
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_max_samples_reads_a_fixed_random_subset_from_every_class_with_labels_and_paths_aligned(tmp_path):
     root = tmp_path / "sorted"
     for label, name in enumerate(["a", "b", "c"]):  # prepared in sorted order: 20 a, 20 b, 20 c
@@ -310,6 +334,7 @@ def test_files_under_lists_nested_and_linked_files_but_does_not_enter_linked_fol
     assert sorted(name for name, _ in files_under(tmp_path)) == ["a/b/x.png", "linked.png", "top.png"]
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_a_folder_is_prepared_once_and_again_when_a_file_is_added_or_changed(class_folder, capsys):
     root, _ = class_folder
     first = resolve_data(str(root), progress=False)
@@ -322,6 +347,7 @@ def test_a_folder_is_prepared_once_and_again_when_a_file_is_added_or_changed(cla
     assert resolve_data(str(root), progress=False) not in (first, added)
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_data_is_resolved_to_absolute_paths_that_ray_workers_in_other_folders_can_open(
         class_folder, tmp_path, monkeypatch):
     root, _ = class_folder
@@ -336,6 +362,7 @@ def test_data_is_resolved_to_absolute_paths_that_ray_workers_in_other_folders_ca
     assert cached.parent == tmp_path / "cache" and cached.is_file()
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_a_photo_is_read_turned_as_its_exif_orientation_says(tmp_path):
     stored = np.zeros((16, 32, 3), np.uint8)
     stored[:, 16:] = (255, 160, 0)  # as the sensor wrote it: dark left half, orange right half
@@ -350,6 +377,7 @@ def test_a_photo_is_read_turned_as_its_exif_orientation_says(tmp_path):
     assert red[:12].max() < 40 and red[20:].min() > 215  # the right half is now the bottom
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_normalisation_statistics_come_from_images_spread_over_a_class_sorted_collection(tmp_path):
     dark_then_bright = np.zeros((12_000, 2, 2, 3), np.uint8)
     dark_then_bright[6_000:] = (255, 128, 0)  # the first 10,000 would be 60% dark
@@ -362,9 +390,10 @@ def test_normalisation_statistics_come_from_images_spread_over_a_class_sorted_co
         np.testing.assert_allclose(std[0], np.sqrt(bright * (1 - bright)), rtol=1e-6)
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_train_words_its_own_way_past_a_corrupt_image(folder_with_corrupt_image, tmp_path, capsys):
     """train has --on-error too: the hint it prints is one its user can follow."""
-    from distcluster import train
+    from distcluster.commands import train
 
     argv = ["--config", "digits-imc-swav", "--workers", "0", "--data", str(folder_with_corrupt_image),
             "--epochs", "1", "--set", "batch_size=2",

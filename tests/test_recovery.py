@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from servers import wait_for
 from training_runs import (
     EPOCHS,
     PACED,
@@ -22,14 +23,12 @@ from training_runs import (
     wait_while_running,
 )
 
-from distcluster.checkpoint import (
+from distcluster.engine.checkpoint import (
     CorruptCheckpoint,
     newest_valid_checkpoint,
     save_checkpoint,
     verified_checkpoint,
 )
-
-pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +42,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     return summary_of(folder, "baseline")
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_a_killed_driver_resumes_from_the_newest_checkpoint_that_verifies(
         tmp_path, uninterrupted, ray_cluster):
     """A 2-worker run on the session's Ray head whose driver is SIGKILLed midway (Ray then ends its
@@ -55,8 +55,12 @@ def test_a_killed_driver_resumes_from_the_newest_checkpoint_that_verifies(
     try:
         # a checkpoint counts once every rank has reported it: the second one's arrival proves the first
         wait_while_running(process, lambda: len(intact_checkpoints(tmp_path)) >= 2, "two checkpoints", output)
+        assert ray_cluster.train_processes(), "no Ray Train process found to wait for"
     finally:
         kill_driver(process)
+    # Ray ends the job's actors after the driver: until they are gone a worker may still commit a
+    # checkpoint (or the controller delete one), so the checkpoints are listed after that.
+    wait_for(lambda: not ray_cluster.train_processes(), what="the killed run's Ray Train processes to end")
     intact = intact_checkpoints(tmp_path)
     newest = intact[max(intact)] / "checkpoint.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a half-written file

@@ -11,22 +11,20 @@ import pytest
 import torch
 from commands import refused
 
-from distcluster import config, prepare, train
-from distcluster.checkpoint import (
+from distcluster import config
+from distcluster.cluster.ray_train import check_ray_address, warn_if_oversubscribed
+from distcluster.commands import prepare, train
+from distcluster.common.errors import UserError
+from distcluster.common.files import file_sha256, write_json_atomic
+from distcluster.data.images import read_member
+from distcluster.engine.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_META,
     CorruptCheckpoint,
-    file_sha256,
     save_checkpoint,
     verified_checkpoint,
-    write_json_atomic,
 )
-from distcluster.errors import UserError
-from distcluster.images import read_member
-from distcluster.ray_train import check_ray_address, warn_if_oversubscribed
-from distcluster.tracking import check_reachable
-
-pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+from distcluster.tracking.runs import check_reachable
 
 
 # --------------------------------------------------------------------- files we write
@@ -166,6 +164,7 @@ def _damaged_copy(beton, tmp_path, damage) -> str:
     (lambda data, meta: (data, [1, 2]), "metadata"),
     (lambda data, meta: (data, {**meta, "count": meta["count"] * 10}), "damaged"),
 ])
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_a_damaged_beton_is_refused_before_ffcv_opens_it(beton, tmp_path, capsys, damage, expected):
     data = _damaged_copy(beton, tmp_path, damage)
     assert expected in refused(train, ["--workers", "0", "--data", data, "--set", "batch_size=16"], capsys)
@@ -184,7 +183,7 @@ def test_a_replaced_checkpoint_with_a_matching_hash_is_passed_over(tmp_path):
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"config": 5}'])
 def test_a_malformed_model_config_is_one_line(tmp_path, capsys, text):
-    from distcluster import predict
+    from distcluster.commands import predict
 
     (tmp_path / "model").mkdir()
     torch.save({"w": torch.ones(1)}, tmp_path / "model" / "weights.pt")
@@ -246,8 +245,8 @@ def test_more_workers_than_cpus_gets_a_warning():
 
 
 def test_weights_that_are_not_finite_are_never_exported(tmp_path):
-    from distcluster.checkpoint import export_model
-    from distcluster.errors import RunFailed
+    from distcluster.common.errors import RunFailed
+    from distcluster.engine.exported import export_model
 
     state = {"model": {"w": torch.tensor([1.0, float("nan")]), "n": torch.tensor(3)}, "config": {},
              "head": 0, "input": {}, "epoch": 1}

@@ -13,8 +13,8 @@ from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
 from servers import RAY
 
-from distcluster.data import load_source
-from distcluster.metrics import cluster_scores
+from distcluster.core.metrics import cluster_scores
+from distcluster.data.arrays import load_source
 
 pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 

@@ -13,11 +13,9 @@ from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
 from servers import RAY, mlflow_server
 
-from distcluster.errors import UserError
-from distcluster.search_space import load_space, space_names
-from distcluster.tune import main as tune_main
-
-pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+from distcluster.cluster.search_space import load_space, space_names
+from distcluster.commands.tune import main as tune_main
+from distcluster.common.errors import UserError
 
 NAME = "digits-sweep"
 PACKAGED = {"digits-smoke", "digits-imc-swav", "cifar10-imc-swav", "cifar10-iic", "cifar10-crlc"}
@@ -78,6 +76,7 @@ def test_a_bad_space_is_one_user_error_naming_the_key(case, tmp_path):
         load_space(str(path))
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_a_typo_exits_2_with_one_line_before_ray_or_mlflow_start(tmp_path):
     (tmp_path / "typo.yaml").write_text("base: digits-imc-swav\nspace: {clusterz: {choice: [8, 10]}}\n")
     done = tune("--space", "typo.yaml", cwd=tmp_path)
@@ -93,6 +92,7 @@ def test_a_typo_exits_2_with_one_line_before_ray_or_mlflow_start(tmp_path):
     (["--space", "digits-smoke", "--set", "epochz=3"], "'epochz': unknown config key"),
     (["--space", "digits-smoke", "--register", "a:b"], "config key 'register'"),
 ])
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_other_mistakes_exit_2_with_one_line_and_leave_nothing(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # in-process: the subprocess above shows the real command's exit
     assert tune_main(argv) == 2
@@ -118,6 +118,7 @@ def reserved_placement_groups(ray_cluster) -> list[dict]:
     return [] if done.stdout.startswith("No resource") else json.loads(done.stdout)  # Ray's words for none
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_the_ended_sweep_leaves_no_resources_reserved_on_the_cluster(sweep, ray_cluster):
     assert reserved_placement_groups(ray_cluster) == []  # the next job gets every CPU
 
@@ -126,7 +127,7 @@ RELEASE = """
 import ray
 from ray.util.placement_group import placement_group
 from ray.util.state import list_placement_groups
-from distcluster.ray_train import init_ray, release_placement_groups
+from distcluster.cluster.ray_train import init_ray, release_placement_groups
 init_ray()
 ray.get(placement_group([{"CPU": 0.25}]).ready())  # as a stopped trial's worker group: still reserved
 released = release_placement_groups()
@@ -136,12 +137,14 @@ print(released, len(left))
 """
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_release_removes_what_the_job_still_reserves_while_it_runs(ray_cluster):
     done = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **ray_cluster.env})
     assert done.returncode == 0 and done.stdout.split()[-2:] == ["1", "0"], done.stderr[-2000:]
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_four_trials_one_stopped_early_by_asha(sweep):
     _, _, summary, done = sweep
     trials = summary["trials"]
@@ -155,6 +158,7 @@ def test_four_trials_one_stopped_early_by_asha(sweep):
     assert "trials" in done.stderr and "stopped early" in done.stdout  # progress bar and result line
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_the_best_trial_has_the_highest_acc_and_both_scores_are_recorded(sweep):
     _, _, summary, _ = sweep
     completed = [t for t in summary["trials"] if t["status"] == "completed"]
@@ -166,6 +170,7 @@ def test_the_best_trial_has_the_highest_acc_and_both_scores_are_recorded(sweep):
     assert best["full_config"]["clusters"] == best["config"]["clusters"]
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_mlflow_holds_one_parent_with_four_child_runs(sweep):
     _, uri, summary, _ = sweep
     client = MlflowClient(uri)
@@ -191,6 +196,7 @@ def test_mlflow_holds_one_parent_with_four_child_runs(sweep):
     assert sorted(table["trial_id"]) == sorted(t["trial_id"] for t in summary["trials"])
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_champion_alias_points_at_the_best_trial_and_predict_uses_it(sweep, tmp_path):
     folder, uri, summary, _ = sweep
     client = MlflowClient(uri)

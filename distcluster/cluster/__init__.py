@@ -1,0 +1,3 @@
+"""Ray: Ray Train's TorchTrainer (fixed and elastic groups, restarts), Ray Tune sweeps and their
+search spaces.
+"""

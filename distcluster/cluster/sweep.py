@@ -1,0 +1,239 @@
+"""Ray Tune sweeps: every trial is a Ray Train run driven by a Tune function.
+
+Each trial runs a driver function that builds a `TorchTrainer` with the trial's config (its
+`workers` Ray Train workers) and forwards every evaluated epoch to Tune, whose ASHA scheduler
+stops the weak trials early. MLflow holds one child run per trial (params, per-epoch metrics,
+model, learning curves). Finished trials are ranked by ACC or, with no labels needed, by their
+consensus with the other finished trials (core.metrics.consensus, weighted by view_mi).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distcluster.cluster.search_space import SearchSpace, SweepSettings
+from distcluster.common.errors import RunFailed
+from distcluster.common.files import write_atomic_dir
+from distcluster.core.metrics import consensus
+from distcluster.data.arrays import ArraySource, gather_images
+from distcluster.data.sources import open_source
+from distcluster.engine.checkpoint import newest_valid_checkpoint
+from distcluster.engine.evaluation import final_probs
+from distcluster.tracking.outputs import log_model_and_plots
+from distcluster.tracking.runs import RunTracker
+
+CONSENSUS_IMAGES = 2000  # images every finished model assigns, to compare the models
+TRIAL_TAG = "distcluster.trial_id"
+DRIVER_CPUS = 0.01
+
+
+@dataclass
+class Sweep:
+    """What every trial shares; handed to the driver function through the object store."""
+
+    space: SearchSpace
+    data: str  # as sources.resolve_data returned it
+    metric: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    output: str
+    cpus_per_worker: float
+    consensus_indices: list[int]  # the images every finished model assigns
+
+
+def run_trial(sampled: dict[str, Any], sweep: Sweep) -> None:
+    """Tune's driver function for one trial: a TorchTrainer run in a child MLflow run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from distcluster.cluster import ray_train
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = sweep.space.trial_config(sampled)
+    folder = Path(sweep.output) / "trials" / trial_id
+    tracker = RunTracker.start(sweep.tracking_uri, sweep.experiment, f"{sweep.space.name}-{trial_id}",
+                               tags={"mlflow.parentRunId": sweep.parent_run_id, TRIAL_TAG: trial_id})
+    tracker.log_params(cfg.flat())
+    with tracker.ending():
+        run = ray_train.fit(cfg, sweep.data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
+                            folder / "ray", trial_id, callbacks=[TuneReportCallback()],
+                            offered_cpus=sweep.cpus_per_worker)
+        found = newest_valid_checkpoint(run.checkpoint_dirs)
+        if found is None:
+            raise RuntimeError(f"trial {trial_id} ended without a readable checkpoint")
+        state = found[0]
+        log_model_and_plots(tracker, state, folder)
+        clusters = assign_sample(state, sweep)
+        write_atomic_dir(folder / "consensus", lambda d: np.save(d / "clusters.npy", clusters))
+
+
+def assign_sample(state: dict[str, Any], sweep: Sweep) -> np.ndarray:
+    """The trial's clusters of the consensus images."""
+    source = open_source(sweep.data, sweep.space.base["max_samples"])
+    found = gather_images(source, np.asarray(sweep.consensus_indices))
+    sample = ArraySource.from_hwc(np.stack([found[i] for i in sweep.consensus_indices]), None, "consensus")
+    return final_probs(state, sample).argmax(1).astype(np.int32)
+
+
+def consensus_sample(count: int, seed: int) -> list[int]:
+    """Up to CONSENSUS_IMAGES image indices, drawn once per sweep."""
+    chosen = np.random.default_rng(seed).choice(count, min(count, CONSENSUS_IMAGES), replace=False)
+    return sorted(int(i) for i in chosen)
+
+
+def fit_on_cluster(space: SearchSpace, sweep: SweepSettings) -> tuple[int, float]:
+    """Trials at once and CPUs per Ray Train worker, so that concurrent trials fit the cluster."""
+    import ray
+
+    from distcluster.cluster.ray_train import share_cpus
+
+    workers = max(cfg.workers for cfg in space.extreme_configs())
+    resources = ray.cluster_resources()
+    gpu = any(cfg.gpu for cfg in space.extreme_configs())
+    room = resources.get("GPU", 0) if gpu else resources.get("CPU", 1.0)
+    concurrent = sweep.max_concurrent or max(1, int(room // workers))
+    return concurrent, share_cpus(resources.get("CPU", 1.0), concurrent * workers)
+
+
+def param_space(space: SearchSpace) -> dict[str, Any]:
+    from ray import tune
+
+    make = {"choice": lambda v: tune.choice(list(v)), "grid_search": lambda v: tune.grid_search(list(v)),
+            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(v[0], v[1] + 1)}  # Tune's upper end is excluded
+    return {dim.key: make[dim.kind](dim.values) for dim in space.dimensions}
+
+
+def trial_count(space: SearchSpace, samples: int) -> int:
+    """Tune runs `samples` trials, or `samples` repeats of the grid when there is one."""
+    return samples * math.prod(len(d.values) for d in space.dimensions if d.kind == "grid_search")
+
+
+def trial_progress(total: int, metric: str):
+    """A Tune callback: a progress bar over trials and one line per finished trial."""
+    from ray.tune import Callback
+    from tqdm import tqdm
+
+    class TrialProgress(Callback):
+        def __init__(self) -> None:
+            self.bar = tqdm(total=total, desc="trials", unit="trial")
+
+        def _done(self, trial: Any, how: str) -> None:
+            r = trial.last_result or {}
+            keys = dict.fromkeys((metric, "eval/view_mi", "eval/acc"))  # the metric first, once
+            shown = " ".join(f"{k.split('/')[1]}={r[k]:.4f}" for k in keys
+                             if isinstance(r.get(k), float))
+            self.bar.write(f"trial {trial.trial_id} {how} at epoch {r.get('epoch', 0)}: {shown}")
+            self.bar.update()
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._done(trial, "ended")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._done(trial, "FAILED")
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.bar.close()
+
+    return TrialProgress()
+
+
+def run_tuner(sweep: Sweep, settings: SweepSettings, concurrent: int, out: Path) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    max_epochs = max(cfg.epochs for cfg in sweep.space.extreme_configs())
+    seed = sweep.space.base["seed"]
+    if settings.grace_period < max_epochs:
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=settings.grace_period,
+                                  reduction_factor=settings.reduction_factor,
+                                  stop_last_trials=False)  # a finished trial still exports its model
+    else:  # no rung before the last epoch: every trial runs to the end
+        scheduler = FIFOScheduler()
+    if settings.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = OptunaSearch(seed=seed)
+    else:
+        # The same draws on every run; a searcher given to Tune keeps its own concurrency limit.
+        search = BasicVariantGenerator(random_state=seed, max_concurrent=concurrent)
+    tuner = tune.Tuner(
+        # The driver only waits on its TorchTrainer: the workers hold the CPUs (Ray
+        # refuses an empty request, hence a sliver).
+        tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": DRIVER_CPUS}),
+        param_space=param_space(sweep.space),
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler,
+                                    search_alg=search, num_samples=settings.samples,
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out.resolve() / "ray"), verbose=0,
+                                  callbacks=[trial_progress(trial_count(sweep.space, settings.samples),
+                                                       sweep.metric)]),
+    )
+    return tuner.fit()
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    config: dict[str, Any]  # the sampled values
+    status: str  # completed | stopped_early | failed
+    epochs: int
+    view_mi: float | None
+    acc: float | None
+    run_id: str | None
+    model_uri: str | None
+    consensus: float | None = None  # the label-free score, of finished trials only
+
+    def value(self, field: str) -> float | None:
+        return getattr(self, field)
+
+
+def trial_records(results, sweep: Sweep, tracker: RunTracker) -> list[TrialRecord]:
+    """One record per trial; child runs of stopped or failed trials are closed as KILLED/FAILED."""
+    runs = tracker.client.search_runs([tracker.experiment_id],
+                                      f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}'")
+    run_of = {run.data.tags.get(TRIAL_TAG): run for run in runs}
+    records = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        model = Path(sweep.output) / "trials" / trial_id / "model" / "MLmodel"  # written at the end
+        status = "failed" if result.error else "completed" if model.is_file() else "stopped_early"
+        run = run_of.get(trial_id)
+        if run is not None and status != "completed":
+            tracker.client.set_tag(run.info.run_id, "distcluster.status", status)
+            ended = "KILLED" if status == "stopped_early" else "FAILED"
+            tracker.client.set_terminated(run.info.run_id, ended)
+        records.append(TrialRecord(
+            trial_id, dict(result.config), status, int(metrics.get("epoch", 0)),
+            metrics.get("eval/view_mi"), metrics.get("eval/acc"),
+            run.info.run_id if run else None,
+            f"runs:/{run.info.run_id}/model" if run and status == "completed" else None))
+    return sorted(records, key=lambda r: r.trial_id)
+
+
+def score_consensus(records: list[TrialRecord], sweep: Sweep, tracker: RunTracker) -> None:
+    """The label-free score of every finished trial: its agreement with the others, each
+    weighted by its view_mi."""
+    done = [r for r in records if r.status == "completed" and r.view_mi is not None]
+    partitions = [np.load(Path(sweep.output) / "trials" / r.trial_id / "consensus" / "clusters.npy")
+                  for r in done]
+    for record, agreement in zip(done, consensus(partitions, [r.view_mi for r in done]), strict=True):
+        record.consensus = agreement
+        if record.run_id:
+            tracker.client.log_metric(record.run_id, "final/consensus", agreement)
+
+
+def best_trial(records: list[TrialRecord], field: str) -> TrialRecord:
+    done = [r for r in records if r.status == "completed" and r.value(field) is not None]
+    if not done:
+        raise RunFailed(f"no trial completed (statuses: {[r.status for r in records]})")
+    # Ties (two finished trials share one NMI) go to the more stable one.
+    return max(done, key=lambda r: (r.value(field), r.view_mi or 0.0))

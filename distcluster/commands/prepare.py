@@ -1,0 +1,75 @@
+"""`python -m distcluster.prepare SRC --out FILE.beton`: store an image collection for FFCV.
+
+SRC: an ImageFolder directory or .zip (class sub-folders are labels, used only
+for evaluation; a flat folder is unlabelled), a torchvision CIFAR root (cifar10,
+cifar100-20 with the 20 super-classes), a .npz with `x` (N,H,W[,C]) uint8 and
+optional `y`, or `digits`. Images are converted to RGB (alpha composited on
+white); a collection whose images are all grey is marked one-channel.
+
+Size rule: images that all share one size with no side above --max-resolution
+are stored as they are; otherwise each is resized (antialiased bicubic) so
+that its shorter side is min(--max-resolution, the median shorter side) and
+centre-cropped to a square. With --write-mode auto, images of at most 96x96
+pixels are stored raw and larger ones as JPEG (quality 90).
+
+Writes FILE.beton and FILE.beton.json (count, image shape, label names,
+whether labels exist, skipped files, source). The .beton is written under a
+temporary name and renamed when complete; the JSON is written last.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distcluster.commands.cli import ArgumentParser, run_command
+from distcluster.common.errors import UserError
+from distcluster.data.images import FORMATS, SPLITS, open_collection
+
+PROG = "distcluster.prepare"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("src", help="folder | FILE.zip | FILE.npz | CIFAR root | digits")
+    p.add_argument("--out", required=True, help="output FILE.beton")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--split", default="train", choices=SPLITS, help="CIFAR formats: which batches")
+    p.add_argument("--on-error", default="fail", choices=("fail", "skip"),
+                   help="a corrupt image stops the run (fail) or is left out and listed (skip)")
+    p.add_argument("--max-resolution", type=int, default=256, help="largest stored side (see size rule)")
+    p.add_argument("--write-mode", default="auto", choices=("auto", "raw", "jpg"),
+                   help="auto: raw up to 96x96 pixels, JPEG (quality 90) above")
+    p.add_argument("--workers", type=int, default=0, help="writer processes (default: CPU count, <= 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def prepare(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.suffix != ".beton":
+        raise UserError(f"--out must end in .beton (got {out})")
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out} exists and is not a file")
+    if args.max_resolution < 2:
+        raise UserError(f"--max-resolution must be >= 2 (got {args.max_resolution})")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0 = CPU count, at most 8), got {args.workers}")
+    from distcluster.data.ffcv_io import write_beton
+
+    collection = open_collection(args.src, args.format, args.split)
+    metadata = write_beton(collection, out, args.max_resolution, args.on_error, args.workers,
+                           progress=not args.quiet, write_mode=args.write_mode)
+    print(json.dumps({k: metadata[k] for k in ("count", "image_shape", "channels", "labelled",
+                                               "num_classes", "skipped_count")}))
+    print(f"wrote {out} and {out.name}.json")
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, lambda: prepare(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

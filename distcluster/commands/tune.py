@@ -1,0 +1,220 @@
+"""`python -m distcluster.tune`: a Ray Tune sweep; every trial is a Ray Train run
+(distcluster.cluster.sweep). MLflow holds one parent run per sweep and one child run per
+trial (params, per-epoch metrics, model, learning curves). The best trial is picked by
+ACC (`--select labels`) or, with no labels needed, by its consensus with the other finished
+trials (`--select unsupervised`); `--register NAME` gives its model the alias
+`champion`. Writes OUTPUT/tune_summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from distcluster import config as configuration
+from distcluster.cluster.search_space import SEARCHES, SearchSpace, SweepSettings, load_space, space_names
+from distcluster.cluster.sweep import (
+    Sweep,
+    TrialRecord,
+    best_trial,
+    consensus_sample,
+    fit_on_cluster,
+    run_tuner,
+    score_consensus,
+    trial_records,
+)
+from distcluster.commands.cli import PREPARE_HINT, ArgumentParser, run_command
+from distcluster.common.errors import ConfigError, UserError
+from distcluster.common.files import write_atomic_dir, write_json_atomic
+from distcluster.config import apply_override
+from distcluster.data.arrays import ImageSource
+from distcluster.data.sources import open_source, resolve_data
+from distcluster.engine.build import check_fits, set_cpu_speedups
+from distcluster.tracking import plots
+from distcluster.tracking.runs import RunTracker, check_reachable, resolve_tracking_uri
+
+PROG = "distcluster.tune"
+# --select: the per-epoch metric ASHA compares, and the record field that ranks finished trials.
+METRICS = {"labels": "eval/acc", "unsupervised": "eval/view_mi"}
+RANKED_BY = {"labels": "acc", "unsupervised": "consensus"}
+CHAMPION = "champion"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--space", required=True,
+                   help=f"search space name or YAML file (spaces: {', '.join(space_names())})")
+    p.add_argument("--data", help="data SPEC for every trial (default: the space's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a config key for every trial, e.g. --set seed=1 (repeatable)")
+    p.add_argument("--samples", type=int, help="trials to sample (with grid_search: grid repeats)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the CPUs/GPUs hold)")
+    p.add_argument("--select", choices=tuple(METRICS),
+                   help="rank trials by ACC (labels) or by label-free consensus "
+                        "(default: labels when the data has them)")
+    p.add_argument("--search", choices=SEARCHES, help="random (default) or optuna (TPE)")
+    p.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial")
+    p.add_argument("--register", metavar="MODEL_NAME", help="register the best model with alias champion")
+    p.add_argument("--output", help="output folder (default runs/tune-<space>-<time>)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the space's, distcluster)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    return p
+
+
+def _sweep_settings(space: SearchSpace, args: argparse.Namespace) -> SweepSettings:
+    sweep = space.sweep.overridden({"samples": args.samples, "max_concurrent": args.max_concurrent,
+                                    "grace_period": args.grace_period, "search": args.search})
+    space.check_search(sweep.search)
+    return sweep
+
+
+def _register_champion(tracker: RunTracker, best: TrialRecord, name: str) -> str:
+    from distcluster.tracking.registry import register
+
+    version = register(RunTracker(tracker.tracking_uri, best.run_id), name)
+    tracker.client.set_registered_model_alias(name, CHAMPION, version)
+    print(f"registered models:/{name}/{version} as models:/{name}@{CHAMPION}")
+    return version
+
+
+def _log_sweep(tracker: RunTracker, records: list[TrialRecord], params: list[str], ranked_by: str,
+               out: Path) -> None:
+    """The parent run gets the trial table and a plot of the metric against every parameter."""
+    import pandas as pd
+
+    rows = [{"trial_id": r.trial_id, "status": r.status, "epochs": r.epochs, "view_mi": r.view_mi,
+             "consensus": r.consensus, "acc": r.acc, **r.config} for r in records]
+
+    def write(folder: Path) -> None:
+        pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
+        # Every trial has view_mi and, with labels, ACC; only finished ones have a consensus.
+        plots.sweep(rows, params, "acc" if ranked_by == "acc" else "view_mi", folder / "sweep.png")
+
+    write_atomic_dir(out / "sweep", write)
+    tracker.log_artifacts(out / "sweep", "sweep")
+
+
+def _checked_sweep(args: argparse.Namespace) -> tuple[SearchSpace, SweepSettings, str, ImageSource]:
+    """The space with --data and --set applied, the sweep settings, and the data resolved and
+    opened, after every trial's config was checked against it (before Ray or MLflow start)."""
+    space = load_space(args.space)
+    for override in ([f"data={args.data}"] if args.data else []) + args.set:
+        space.base = configuration.from_dict(apply_override(space.base, override)).to_dict()
+    settings = _sweep_settings(space, args)
+    if args.register is not None:
+        configuration.check_model_name(args.register)
+    data = resolve_data(space.base["data"])
+    source = open_source(data, space.base["max_samples"])
+    for cfg in space.extreme_configs():
+        check_fits(cfg, source)
+        if cfg.workers < 1:
+            raise ConfigError("workers", cfg.workers, "tune runs every trial on Ray Train workers: "
+                                                      "must be >= 1")
+    return space, settings, data, source
+
+
+def _selection(select: str | None, space: SearchSpace, source: ImageSource) -> str:
+    """--select, or by default labels when the data has them."""
+    select = select or ("labels" if source.labels is not None else "unsupervised")
+    if select == "labels" and source.labels is None:
+        raise UserError(f"--select labels needs labels; '{space.base['data']}' has none "
+                        "(use --select unsupervised)")
+    return select
+
+
+def tune(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from distcluster.cluster import ray_train
+
+    started = time.perf_counter()
+    set_cpu_speedups()
+    space, settings, data, source = _checked_sweep(args)
+    select = _selection(args.select, space, source)
+    metric, ranked_by = METRICS[select], RANKED_BY[select]
+    uri = resolve_tracking_uri(args.tracking_uri or space.base["tracking_uri"])
+    check_reachable(uri)
+    ray_train.use_fast_controller_poll(os.environ)  # a bad value said before anything is written
+    out = Path(args.output or f"runs/tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "tune_summary.json").exists():
+        raise UserError(f"{out} already holds a finished sweep; choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    experiment = args.experiment or space.base["experiment"]
+    tracker = RunTracker.start(uri, experiment, f"sweep-{space.name}", tags={"distcluster.space": space.name})
+    try:
+        with tracker.ending():
+            ray_train.init_ray()
+            concurrent, cpus = fit_on_cluster(space, settings)
+            tracker.log_params({"space": space.name, "select": select, "metric": metric,
+                                "data": space.base["data"], "max_concurrent": concurrent,
+                                **{k: v for k, v in dataclasses.asdict(settings).items()
+                                   if k != "max_concurrent"},
+                                **{f"space.{d.key}": f"{d.kind}{list(d.values)}" for d in space.dimensions}})
+            sweep = Sweep(space, data, metric, uri, experiment, tracker.run_id, str(out.resolve()), cpus,
+                          consensus_sample(len(source), space.base["seed"]))
+            results = run_tuner(sweep, settings, concurrent, out)
+            records = trial_records(results, sweep, tracker)
+            score_consensus(records, sweep, tracker)
+            best = best_trial(records, ranked_by)
+            _log_sweep(tracker, records, [d.key for d in space.dimensions], ranked_by, out)
+            version = _register_champion(tracker, best, args.register) if args.register else None
+            summary = _summary(space, select, ranked_by, records, best, tracker, args.register, version,
+                               time.perf_counter() - started)
+            stopped_early = sum(r.status == "stopped_early" for r in records)
+            tracker.log_metrics({f"best/{ranked_by}": best.value(ranked_by),
+                                 "trials_stopped_early": stopped_early}, 0)
+            write_json_atomic(out / "tune_summary.json", summary)
+            tracker.log_artifact(out / "tune_summary.json")
+    finally:
+        if ray.is_initialized():
+            try:  # also when the sweep failed or was interrupted: no trial outlives it
+                ray_train.release_placement_groups()
+            finally:
+                ray.shutdown()
+    _print_result(summary, out)
+    return summary
+
+
+def _summary(space: SearchSpace, select: str, ranked_by: str, records: list[TrialRecord], best: TrialRecord,
+             tracker: RunTracker, name: str | None, version: str | None, wall: float) -> dict[str, Any]:
+    def row(r: TrialRecord) -> dict[str, Any]:
+        return {"trial_id": r.trial_id, "status": r.status, "epochs": r.epochs, "config": r.config,
+                "view_mi": r.view_mi, "consensus": r.consensus, "acc": r.acc,
+                "run_id": r.run_id, "model_uri": r.model_uri}
+
+    return {
+        "space": space.name, "data": space.base["data"], "select": select, "metric": ranked_by,
+        "best": {**row(best), "metric": best.value(ranked_by),
+                 "full_config": space.trial_config(best.config).to_dict()},
+        "trials": [row(r) for r in records],
+        "stopped_early": sum(r.status == "stopped_early" for r in records),
+        "wall_seconds": round(wall, 1),
+        "registered_model": name, "version": version, "alias": CHAMPION if version else None,
+        "model_uri": f"models:/{name}@{CHAMPION}" if version else best.model_uri,
+        "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
+                   "parent_run_id": tracker.run_id},
+    }
+
+
+def _print_result(summary: dict[str, Any], out: Path) -> None:
+    best = summary["best"]
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in best["config"].items())
+    acc = f", ACC {best['acc']:.4f}" if best["acc"] is not None else ""
+    print(f"best of {len(summary['trials'])} trials ({summary['stopped_early']} stopped early) by "
+          f"{summary['metric']}: {best['trial_id']} {shown}: consensus {best['consensus']:.4f}, "
+          f"view_mi {best['view_mi']:.4f}{acc}")
+    print(f"model: {summary['model_uri']}   summary: {out / 'tune_summary.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, lambda: tune(build_parser().parse_args(argv)), corrupt_hint=PREPARE_HINT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

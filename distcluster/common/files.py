@@ -1,0 +1,70 @@
+"""Files and folders written so that a reader never sees half of one, and their hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic_dir(target: Path, fill: Callable[[Path], object]) -> Path:
+    """Fill a temporary sibling folder with `fill(folder)`, then rename it to `target`.
+
+    A reader never sees a half-written folder: either the old one or the new one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fill(staging)
+        if target.exists():
+            # an empty folder of our own, under an unpredictable name: renaming over it cannot
+            # follow a link someone planted at a fixed name
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # the process's umask: reading it means setting it, so set it straight back
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A new temporary file beside `path` (unpredictable name, created with O_EXCL, so no
+    planted link is ever followed) to write into; renamed to `path` when the block ends
+    without an error, removed otherwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result reads like any file written here
+    os.close(fd)
+    staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    with atomic_file(path) as staging:
+        staging.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,95 @@
+"""What every objective is and returns, and small helpers they share."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ObjectiveResult:
+    """loss: scalar to minimise; logs: detached parts for metrics (`swav`, `mi`, ...);
+    subhead_losses: (S,) detached per-sub-head losses, used to pick a head without labels."""
+
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    subhead_losses: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the training loop asks of an objective (an nn.Module holding its heads)."""
+
+    def loss(self, features: list[torch.Tensor], step: int, epoch: int) -> ObjectiveResult:
+        """features: the backbone's (B, D) features of every crop, in crop order; `step`
+        (optimiser updates so far) and `epoch` drive schedules inside the objective."""
+
+    def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) features of whole images -> (S, B, K) probabilities of the S sub-heads."""
+
+    def on_step_start(self) -> None:
+        """Before every step's forward (IMC-SwAV: prototypes back onto the sphere)."""
+
+    def on_after_backward(self, step: int) -> None:
+        """Between backward and the update (IMC-SwAV: frozen prototypes drop their gradient)."""
+
+
+class ObjectiveModule(nn.Module):
+    """Base of the packaged objectives: the per-step hooks of Objective, doing nothing."""
+
+    def on_step_start(self) -> None:
+        pass
+
+    def on_after_backward(self, step: int) -> None:
+        pass
+
+
+class ArgumentError(ValueError):
+    """An objective's constructor argument out of its range; names the argument."""
+
+    def __init__(self, owner: str, argument: str, value: object, rule: str) -> None:
+        super().__init__(f"{owner}: {argument} {rule} (got {value!r})")
+        self.argument, self.value, self.rule = argument, value, rule
+
+
+def argument(default: Any, doc: str) -> Any:
+    """A field of an objective's arguments: the paper's default and the one line the reference
+    docs print for it (docs/reference.md is generated from these)."""
+    return field(default=default, metadata={"doc": doc})
+
+
+Arguments = TypeVar("Arguments")
+
+
+def settle(cls: type[Arguments], given: Arguments | None, overrides: dict[str, Any]) -> Arguments:
+    """`given` (or the defaults of `cls`) with `overrides` applied, validated: the arguments an
+    objective's constructor takes either as one typed object or as keywords."""
+    arguments = dataclasses.replace(given if given is not None else cls(), **overrides)
+    arguments.validate()
+    return arguments
+
+
+def require(ok: bool, owner: str, argument: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ArgumentError(owner, argument, value, rule)
+
+
+def require_sizes(owner: str, feature_dim: int, clusters: int) -> None:
+    require(feature_dim >= 1, owner, "feature_dim", feature_dim, "must be >= 1")
+    require(clusters >= 2, owner, "clusters", clusters, "must be >= 2")
+
+
+def logit_penalty(logits: torch.Tensor, bound: float) -> torch.Tensor:
+    """Mean over samples of sum_k relu(|logit| - bound): keeps logits from running away."""
+    return F.relu(logits.abs() - bound).sum(-1).mean()
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or left in float64: batch statistics need at least single precision
+    (the backbone may run in bf16), and the float64 reference tests need their digits."""
+    return x if x.dtype == torch.float64 else x.float()

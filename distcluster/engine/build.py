@@ -1,0 +1,154 @@
+"""Everything a worker builds before its first step: model, optimiser, training state.
+
+Ray-free and the same for 0, 1 or N workers: under an initialised process group the
+model gets global BatchNorm where asked and a DDP wrapper.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from distcluster.common.errors import ConfigError
+from distcluster.config import Config
+from distcluster.core import distributed as dist
+from distcluster.core.networks import ClusterModel, build_backbone
+from distcluster.core.objectives import CRLC, IIC, IMCSwAV, Objective
+from distcluster.data.arrays import ImageSource, image_size
+from distcluster.engine.step import NonFiniteGuard, TrainingState
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+
+def build_objective(cfg: Config, feature_dim: int) -> Objective:
+    """cfg.objective's heads, with the arguments of its config section."""
+    objective_class = {"iic": IIC, "imc_swav": IMCSwAV, "crlc": CRLC}[cfg.objective]
+    return objective_class(feature_dim, cfg.clusters, getattr(cfg, cfg.objective))
+
+
+def build_model(cfg: Config, channels: int) -> ClusterModel:
+    backbone = build_backbone(cfg.model, channels)
+    return ClusterModel(backbone, build_objective(cfg, backbone.feature_dim))
+
+
+def build_optimizer(cfg: Config, model: nn.Module,
+                    fused: bool = False) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimiser (one fused kernel per step with `fused`) and its epoch-wise lr schedule."""
+    o = cfg.optim
+    # No weight decay on 1-D parameters (biases, BN), as in CRLC's code, unless decay_1d
+    # (IMC-SwAV's code decays every parameter).
+    decay = [p for p in model.parameters() if p.ndim > 1 or o.decay_1d]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not o.decay_1d]
+    groups = [{"params": decay, "weight_decay": o.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kernel = {"fused": True} if fused else {}
+    if o.name == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **kernel)
+    else:
+        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        optimizer = cls(groups, lr=o.lr, betas=o.betas, **kernel)
+
+    def factor(epoch: int) -> float:
+        warm = min(1.0, (epoch + 1) / o.warmup_epochs) if o.warmup_epochs else 1.0
+        return warm * o.gamma ** sum(epoch >= m for m in o.milestones)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_fits(cfg: Config, source: ImageSource) -> None:
+    """Refuse, before any work starts, a config that cannot run on this data."""
+    cfg.validate(image_size(source))
+    if cfg.batch_size > len(source):
+        raise ConfigError("batch_size", cfg.batch_size,
+                          f"larger than the {len(source)} images of '{cfg.data}'")
+
+
+def build_training_state(cfg: Config, channels: int, ctx: WorkerContext,
+                         start: dict[str, Any] | None = None) -> TrainingState:
+    """Model, optimiser and schedule from cfg.seed (the same on every rank), or as `start`
+    (a checkpoint) left them."""
+    speed = cfg.speed.resolved(ctx.device.type == "cuda")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg, channels).to(ctx.device)
+    if speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(cfg, model, speed.fused_optimizer)
+    guard = NonFiniteGuard(cfg.max_bad_steps, speed.check_every, speed.fused_optimizer, ctx.device)
+    state = TrainingState(cfg, ctx.device, model, model, optimizer, scheduler, speed, guard)
+    if start is not None:
+        model.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["optimizer"])
+        scheduler.load_state_dict(start["scheduler"])
+        state.epoch, state.step, state.head = start["epoch"], start["step"], start["head"]
+        state.history = list(start["history"])
+    if speed.compile:
+        # A graph that fails to compile runs eagerly (with a warning) rather than ending the run.
+        torch._dynamo.config.suppress_errors = True
+        model.backbone.compile(dynamic=False)  # in place: state_dict keys stay the same
+    if dist.is_distributed():
+        state.model = model = batchnorm_for(cfg, model, ctx.device)
+        state.trained = data_parallel(model, ctx.device)
+    return state
+
+
+def batchnorm_for(cfg: Config, model: ClusterModel, device: torch.device) -> ClusterModel:
+    """BatchNorm over the global batch (model.sync_batchnorm; auto: on GPUs) or per worker."""
+    gpu = device.type == "cuda"
+    wanted = cfg.model.sync_batchnorm
+    if not (gpu if wanted == "auto" else wanted):
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if gpu else dist.global_batchnorm(model)
+
+
+CPU_BUCKET_MB = 256  # ResNet-18's 45 MB of gradients and every smaller model: one bucket
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP with one wait per collective that matters. Buffers are BatchNorm statistics:
+    kept in step by SyncBatchNorm on GPUs, per worker on CPU, so rank 0's are not
+    broadcast before every step. On GPUs gradients go in DDP's default buckets, sent
+    while backward goes on; on CPU, where backward keeps the worker's cores busy, in
+    one bucket: one wait per step instead of one per bucket."""
+    if device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index],
+                                                   forward_sync_buffers=False)
+    return nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False,
+                                               bucket_cap_mb=CPU_BUCKET_MB)
+
+
+def input_spec(source: ImageSource, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """What predict needs to prepare images for this model."""
+    return {"channels": source.channels, "size": list(source.image_shape),
+            "mean": mean, "std": std, "class_names": source.class_names}
+
+
+def set_cpu_speedups() -> None:
+    # Sharpening cluster probabilities produce denormals that slow CPU math ~2x.
+    torch.set_flush_denormal(True)
+    keep_freed_memory()
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep the memory of freed activations for the next step. By default it gives
+    large blocks back to the kernel and faults them in again, page by page, at the next step:
+    on 2 CPU cores that was 10,000 to 200,000 page faults per training step and up to half of
+    the time in the kernel. No-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass

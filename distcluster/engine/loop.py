@@ -1,0 +1,154 @@
+"""The per-worker training loop: the same code for 0, 1 or N workers.
+
+Ray-free: the edge hands in a WorkerContext (rank, world size, device) and a
+Reporter that receives an EpochReport after every epoch. Under an initialised
+process group the model is wrapped in DDP and every batch statistic of the
+objective is global (see distcluster.core.distributed). The pieces live next door:
+build (model, optimiser, state), step (one update, skipping non-finite ones),
+evaluation (scores of whole images).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from distcluster.config import Config
+from distcluster.core import distributed as dist
+from distcluster.core.objectives import ObjectiveResult
+from distcluster.data.arrays import ImageSource
+from distcluster.data.augment import MultiCrop
+from distcluster.engine.build import WorkerContext, build_training_state, check_fits, input_spec
+from distcluster.engine.evaluation import evaluate_epoch
+from distcluster.engine.step import TrainingState, train_step
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What every rank hands its Reporter after an epoch. `save` and `evaluated` are the
+    same on every rank; `metrics` hold the evaluation (on rank 0) when `evaluated`."""
+
+    epoch: int  # the finished epoch, counted from 0
+    metrics: dict[str, float]
+    save: bool  # this epoch keeps a checkpoint
+    evaluated: bool
+    checkpoint: Callable[[], dict[str, Any]] | None  # rank 0 only: the checkpoint's contents
+
+
+class Reporter(Protocol):
+    def epoch_end(self, report: EpochReport) -> None:
+        """Called on every rank after every epoch."""
+
+
+class EpochLogs:
+    """Sums detached per-step values of the finite steps on the device; one host sync per
+    epoch, not per step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.head_losses: torch.Tensor | None = None
+        self.finite_steps: torch.Tensor | float = 0.0
+        self.steps = 0
+
+    def add(self, result: ObjectiveResult, finite: torch.Tensor) -> None:
+        self.steps += 1
+        self.finite_steps = self.finite_steps + finite
+        for key, value in {"loss": result.loss.detach(), **result.logs}.items():
+            self.sums[key] = self.sums.get(key, 0) + _kept(value.float(), finite)
+        if result.subhead_losses is not None:
+            h = _kept(result.subhead_losses.detach().float(), finite)
+            self.head_losses = h if self.head_losses is None else self.head_losses + h
+
+    def means(self) -> tuple[dict[str, float], torch.Tensor | None, int]:
+        """Averaged over finite steps and ranks, and the number of skipped steps."""
+        keys = sorted(self.sums)
+        done = float(self.finite_steps)
+        if not keys or done == 0:  # every step of the epoch was skipped (on every rank alike)
+            return {}, None, self.steps
+        packed = torch.stack([self.sums[k] for k in keys]) / done
+        packed = (dist.all_reduce_(packed) / dist.world_size()).cpu()
+        heads = None
+        if self.head_losses is not None:
+            heads = (dist.all_reduce_(self.head_losses / done) / dist.world_size()).cpu()
+        metrics = {f"train/{k}": float(v) for k, v in zip(keys, packed, strict=True)}
+        return metrics, heads, self.steps - round(done)
+
+
+def _kept(value: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """value where the step counted, else 0 (also when value is NaN or infinite)."""
+    return torch.where(finite > 0, value, torch.zeros_like(value))
+
+
+def augmentation_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
+    """Augmentation draws depend only on (seed, rank, epoch): a resumed run repeats them exactly."""
+    return torch.Generator().manual_seed((seed * 1_000 + rank) * 100_003 + epoch)
+
+
+def _injected_nan_steps() -> set[int]:
+    """Test-only hook: DISTCLUSTER_TEST_NAN_STEPS="3,4,5" turns those steps' loss into NaN."""
+    value = os.environ.get("DISTCLUSTER_TEST_NAN_STEPS", "")
+    return {int(v) for v in value.split(",") if v.strip()}
+
+
+def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: Reporter,
+               log: Callable[[str], None] = print, start: dict[str, Any] | None = None) -> None:
+    """Train this rank's shards from `start` (a checkpoint state) or from scratch; report each epoch."""
+    check_fits(cfg, source)
+    if start is not None:  # the normalisation the checkpoint was trained with
+        mean, std = start["input"]["mean"], start["input"]["std"]
+    else:
+        mean, std = source.channel_stats()
+    augment = MultiCrop(cfg.augment, mean, std)
+    state = build_training_state(cfg, source.channels, ctx, start)
+    spec = input_spec(source, mean, std)
+    while state.epoch < cfg.epochs:
+        metrics = _train_epoch(state, source, augment, ctx)
+        last = state.epoch == cfg.epochs
+        evaluated = last or _every(cfg.eval_every, state.epoch - 1)
+        if ctx.rank == 0 and evaluated:
+            metrics.update(evaluate_epoch(state, source, augment, log))
+        state.history.append(metrics)
+        if ctx.rank == 0:
+            log(f"epoch {state.epoch}/{cfg.epochs} " + " ".join(
+                f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()
+                if k in ("train/loss", "eval/acc", "eval/nmi", "train/images_per_second")))
+        save = last or _every(cfg.checkpoint_every, state.epoch - 1)
+        checkpoint = (lambda: state.checkpoint(spec)) if ctx.rank == 0 else None
+        reporter.epoch_end(EpochReport(state.epoch - 1, metrics, save, evaluated, checkpoint))
+    log(f"rank {ctx.rank} of {ctx.world_size}: done, {state.epoch} epochs, {state.step} steps")
+
+
+def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
+                 ctx: WorkerContext) -> dict[str, float]:
+    """One pass over this rank's shard; the epoch's `train/` metrics (the same on every rank)."""
+    cfg, epoch = state.cfg, state.epoch
+    started = time.perf_counter()
+    logs = EpochLogs()
+    local_batch = cfg.batch_size // ctx.world_size
+    inject = _injected_nan_steps()
+    gen = augmentation_generator(cfg.seed, ctx.rank, epoch)
+    for images in source.epoch_batches(epoch, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed):
+        crops = augment(images.to(ctx.device, non_blocking=True), gen)
+        if state.speed.channels_last:
+            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+        logs.add(*train_step(state, crops, local_batch, state.step in inject))
+    state.guard.raise_if_diverged(state.step, epoch + 1)
+    state.scheduler.step()
+    state.epoch += 1
+    metrics, head_losses, skipped = logs.means()
+    if head_losses is not None:
+        state.head = int(head_losses.argmin())  # lowest-loss sub-head, chosen without labels
+    elapsed = time.perf_counter() - started
+    metrics.update({"train/images_per_second": logs.steps * cfg.batch_size / elapsed,
+                    "train/epoch_seconds": elapsed, "train/lr": state.scheduler.get_last_lr()[0],
+                    "train/head": state.head, "train/skipped_steps": skipped})
+    return metrics
+
+
+def _every(period: int, epoch: int) -> bool:
+    return period > 0 and (epoch + 1) % period == 0
