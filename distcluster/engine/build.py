@@ -53,6 +53,7 @@ def build_optimizer(cfg: Config, model: nn.Module,
     kernel = {"fused": True} if fused else {}
     if o.name == "sgd":
         optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **kernel)
+        start_momentum_at_zero(optimizer)
     else:
         cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
         optimizer = cls(groups, lr=o.lr, betas=o.betas, **kernel)
@@ -62,6 +63,19 @@ def build_optimizer(cfg: Config, model: nn.Module,
         return warm * o.gamma ** sum(epoch >= m for m in o.milestones)
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def start_momentum_at_zero(optimizer: torch.optim.Optimizer) -> None:
+    """Every SGD momentum buffer that does not exist yet, as zeros. torch creates them at a
+    parameter's first update, and its fused kernel with `empty_like` when all are missing: a
+    first step skipped on the device (found_inf) then left uninitialised memory in them (3e23
+    was seen in a weight), and a parameter whose first gradient comes later (IMC-SwAV's frozen
+    prototypes) put a None among the others and crashed the kernel. Zeros give what torch's own
+    start gives (with dampening 0 the first buffer is the gradient itself)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum"):
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def check_fits(cfg: Config, source: ImageSource) -> None:
@@ -87,6 +101,7 @@ def build_training_state(cfg: Config, channels: int, ctx: WorkerContext,
     if start is not None:
         model.load_state_dict(start["model"])
         optimizer.load_state_dict(start["optimizer"])
+        start_momentum_at_zero(optimizer)  # a checkpoint of older versions may lack some buffers
         scheduler.load_state_dict(start["scheduler"])
         state.epoch, state.step, state.head = start["epoch"], start["step"], start["head"]
         state.history = list(start["history"])
