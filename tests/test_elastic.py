@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test
 # Enough epochs that the one-worker group still trains when the new node has joined and Ray has
 # looked again, also while the other test process is busy (with 16 it had finished first).
 EPOCHS, SAMPLES = 24, 1024
-# The learning rate drops at epoch 12 (0.001, then 0.0004 from the 12th epoch's end on): a group
+# The learning rate drops at epoch 12 (counted from 0: 0.001 for 12 epochs, then 0.0004): a group
 # restarted from a checkpoint must keep the schedule where the checkpoint left it.
 MILESTONE, LR, GAMMA = 12, 1e-3, 0.4
 # One whole CPU per worker on one-CPU nodes: one worker per node, so losing a node loses a worker.
@@ -93,11 +93,11 @@ def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path):
             assert after > before - 0.15, (resumed, before, after)
     workers = client.get_metric_history(run_id, "train/workers")
     assert [m.value for m in sorted(workers, key=lambda m: m.timestamp)] == [2, 1, 2]
-    # every epoch logged the lr it leaves for the next (an epoch trained again after a restart
-    # logs again at the same step): the schedule by epoch, whatever the group's size and restarts
+    # every epoch logged the lr it trained with, at step epoch + 1 (an epoch trained again after a
+    # restart logs again at the same step): the schedule by epoch, whatever the group's size and restarts
     lrs = client.get_metric_history(run_id, "train/lr")
     assert {m.step for m in lrs} == set(range(1, EPOCHS + 1))
-    assert [m.value for m in lrs] == pytest.approx([LR * GAMMA ** (m.step >= MILESTONE) for m in lrs])
+    assert [m.value for m in lrs] == pytest.approx([LR * GAMMA ** (m.step - 1 >= MILESTONE) for m in lrs])
 
 
 def kmeans_acc(samples: int) -> float:

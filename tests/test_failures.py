@@ -24,6 +24,7 @@ from training_runs import (
     run_train,
     train_command,
     wait_while_running,
+    worker_pid,
 )
 
 from distcluster.config import from_dict, load_recipe
@@ -134,14 +135,6 @@ def test_a_killed_worker_restarts_in_place_and_ctrl_c_then_ends_the_run_like_in_
     run = client.search_runs([client.get_experiment_by_name("distcluster").experiment_id])[0]
     assert run.info.status == "KILLED"
     assert not (tmp_path / "ctrl-c" / "summary.json").exists()
-
-
-def worker_pid(printed: Output) -> int:
-    """The run's worker, by the PID in the prefix Ray gives its lines (`pid=N` or `pid=N, ip=...`;
-    other Ray jobs on the head are not this driver's to print)."""
-    found = re.search(r"\(RayTrainWorker pid=(\d+)[,)]", printed.so_far())
-    assert found, f"no Ray Train worker has printed yet: {printed.so_far()[-3000:]}"
-    return int(found.group(1))
 
 
 def group_starts(printed: Output) -> list[int]:

@@ -4,7 +4,7 @@ import pytest
 
 from distcluster import config
 from distcluster.engine.build import WorkerContext, build_training_state
-from distcluster.engine.step import warm_up_learning_rate
+from distcluster.engine.step import learning_rate, set_learning_rate
 
 
 def test_the_learning_rate_warms_up_linearly_per_update_as_imc_swavs_code():
@@ -14,7 +14,17 @@ def test_the_learning_rate_warms_up_linearly_per_update_as_imc_swavs_code():
     seen = []
     for step in range(6):
         state.step = step
-        warm_up_learning_rate(state)
-        seen.append(state.optimizer.param_groups[0]["lr"])
-    # (step + 1) / 4 of the lr for the first 4 updates, then the schedule's own
-    assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+        set_learning_rate(state)
+        seen.append([group["lr"] for group in state.optimizer.param_groups])
+    # (step + 1) / 4 of the lr for the first 4 updates, then the lr itself, in every group
+    assert seen == [[pytest.approx(lr)] * 2 for lr in [0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01]]
+    assert state.lr == seen[-1][0]
+
+
+def test_one_schedule_per_update_combines_epoch_warm_up_milestones_and_step_warm_up():
+    optim = config.from_dict({"optim": {"lr": 1.0, "warmup_epochs": 2, "warmup_steps": 10,
+                                        "milestones": [3, 5], "gamma": 0.1}}).optim
+    at = {(epoch, step): learning_rate(optim, epoch, step) for epoch, step in
+          [(0, 0), (0, 4), (1, 9), (1, 20), (2, 30), (3, 40), (5, 50)]}
+    assert at == pytest.approx({(0, 0): 0.5 * 0.1, (0, 4): 0.5 * 0.5, (1, 9): 1.0, (1, 20): 1.0,
+                                (2, 30): 1.0, (3, 40): 0.1, (5, 50): 0.01})

@@ -1,8 +1,9 @@
-"""Surviving failures on real processes: a killed driver and damaged checkpoints (a killed Ray
-worker: test_failures; a dead node: test_elastic)."""
+"""Surviving failures on real processes, bit for bit: a killed driver, a killed worker, a clean stop
+continued, and damaged checkpoints (a dead node: test_elastic)."""
 
 import contextlib
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from training_runs import (
     PACED,
     RUN,
     Output,
+    assert_same_training,
     kill_driver,
     ray_checkpoints,
     run_train,
     summary_of,
     train_command,
     wait_while_running,
+    worker_pid,
 )
 
 from distcluster.engine.checkpoint import (
@@ -32,14 +35,22 @@ from distcluster.engine.checkpoint import (
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    """The run with nothing killed, in-process (without Ray's start-up): the same data, seed, global
-    batch and learning-rate schedule as 2 Ray workers; the two differ in augmentation draws and
-    batch-norm statistics, which the comparison's 0.05 allows for."""
+def uninterrupted(tmp_path_factory, ray_cluster) -> dict:
+    """The 2-worker run with nothing stopped: what every stopped and resumed run below must
+    equal bit for bit (its final checkpoint, and its summary)."""
     folder = tmp_path_factory.mktemp("baseline")
-    done = run_train(folder, "baseline", *RUN, "--workers", "0")
+    done = run_train(folder, "baseline", *RUN, env=ray_cluster.env)
     assert done.returncode == 0, done.stderr[-3000:]
-    return summary_of(folder, "baseline")
+    return {"state": verified_checkpoint(folder / "baseline" / "checkpoint"),
+            "summary": summary_of(folder, "baseline")}
+
+
+def assert_equals_uninterrupted(folder: Path, name: str, uninterrupted: dict) -> dict:
+    """The run's final state and scores equal the uninterrupted run's; its summary."""
+    assert_same_training(verified_checkpoint(folder / name / "checkpoint"), uninterrupted["state"])
+    summary = summary_of(folder, name)
+    assert summary["metrics"] == uninterrupted["summary"]["metrics"]
+    return summary
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -70,7 +81,7 @@ def test_a_killed_driver_resumes_from_the_newest_checkpoint_that_verifies(
     resumed = sorted(intact)[-2]  # the older, intact checkpoint
     assert summary["start_epochs"] == [resumed] and resumed >= 1
     assert summary["epochs"] == EPOCHS
-    assert abs(summary["metrics"]["acc"] - uninterrupted["metrics"]["acc"]) <= 0.05
+    assert_equals_uninterrupted(tmp_path, "run", uninterrupted)
     again = run_train(tmp_path, "run", *RUN)  # finished: not retrained
     assert again.returncode == 0 and "already finished" in again.stdout
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -78,6 +89,38 @@ def test_a_killed_driver_resumes_from_the_newest_checkpoint_that_verifies(
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # resumed into the same run
     logged = client.get_metric_history(runs[0].info.run_id, "train/workers")  # at each group start
     assert [m.step for m in sorted(logged, key=lambda m: m.timestamp)] == [0, resumed]
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_a_killed_worker_of_two_resumes_to_the_uninterrupted_runs_state_bit_for_bit(
+        tmp_path, uninterrupted, ray_cluster):
+    """Both workers wait once epoch 4's checkpoint is written (a test hook); one is SIGKILLed; Ray
+    restarts the group, which resumes from that checkpoint and ends where the uninterrupted run did."""
+    paused = {**os.environ, **ray_cluster.env, "DISTCLUSTER_TEST_PAUSE_AFTER_EPOCH": "4"}
+    process = subprocess.Popen(train_command(tmp_path, "run", *RUN), cwd=tmp_path, text=True, env=paused,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    output = Output(process)
+    try:
+        wait_while_running(process, lambda: 4 in intact_checkpoints(tmp_path), "epoch 4's checkpoint", output)
+        os.kill(worker_pid(output), signal.SIGKILL)
+        assert process.wait(timeout=600) == 0, output.text()[-3000:]
+    finally:
+        kill_driver(process)
+    summary = assert_equals_uninterrupted(tmp_path, "run", uninterrupted)
+    assert summary["start_epochs"] == [0, 4] and summary["restarts"] == 1
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_a_finished_run_given_more_epochs_continues_to_the_uninterrupted_runs_state(
+        tmp_path, uninterrupted, ray_cluster):
+    """A clean stop: the run ends at epoch 4; the same command with --epochs 8 goes on from there."""
+    half = [*RUN, "--epochs", str(EPOCHS // 2)]
+    for args in (half, RUN):
+        done = run_train(tmp_path, "run", *args, env=ray_cluster.env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming at epoch {EPOCHS // 2} with changed settings (applied): epochs" in done.stdout
+    summary = assert_equals_uninterrupted(tmp_path, "run", uninterrupted)
+    assert summary["start_epochs"] == [EPOCHS // 2]
 
 
 def intact_checkpoints(folder: Path) -> dict[int, Path]:

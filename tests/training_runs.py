@@ -3,6 +3,7 @@ its own sqlite MLflow store, and what it leaves there."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
+import torch
 from servers import wait_for
 
 EPOCHS = 8
@@ -76,3 +78,33 @@ def kill_driver(process: subprocess.Popen) -> None:
         return
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def worker_pid(printed: Output) -> int:
+    """The run's worker, by the PID in the prefix Ray gives its lines (`pid=N` or `pid=N, ip=...`;
+    other Ray jobs on the head are not this driver's to print)."""
+    found = re.search(r"\(RayTrainWorker pid=(\d+)[,)]", printed.so_far())
+    assert found, f"no Ray Train worker has printed yet: {printed.so_far()[-3000:]}"
+    return int(found.group(1))
+
+
+TIMING = ("train/images_per_second", "train/epoch_seconds")
+
+
+def assert_same_training(resumed: dict, uninterrupted: dict) -> None:
+    """Weights, BatchNorm statistics, optimiser state, guard counters and every epoch's metrics
+    (but the clock's) identical, bit for bit."""
+    for key in ("epoch", "step", "head", "guard"):
+        assert resumed[key] == uninterrupted[key], key
+    assert resumed["model"].keys() == uninterrupted["model"].keys()
+    for name, tensor in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    mine, theirs = resumed["optimizer"]["state"], uninterrupted["optimizer"]["state"]
+    assert mine.keys() == theirs.keys()
+    for index, values in theirs.items():
+        for key, value in values.items():
+            assert torch.equal(torch.as_tensor(mine[index][key]), torch.as_tensor(value)), (index, key)
+    assert resumed["optimizer"]["param_groups"] == uninterrupted["optimizer"]["param_groups"]
+    untimed = [[{k: v for k, v in epoch.items() if k not in TIMING} for epoch in run["history"]]
+               for run in (resumed, uninterrupted)]
+    assert untimed[0] == untimed[1]

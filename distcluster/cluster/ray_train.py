@@ -49,11 +49,16 @@ from distcluster.common.errors import TrainingDiverged, UserError
 from distcluster.config import Config, from_dict
 from distcluster.data.sources import open_source
 from distcluster.engine.build import WorkerContext, set_cpu_speedups
-from distcluster.engine.checkpoint import KEEP_CHECKPOINTS, newest_valid_checkpoint, save_checkpoint
+from distcluster.engine.checkpoint import (
+    KEEP_CHECKPOINTS,
+    agreed_resume_state,
+    newest_valid_checkpoint,
+    save_checkpoint,
+)
 from distcluster.engine.loop import EpochReport, train_loop
 from distcluster.tracking.runs import RunTracker
 
-# Forwarded to Ray workers when set (the test-only NaN hook, MLflow client settings, and the
+# Forwarded to Ray workers when set (the test-only NaN and pause hooks, MLflow client settings, and the
 # cluster's address: Ray Train's placement-group cleaner looks its cluster up by RAY_ADDRESS, or
 # else by the newest one on the machine, which may be another).
 # Ray Train's controller takes the workers' reports when it polls them, every 2 s by default,
@@ -61,8 +66,9 @@ from distcluster.tracking.runs import RunTracker
 # the pace (8 epochs of 512 digits: 10.5 s from the first epoch line to the last; 2.3 s at
 # 0.25 s). Polling every 0.25 s costs a few actor calls a second. Ray's own variable.
 CONTROLLER_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-FORWARDED_ENV = ("DISTCLUSTER_TEST_NAN_STEPS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "DISTCLUSTER_CACHE", "RAY_ADDRESS", CONTROLLER_POLL[0])
+FORWARDED_ENV = ("DISTCLUSTER_TEST_NAN_STEPS", "DISTCLUSTER_TEST_PAUSE_AFTER_EPOCH",
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "DISTCLUSTER_CACHE",
+                 "RAY_ADDRESS", CONTROLLER_POLL[0])
 JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # what `ray job submit` gives its entrypoint
 
 
@@ -230,18 +236,22 @@ class _RayReporter:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
-def _resume_state(rank: int, run_dir: Path) -> dict[str, Any] | None:
-    """The newest verified checkpoint: among the one Ray offers (after a worker-group restart,
-    or when Ray restored its list from storage) and every checkpoint folder of this run on disk
-    (a driver killed before Ray recorded its latest ones). Damaged ones are passed over."""
-    folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
-    offered = ray.train.get_checkpoint()
-    with offered.as_directory() if offered else contextlib.nullcontext() as folder:
-        found = newest_valid_checkpoint(folders + ([Path(folder)] if folder else []),
-                                        warn=print if rank == 0 else lambda _: None)
-    if found and rank == 0:
-        print(f"resuming from epoch {found[0]['epoch']} ({found[1].name})", flush=True)
-    return found[0] if found else None
+def _resume_state(run_dir: Path) -> dict[str, Any] | None:
+    """The newest verified checkpoint rank 0 sees, on every rank: among the one Ray offers
+    (after a worker-group restart, or when Ray restored its list from storage) and every
+    checkpoint folder of this run on disk (a driver killed before Ray recorded its latest
+    ones). Damaged ones are passed over."""
+
+    def newest() -> dict[str, Any] | None:
+        folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+        offered = ray.train.get_checkpoint()
+        with offered.as_directory() if offered else contextlib.nullcontext() as folder:
+            found = newest_valid_checkpoint(folders + ([Path(folder)] if folder else []))
+        if found:
+            print(f"resuming from epoch {found[0]['epoch']} ({found[1].name})", flush=True)
+        return found[0] if found else None
+
+    return agreed_resume_state(newest)
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -257,7 +267,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(loop_config["config"])
     source = open_source(loop_config["data"], cfg.max_samples, loop_config["threads"])
     ctx = WorkerContext(rank, context.get_world_size(), ray.train.torch.get_device())
-    start = _resume_state(rank, Path(loop_config["run_dir"]))
+    start = _resume_state(Path(loop_config["run_dir"]))
     reporter = _RayReporter(rank, loop_config["tracking"])
     if rank == 0:
         epoch = start["epoch"] if start else 0
@@ -270,6 +280,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     except TrainingDiverged as exc:  # every rank sees it at the same step
         if rank == 0:
             ray.get(monitor.diverged.remote(str(exc)))
+    except UserError as exc:  # the same on every rank (a checkpoint that cannot take the config)
+        if rank == 0:
+            ray.get(monitor.refused.remote(str(exc)))
 
 
 @contextlib.contextmanager
@@ -337,7 +350,9 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
             raise
         if interrupted():
             raise KeyboardInterrupt
-    starts, failure = ray.get(monitor.summary.remote())
+    starts, failure, mistake = ray.get(monitor.summary.remote())
+    if mistake:
+        raise UserError(mistake)
     if failure:
         raise TrainingDiverged(failure)
     if result.checkpoint is None:

@@ -11,12 +11,13 @@ import ray
 
 @ray.remote(num_cpus=0)
 class RunMonitor:
-    """Records each worker-group start (when, the epoch it resumed at, how many workers) and a
-    divergence message."""
+    """Records each worker-group start (when, the epoch it resumed at, how many workers) and why
+    the run must end rather than be retried: a divergence, or a user's mistake."""
 
     def __init__(self) -> None:
         self.starts: list[dict[str, Any]] = []
         self.failure = ""
+        self.mistake = ""
 
     def started(self, epoch: int, workers: int) -> None:
         self.starts.append({"time": time.time(), "epoch": epoch, "workers": workers})
@@ -24,5 +25,8 @@ class RunMonitor:
     def diverged(self, message: str) -> None:
         self.failure = message
 
-    def summary(self) -> tuple[list[dict[str, Any]], str]:
-        return self.starts, self.failure
+    def refused(self, message: str) -> None:
+        self.mistake = message
+
+    def summary(self) -> tuple[list[dict[str, Any]], str, str]:
+        return self.starts, self.failure, self.mistake

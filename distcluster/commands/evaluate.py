@@ -15,6 +15,7 @@ import numpy as np
 
 from distcluster.commands.cli import PREPARE_HINT, model_arguments, run_command
 from distcluster.common.errors import UserError
+from distcluster.common.files import check_writable_target
 from distcluster.inference.batch import assign_all, open_inputs
 
 PROG = "distcluster.evaluate"
@@ -25,8 +26,10 @@ def evaluate(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gallery", help="also draw the cluster gallery to FILE.png")
     args = parser.parse_args(argv)
     gallery = Path(args.gallery) if args.gallery else None
-    if gallery is not None and (gallery.suffix != ".png" or not gallery.parent.is_dir()):
-        raise UserError(f"--gallery must be a .png in an existing folder (got {gallery})")
+    if gallery is not None:
+        if gallery.suffix != ".png":
+            raise UserError(f"--gallery must name a .png file (got {gallery})")
+        check_writable_target(gallery, "--gallery")
     inputs = open_inputs(args)
     loaded, source = inputs.model, inputs.source
     rows = list(assign_all(inputs, args))

@@ -14,22 +14,16 @@ from pathlib import Path
 
 from distcluster.commands.cli import model_arguments, run_command
 from distcluster.common.errors import UserError
+from distcluster.common.files import check_writable_target
 from distcluster.inference.batch import assign_all, open_inputs, table_writer
 
 PROG = "distcluster.predict"
 
 
 def check_out(out: Path) -> None:
-    if out.suffix in (".csv", ".parquet"):
-        if not out.parent.is_dir():
-            raise UserError(f"--out: folder {out.parent} does not exist")
-        return
-    if out.suffix:
+    if out.suffix and out.suffix not in (".csv", ".parquet"):
         raise UserError(f"--out must end in .csv or .parquet, or name a new folder (got {out})")
-    if out.exists():
-        raise UserError(f"--out {out} exists: name a new folder for the parquet shards")
-    if not out.parent.is_dir():
-        raise UserError(f"--out: folder {out.parent} does not exist")
+    check_writable_target(out, "--out", "file" if out.suffix else "folder")
 
 
 def predict(argv: list[str] | None = None) -> Path:

@@ -108,9 +108,6 @@ class _LocalReporter:
         for old in sorted(self.folder.glob("epoch-*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old)
 
-    def checkpoints(self) -> list[Path]:
-        return sorted(self.folder.glob("epoch-*"))
-
 
 @dataclass
 class TrainedRun:
@@ -133,19 +130,36 @@ def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: P
     checkpoints of this run."""
     if cfg.workers == 0:
         reporter = _LocalReporter(tracker, out / "checkpoints")
-        found = newest_valid_checkpoint(reporter.checkpoints())
+        found = newest_valid_checkpoint(checkpoint_folders(cfg, out, name))
         start = found[0] if found else None
         if start:
             print(f"resuming from epoch {start['epoch']}", flush=True)
         device = torch.device("cuda" if cfg.gpu else "cpu")
         started = {"time": time.time(), "epoch": start["epoch"] if start else 0, "workers": 1}
         train_loop(cfg, source, WorkerContext(device=device), reporter, start=start)
-        return TrainedRun(_newest_state(reporter.checkpoints()), [started])
+        return TrainedRun(_newest_state(checkpoint_folders(cfg, out, name)), [started])
     from distcluster.cluster import ray_train
 
     run = ray_train.fit(cfg, data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
                         out / "ray", name)
     return TrainedRun(_newest_state(run.checkpoint_dirs), run.starts)
+
+
+def checkpoint_folders(cfg: Config, out: Path, name: str) -> list[Path]:
+    """Where this run's checkpoints are: out/checkpoints (--workers 0) or Ray Train's folders."""
+    if cfg.workers == 0:
+        return sorted((out / "checkpoints").glob("epoch-*"))
+    return [p for p in (out / "ray" / name).glob("checkpoint_*") if p.is_dir()]
+
+
+def _resume_point(cfg: Config, out: Path, name: str) -> tuple[int, configuration.ResumeChanges] | None:
+    """The epoch the run resumes at and what changed since its checkpoint (None: no checkpoint);
+    ConfigError, before anything starts, for a change a checkpoint cannot take."""
+    found = newest_valid_checkpoint(checkpoint_folders(cfg, out, name), warn=lambda _: None)
+    if found is None:
+        return None
+    state = found[0]
+    return state["epoch"], configuration.resume_changes(state["config"], cfg, state["epoch"])
 
 
 def _previous_run(out: Path, name: str) -> dict[str, Any] | None:
@@ -207,10 +221,16 @@ def train(cfg: Config) -> dict[str, Any]:
     name = cfg.run_name or f"{cfg.objective}-{Path(cfg.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(cfg.output) if cfg.output else Path("runs") / name
     record = _previous_run(out, name)
-    if record is not None and (out / "summary.json").is_file():
-        print(f"run '{name}' already finished: {out / 'summary.json'} (a new --run-name trains again)")
+    resumed = _resume_point(cfg, out, name) if record is not None else None
+    if resumed is not None and resumed[0] == cfg.epochs and (out / "summary.json").is_file():
+        print(f"run '{name}' already finished: {out / 'summary.json'} (more --epochs continue it, "
+              "a new --run-name trains again)")
         return json.loads((out / "summary.json").read_text())
     tracker = _open_tracker(cfg, record, out, name)
+    if resumed is not None and resumed[1].changed:
+        epoch, changes = resumed
+        print(f"resuming at epoch {epoch} with changed settings (applied): {changes.describe()}", flush=True)
+        tracker.set_tags({f"resumed_at_epoch_{epoch}": changes.describe()})
     with tracker.ending():
         fit_started = time.perf_counter()
         trained = fit(cfg, source, data, tracker, out, name)

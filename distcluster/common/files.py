@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from distcluster.common.errors import UserError
+
 
 def write_atomic_dir(target: Path, fill: Callable[[Path], object]) -> Path:
     """Fill a temporary sibling folder with `fill(folder)`, then rename it to `target`.
@@ -68,3 +70,18 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_writable_target(path: Path, flag: str, kind: str = "file") -> None:
+    """UserError (one line) unless `path` can be written as a new `kind`: a "file" (an existing
+    file is replaced, a folder is not) or a "folder" (must not exist yet), in an existing folder
+    this process may write to."""
+    if kind == "file" and path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: name a file")
+    if kind == "folder" and path.exists():
+        raise UserError(f"{flag} {path} exists: name a new folder")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: folder {parent} is not writable")

@@ -13,6 +13,7 @@ from distcluster.config.recipes import (
     recipe_names,
     safe_yaml,
 )
+from distcluster.config.resume import ResumeChanges, resume_changes
 from distcluster.config.schema import (
     MAX_CLUSTERS,
     OBJECTIVES,
@@ -24,6 +25,7 @@ from distcluster.config.schema import (
 
 __all__ = [
     "MAX_CLUSTERS", "MAX_YAML_ALIASES", "MAX_YAML_BYTES", "OBJECTIVES", "Config", "OptimConfig",
+    "ResumeChanges",
     "SpeedConfig", "apply_override", "assign", "check_model_name", "default_recipe", "from_dict",
-    "load_recipe", "merge", "read_text_file", "recipe_names", "safe_yaml",
+    "load_recipe", "merge", "read_text_file", "recipe_names", "resume_changes", "safe_yaml",
 ]

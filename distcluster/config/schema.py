@@ -202,7 +202,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for logging params (`optim.lr: 0.0005`)."""
-        return dict(_flatten(self.to_dict()))
+        return dict(flatten_keys(self.to_dict()))
 
 
 def _plain(value: Any) -> Any:
@@ -213,9 +213,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _flatten(tree: dict[str, Any], prefix: str = ""):
+def flatten_keys(tree: dict[str, Any], prefix: str = ""):
     for key, value in tree.items():
         if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
+            yield from flatten_keys(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value

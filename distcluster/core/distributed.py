@@ -12,6 +12,7 @@ it by taking the mean over the rank's local samples.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -107,6 +108,24 @@ def all_gather_stack(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.stack(parts)
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank (pickled: checkpoints and other host-side state)."""
+    if not is_distributed():
+        return value
+    box = [value if rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank: on CPU each worker's BatchNorm
+    keeps its own, and this makes every rank hold the same model (at an epoch's end)."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def global_offset(local_batch: int) -> int:

@@ -62,9 +62,11 @@ class Prototypes(nn.Module):
         self.weight = nn.Parameter(F.normalize(torch.randn(count, dim), dim=1))
 
     @torch.no_grad()
-    def normalize_(self) -> None:
-        """Project back onto the sphere (SwAV does this before every step)."""
-        self.weight.copy_(F.normalize(self.weight, dim=1))
+    def normalize_(self, where: torch.Tensor | None = None) -> None:
+        """Project back onto the sphere (SwAV does it before every step; distcluster after every
+        update), only `where` it is 1 (a 0-d tensor) when given: a skipped update changes nothing."""
+        normalised = F.normalize(self.weight, dim=1)
+        self.weight.copy_(normalised if where is None else torch.where(where > 0, normalised, self.weight))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return embeddings @ self.weight.t()

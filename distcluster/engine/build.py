@@ -7,13 +7,15 @@ model gets global BatchNorm where asked and a DDP wrapper.
 from __future__ import annotations
 
 import ctypes
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from distcluster.common.errors import ConfigError
+from distcluster.common.errors import ConfigError, RunFailed, one_line
 from distcluster.config import Config
 from distcluster.core import distributed as dist
 from distcluster.core.networks import ClusterModel, build_backbone
@@ -40,9 +42,9 @@ def build_model(cfg: Config, channels: int) -> ClusterModel:
     return ClusterModel(backbone, build_objective(cfg, backbone.feature_dim))
 
 
-def build_optimizer(cfg: Config, model: nn.Module,
-                    fused: bool = False) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimiser (one fused kernel per step with `fused`) and its epoch-wise lr schedule."""
+def build_optimizer(cfg: Config, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimiser (one fused kernel per step with `fused`); its lr is set before every
+    update by engine.step.learning_rate."""
     o = cfg.optim
     # No weight decay on 1-D parameters (biases, BN), as in CRLC's code, unless decay_1d
     # (IMC-SwAV's code decays every parameter).
@@ -54,15 +56,20 @@ def build_optimizer(cfg: Config, model: nn.Module,
     if o.name == "sgd":
         optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **kernel)
         start_momentum_at_zero(optimizer)
-    else:
-        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        optimizer = cls(groups, lr=o.lr, betas=o.betas, **kernel)
+        return optimizer
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=o.betas, **kernel)
 
-    def factor(epoch: int) -> float:
-        warm = min(1.0, (epoch + 1) / o.warmup_epochs) if o.warmup_epochs else 1.0
-        return warm * o.gamma ** sum(epoch >= m for m in o.milestones)
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """The saved moments and step counts, with the hyperparameters (weight decay, momentum,
+    betas) of the config the optimiser was built from: torch's load_state_dict would bring the
+    saved ones back, and a changed config would be ignored without a word."""
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        group.update(settings)
+    start_momentum_at_zero(optimizer)  # a checkpoint of older versions may lack some buffers
 
 
 def start_momentum_at_zero(optimizer: torch.optim.Optimizer) -> None:
@@ -95,24 +102,50 @@ def build_training_state(cfg: Config, channels: int, ctx: WorkerContext,
     model = build_model(cfg, channels).to(ctx.device)
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = build_optimizer(cfg, model, speed.fused_optimizer)
+    optimizer = build_optimizer(cfg, model, speed.fused_optimizer)
     guard = NonFiniteGuard(cfg.max_bad_steps, speed.check_every, speed.fused_optimizer, ctx.device)
-    state = TrainingState(cfg, ctx.device, model, model, optimizer, scheduler, speed, guard)
+    state = TrainingState(cfg, ctx.device, model, model, optimizer, speed, guard)
     if start is not None:
         model.load_state_dict(start["model"])
-        optimizer.load_state_dict(start["optimizer"])
-        start_momentum_at_zero(optimizer)  # a checkpoint of older versions may lack some buffers
-        scheduler.load_state_dict(start["scheduler"])
+        load_optimizer_state(optimizer, start["optimizer"])
+        guard.load_state_dict(start.get("guard", {}))
         state.epoch, state.step, state.head = start["epoch"], start["step"], start["head"]
         state.history = list(start["history"])
     if speed.compile:
-        # A graph that fails to compile runs eagerly (with a warning) rather than ending the run.
-        torch._dynamo.config.suppress_errors = True
-        model.backbone.compile(dynamic=False)  # in place: state_dict keys stay the same
+        compile_backbone(model.backbone, required=cfg.speed.compile is True)
     if dist.is_distributed():
         state.model = model = batchnorm_for(cfg, model, ctx.device)
         state.trained = data_parallel(model, ctx.device)
     return state
+
+
+def compile_backbone(backbone: nn.Module, required: bool, backend: str = "inductor",
+                     warn: Callable[[str], object] | None = None) -> None:
+    """torch.compile the backbone in place (state_dict keys stay the same), one whole graph per
+    input shape: a graph break is an error, not a silent split. When compiling fails (a graph
+    break, a backend error), a run that asked for it (`speed.compile: true`) stops with the
+    reason (RunFailed); under `auto` the reason is printed once and the backbone runs eagerly
+    from then on. Errors of the computation itself pass through as they are."""
+    compiled = torch.compile(backbone._call_impl, dynamic=False, fullgraph=True, backend=backend)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            reason = one_line(str(exc).split("\n\n")[0], 240)
+            if required:
+                raise RunFailed(f"torch.compile failed on the backbone ({type(exc).__name__}: {reason}); "
+                                "set speed.compile to false (or auto) to run it eagerly") from None
+            (warn or _to_stderr)(f"warning: torch.compile failed on the backbone, which now runs eagerly "
+                 f"({type(exc).__name__}: {reason})")
+            backbone._compiled_call_impl = None  # nn.Module.__call__ then calls the module itself
+            return backbone(*args, **kwargs)
+
+    backbone._compiled_call_impl = call  # what nn.Module.compile sets
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def batchnorm_for(cfg: Config, model: ClusterModel, device: torch.device) -> ClusterModel:

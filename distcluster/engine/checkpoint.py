@@ -1,10 +1,16 @@
 """Training checkpoints on disk, verified before use and loaded without pickle.
 
-A checkpoint is a folder holding `checkpoint.pt` (model, optimiser and
-scheduler state, epoch, step, chosen head, config, input spec) and, written
-after it, `checkpoint.json` (epoch, size, SHA-256): a folder whose file is
-missing, truncated or altered fails verification and is passed over in
-favour of an older one. It is read back with `torch.load(weights_only=True)`.
+A checkpoint is a folder holding `checkpoint.pt` (model with its BatchNorm statistics,
+optimiser state, the non-finite guard's counters, epoch, step, chosen head, every epoch's
+metrics, config, input spec) and, written after it, `checkpoint.json` (epoch, size,
+SHA-256): a folder whose file is missing, truncated or altered fails verification and is
+passed over in favour of an older one. It is read back with `torch.load(weights_only=True)`.
+
+One checkpoint resumes every rank: checkpoints are taken at epoch ends, when every rank holds
+the same state (weights and optimiser by DDP, BatchNorm statistics broadcast from rank 0, the
+guard's counters from the same flags), and the rest derives from (seed, rank, epoch): batch
+order, augmentation draws. On resume rank 0 alone chooses, and hands the state to the others
+(`agreed_resume_state`), so ranks that see different files still start from the same one.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 
 from distcluster.common.errors import one_line
 from distcluster.common.files import file_sha256
+from distcluster.core import distributed as dist
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_META = "checkpoint.json"
@@ -68,3 +75,9 @@ def newest_valid_checkpoint(folders: list[Path],
         except CorruptCheckpoint as exc:
             warn(f"warning: skipping damaged checkpoint {exc}")
     return None
+
+
+def agreed_resume_state(find: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The state every rank resumes from: what `find()` returns on rank 0 (None: from scratch),
+    broadcast to the other ranks, which never look for checkpoints of their own."""
+    return dist.broadcast_object(find() if dist.rank() == 0 else None)

@@ -11,6 +11,7 @@ MLflow model a run logs (its files are then under `artifacts/model/`).
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from distcluster.common.errors import RunFailed, UserError
 from distcluster.common.files import file_sha256
-from distcluster.config import from_dict
+from distcluster.config import Config, from_dict
 from distcluster.core.networks import ClusterModel
 from distcluster.data.augment import luma, normalize
 from distcluster.engine.build import build_model
@@ -126,16 +127,48 @@ def load_model(folder: Path) -> LoadedModel:
             weights = meta["model"]
         cfg = from_dict(_upgraded(meta["config"]))
         spec = meta["input"]
+        check_model_description(cfg, meta["head"], spec, folder)
         model = build_model(cfg, spec["channels"])
         model.load_state_dict(weights)
         model.eval()
-        mean, std = (torch.tensor(spec[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+        mean, std = (torch.tensor(spec[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
         return LoadedModel(model, int(meta["head"]), cfg.clusters, spec["channels"], tuple(spec["size"]),
                            mean, std, spec.get("class_names"))
+    except UserError:
+        raise
     except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
         raise UserError(f"{folder}: not a readable distcluster model ({type(exc).__name__}: {exc})") from None
     except RuntimeError as exc:
         raise UserError(f"{folder}: model config and weights do not match ({exc})") from None
+
+
+def check_model_description(cfg: Config, head: object, spec: dict[str, Any], folder: Path) -> None:
+    """Refuse, as a whole and in one line, a model whose description cannot be applied to images:
+    a head the objective does not have, an input size or channel count no image has, or a
+    normalisation that is not finite or divides by zero (it would give NaN for every image)."""
+    subheads = getattr(getattr(cfg, cfg.objective), "subheads", 1)
+    channels, size = spec["channels"], spec["size"]
+    problems = [
+        (_whole(head) and 0 <= head < subheads, f"head {head!r} (the objective has {subheads} sub-heads)"),
+        (channels in (1, 3), f"input.channels {channels!r} (must be 1 or 3)"),
+        (isinstance(size, list) and len(size) == 2 and all(_whole(s) and s >= 1 for s in size),
+         f"input.size {size!r} (must be [height, width], both >= 1)"),
+    ]
+    for key in ("mean", "std"):
+        values = spec[key]
+        fine = (isinstance(values, list) and len(values) == channels
+                and all(isinstance(v, int | float) and math.isfinite(v) for v in values))
+        if key == "std":
+            fine = fine and all(v > 0 for v in values)
+        problems.append((fine, f"input.{key} {values!r} (must be {channels} finite numbers"
+                               + (", all > 0)" if key == "std" else ")")))
+    for ok, what in problems:
+        if not ok:
+            raise UserError(f"{folder / MODEL_CONFIG_FILE}: not a usable model: {what}")
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _upgraded(values: dict) -> dict:

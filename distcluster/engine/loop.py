@@ -11,6 +11,7 @@ evaluation (scores of whole images).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
-from distcluster.config import Config
+from distcluster.common.errors import ConfigError
+from distcluster.config import Config, resume_changes
 from distcluster.core import distributed as dist
 from distcluster.core.objectives import ObjectiveResult
 from distcluster.data.arrays import ImageSource
@@ -95,11 +97,21 @@ def _injected_nan_steps() -> set[int]:
     return {int(v) for v in value.split(",") if v.strip()}
 
 
+def _pause_after_epoch() -> int:
+    """Test-only hook: DISTCLUSTER_TEST_PAUSE_AFTER_EPOCH=N waits for ever once epoch N is reported
+    (its checkpoint written), so that a test can kill the run at a known place."""
+    return int(os.environ.get("DISTCLUSTER_TEST_PAUSE_AFTER_EPOCH", "0") or 0)
+
+
 def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: Reporter,
                log: Callable[[str], None] = print, start: dict[str, Any] | None = None) -> None:
     """Train this rank's shards from `start` (a checkpoint state) or from scratch; report each epoch."""
     check_fits(cfg, source)
     if start is not None:  # the normalisation the checkpoint was trained with
+        resume_changes(start["config"], cfg, start["epoch"])  # refuses what the state cannot take
+        if start["input"]["channels"] != source.channels:
+            raise ConfigError("data", cfg.data, f"{source.channels}-channel images; the checkpoint being "
+                              f"resumed was trained on {start['input']['channels']}-channel ones")
         mean, std = start["input"]["mean"], start["input"]["std"]
     else:
         mean, std = source.channel_stats()
@@ -120,6 +132,8 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
         save = last or _every(cfg.checkpoint_every, state.epoch - 1)
         checkpoint = (lambda: state.checkpoint(spec)) if ctx.rank == 0 else None
         reporter.epoch_end(EpochReport(state.epoch - 1, metrics, save, evaluated, checkpoint))
+        if state.epoch == _pause_after_epoch():
+            threading.Event().wait()
     log(f"rank {ctx.rank} of {ctx.world_size}: done, {state.epoch} epochs, {state.step} steps")
 
 
@@ -138,14 +152,14 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
             crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
         logs.add(*train_step(state, crops, local_batch, state.step in inject))
     state.guard.raise_if_diverged(state.step, epoch + 1)
-    state.scheduler.step()
+    dist.broadcast_buffers(state.model)  # every rank now holds rank 0's model: one checkpoint for all
     state.epoch += 1
     metrics, head_losses, skipped = logs.means()
     if head_losses is not None:
         state.head = int(head_losses.argmin())  # lowest-loss sub-head, chosen without labels
     elapsed = time.perf_counter() - started
     metrics.update({"train/images_per_second": logs.steps * cfg.batch_size / elapsed,
-                    "train/epoch_seconds": elapsed, "train/lr": state.scheduler.get_last_lr()[0],
+                    "train/epoch_seconds": elapsed, "train/lr": state.lr,
                     "train/head": state.head, "train/skipped_steps": skipped})
     return metrics
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from distcluster.common.errors import TrainingDiverged
-from distcluster.config import Config, SpeedConfig
+from distcluster.config import Config, OptimConfig, SpeedConfig
 from distcluster.core.networks import ClusterModel
 from distcluster.core.objectives import ObjectiveResult
 
@@ -72,6 +72,15 @@ class NonFiniteGuard:
             self.raise_if_diverged(step, epoch)
         return finite
 
+    def state_dict(self) -> dict[str, float]:
+        """The counters a resumed run continues from (a host sync: at checkpoints only)."""
+        return {"run": float(self.run), "worst": float(self.worst)}
+
+    def load_state_dict(self, saved: dict[str, float]) -> None:
+        """Counters from state_dict; a checkpoint without them (older versions) starts at 0."""
+        self.run.fill_(saved.get("run", 0.0))
+        self.worst.fill_(saved.get("worst", 0.0))
+
     def count(self, finite: torch.Tensor) -> None:
         self.run = (self.run + 1) * (1 - finite)
         self.worst = torch.maximum(self.worst, self.run)
@@ -95,18 +104,18 @@ class TrainingState:
     model: ClusterModel
     trained: nn.Module  # the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
     speed: SpeedConfig  # resolved for the device
     guard: NonFiniteGuard
     epoch: int = 0  # epochs completed
     step: int = 0
     head: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
+    lr: float = 0.0  # the learning rate of the latest update
 
     def checkpoint(self, input_spec: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint of this state (no sampler or RNG state: both derive from (seed, rank, epoch))."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+                "guard": self.guard.state_dict(), "epoch": self.epoch, "step": self.step,
                 "head": self.head, "history": self.history[:self.epoch], "config": self.cfg.to_dict(),
                 "input": input_spec}
 
@@ -140,26 +149,38 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def warm_up_learning_rate(state: TrainingState) -> None:
-    """During the first optim.warmup_steps updates the lr rises linearly to the schedule's,
-    (step + 1) / warmup_steps of it, as IMC-SwAV's code does; the epoch schedule sets it
-    again at every epoch's end."""
-    warmup = state.cfg.optim.warmup_steps
-    if state.step < warmup:
-        scale = (state.step + 1) / warmup
-        for group, lr in zip(state.optimizer.param_groups, state.scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr * scale
+def learning_rate(optim: OptimConfig, epoch: int, step: int) -> float:
+    """The one learning-rate schedule, for update `step` (counted from 0, skipped updates
+    included) in `epoch` (from 0): optim.lr, times gamma at each milestone epoch, rising
+    linearly over the first warmup_epochs epochs ((epoch + 1) / warmup_epochs) and over the
+    first warmup_steps updates ((step + 1) / warmup_steps, as IMC-SwAV's code does). A pure
+    function of the config and the counters: a resumed run gets the lr its config says."""
+    scale = optim.gamma ** sum(epoch >= m for m in optim.milestones)
+    if optim.warmup_epochs:
+        scale *= min(1.0, (epoch + 1) / optim.warmup_epochs)
+    if optim.warmup_steps:
+        scale *= min(1.0, (step + 1) / optim.warmup_steps)
+    return optim.lr * scale
+
+
+def set_learning_rate(state: TrainingState) -> None:
+    state.lr = learning_rate(state.cfg.optim, state.epoch, state.step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = state.lr
 
 
 def train_step(state: TrainingState, crops: list[torch.Tensor], local_batch: int,
                inject_nan: bool = False) -> tuple[ObjectiveResult, torch.Tensor]:
     """One optimiser step on this rank's crops (groups of `local_batch` images), skipped on
-    every rank when any rank's loss or gradient is not finite. Returns the objective's
-    result and the finite flag (a 0-d tensor, the same on every rank). `inject_nan` makes
-    the loss NaN (the test hook DISTCLUSTER_TEST_NAN_STEPS)."""
+    every rank when any rank's loss or gradient is not finite. A skipped step leaves weights,
+    buffers (BatchNorm statistics), optimiser and objective state exactly as they were; only
+    the step counter, and with it the learning-rate schedule, moves on. Returns the
+    objective's result and the finite flag (a 0-d tensor, the same on every rank).
+    `inject_nan` makes the loss NaN (the test hook DISTCLUSTER_TEST_NAN_STEPS)."""
     objective = state.model.objective
-    objective.on_step_start()
-    warm_up_learning_rate(state)
+    set_learning_rate(state)
+    buffers = list(state.model.buffers())
+    before = [b.clone() for b in buffers]  # the forward updates BatchNorm statistics in place
     with autocast_for(state.cfg, state.device):
         result = state.trained(crops, local_batch, state.step, state.epoch)
     loss = result.loss * float("nan") if inject_nan else result.loss
@@ -168,4 +189,15 @@ def train_step(state: TrainingState, crops: list[torch.Tensor], local_batch: int
     objective.on_after_backward(state.step)
     state.step += 1
     finite = state.guard.step(state.optimizer, state.model, state.step, state.epoch + 1)
+    keep_unless_applied(buffers, before, finite)
+    objective.on_step_end(finite)
     return result, finite
+
+
+@torch.no_grad()
+def keep_unless_applied(tensors: list[torch.Tensor], before: list[torch.Tensor],
+                        applied: torch.Tensor) -> None:
+    """Each tensor back to its value `before` unless `applied` (0-d, 1 or 0) says the step was
+    made; on the device, with no host sync, so the deferred path never waits."""
+    for now, old in zip(tensors, before, strict=True):
+        now.copy_(torch.where(applied > 0, now, old))

@@ -139,6 +139,12 @@ class RunTracker:
         for i in range(0, len(items), 100):  # MLflow's batch limit
             self._safely(lambda i=i: self.client.log_batch(self.run_id, params=items[i:i + 100]))
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        self._safely(lambda: self.client.log_batch(self.run_id, tags=items))
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 

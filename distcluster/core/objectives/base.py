@@ -32,20 +32,22 @@ class Objective(Protocol):
     def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D) features of whole images -> (S, B, K) probabilities of the S sub-heads."""
 
-    def on_step_start(self) -> None:
-        """Before every step's forward (IMC-SwAV: prototypes back onto the sphere)."""
-
     def on_after_backward(self, step: int) -> None:
         """Between backward and the update (IMC-SwAV: frozen prototypes drop their gradient)."""
+
+    def on_step_end(self, applied: torch.Tensor) -> None:
+        """After the update; `applied` is 1 when it was made, 0 when the step was skipped (a 0-d
+        tensor on the device): a skipped step must leave the objective as it was (IMC-SwAV:
+        prototypes back onto the sphere after an update)."""
 
 
 class ObjectiveModule(nn.Module):
     """Base of the packaged objectives: the per-step hooks of Objective, doing nothing."""
 
-    def on_step_start(self) -> None:
+    def on_after_backward(self, step: int) -> None:
         pass
 
-    def on_after_backward(self, step: int) -> None:
+    def on_step_end(self, applied: torch.Tensor) -> None:
         pass
 
 

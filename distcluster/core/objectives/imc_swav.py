@@ -133,12 +133,12 @@ class IMCSwAV(ObjectiveModule):
         logs = {"swav": swav.detach(), "mi": mi.detach(), "logit_penalty": penalty.detach()}
         return ObjectiveResult(loss, logs, mi.detach().reshape(1))
 
-    def on_step_start(self) -> None:
-        self.prototypes.normalize_()
-
     def on_after_backward(self, step: int) -> None:
         if step < self.freeze_prototypes_steps:
             self.prototypes.weight.grad = None  # frozen during warm-up, as in SwAV
+
+    def on_step_end(self, applied: torch.Tensor) -> None:
+        self.prototypes.normalize_(applied)
 
     def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
         return wide(self.classifier(features)).softmax(-1).unsqueeze(0)
