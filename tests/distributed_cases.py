@@ -57,6 +57,12 @@ def run_cases(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
     results["sinkhorn"] = {  # gathered whole, and reduced at every iteration
         "codes": sinkhorn(scores[local], epsilon=0.05, iterations=3),
         "codes_reduced": sinkhorn(scores[local], epsilon=0.05, iterations=3, gather_limit=0)}
+    queued = torch.randn(2, 24, 10, generator=gen)  # the same on every rank, as IMC-SwAV's queue
+    stacked = torch.stack([scores, scores.flip(0)])
+    results["sinkhorn_queued"] = {
+        "codes": sinkhorn(stacked[:, local], epsilon=0.05, iterations=3, queued=queued),
+        "codes_reduced": sinkhorn(stacked[:, local], epsilon=0.05, iterations=3, gather_limit=0,
+                                  queued=queued)}
     for mode, speed in SKIP_MODES.items():
         results[mode] = skipped_step_case(rank, world, speed)
     results["training_global_bn"] = training_case(rank, world, sync_batchnorm=True)

@@ -36,13 +36,14 @@ def test_iic_loss_gradient_wrt_inputs_matches(both):
         torch.testing.assert_close(rank["iic_loss"]["x"], single["iic_loss"]["x"])
 
 
-def test_sinkhorn_codes_match_single_process(both):
+@pytest.mark.parametrize("case", ["sinkhorn", "sinkhorn_queued"])
+def test_sinkhorn_codes_match_single_process(both, case):
     single, ranks = both
     half = BATCH // WORLD
     for r, rank in enumerate(ranks):
         for way in ("codes", "codes_reduced"):
-            torch.testing.assert_close(rank["sinkhorn"][way],
-                                       single["sinkhorn"]["codes"][r * half:(r + 1) * half])
+            torch.testing.assert_close(rank[case][way],
+                                       single[case]["codes"][..., r * half:(r + 1) * half, :])
 
 
 @pytest.mark.parametrize("mode", sorted(SKIP_MODES))

@@ -2,6 +2,7 @@
 training goes on with one worker from the last committed checkpoint and the same global batch,
 and grows back to two workers when a node joins again."""
 
+import itertools
 import os
 import subprocess
 
@@ -67,6 +68,13 @@ def test_losing_a_node_shrinks_the_group_and_a_new_node_grows_it_back(tmp_path):
     log = output.text()
     (tmp_path / "elastic.log").write_text(log)  # what a user saw, kept with the test's files
     assert process.returncode == 0, log[-3000:]
+    # Two Ray nodes on one machine: Ray's forwarding printed each worker line twice, in a row
+    lines = log.splitlines()
+    assert not [a for a, b in itertools.pairwise(lines) if a == b and a.strip()], log[-3000:]
+    # the summary is the run's last line; Ray's node-death notices ("(raylet) ...") reach every
+    # driver on a channel of their own, at any time, and are not the run's
+    own = [line for line in lines if line.strip() and "(raylet)" not in line]
+    assert own[-1].startswith("summary: "), own[-5:]
     summary = summary_of(tmp_path, "elastic")
     assert summary["epochs"] == EPOCHS
     assert len(summary["resizes"]) == 2, f"expected a shrink and a growth: {summary['resizes']}"

@@ -3,6 +3,7 @@
 import pytest
 
 from distcluster import config
+from distcluster.common.errors import ConfigError
 from distcluster.engine.build import WorkerContext, build_training_state
 from distcluster.engine.step import learning_rate, set_learning_rate
 
@@ -28,3 +29,20 @@ def test_one_schedule_per_update_combines_epoch_warm_up_milestones_and_step_warm
           [(0, 0), (0, 4), (1, 9), (1, 20), (2, 30), (3, 40), (5, 50)]}
     assert at == pytest.approx({(0, 0): 0.5 * 0.1, (0, 4): 0.5 * 0.5, (1, 9): 1.0, (1, 20): 1.0,
                                 (2, 30): 1.0, (3, 40): 0.1, (5, 50): 0.01})
+
+
+def test_steps_per_epoch_ends_each_epoch_after_that_many_steps():
+    from recorder import Recorder
+
+    from distcluster.data.arrays import load_source
+    from distcluster.engine.loop import train_loop
+
+    cfg = config.from_dict({**config.load_recipe("digits-imc-swav"), "epochs": 2, "max_samples": 512,
+                            "batch_size": 128, "steps_per_epoch": 3, "eval_every": 0,
+                            "model": {"backbone": "small_cnn", "width": 4}})
+    recorder = Recorder()
+    train_loop(cfg, load_source("digits", 512), WorkerContext(), recorder, log=lambda _: None)
+    assert recorder.reports[-1].checkpoint()["step"] == 6  # 3 of the 4 batches, twice
+    assert [r.evaluated for r in recorder.reports] == [False, True]
+    with pytest.raises(ConfigError, match="steps_per_epoch"):
+        config.from_dict({"steps_per_epoch": -1}).validate()

@@ -68,12 +68,12 @@ def test_nmi_and_ari_are_scikit_learns():
 
 def test_label_free_scores_of_balanced_and_collapsed_outputs():
     balanced = np.eye(4)[np.arange(8) % 4]
-    assert label_free_scores(balanced) == pytest.approx(
+    assert label_free_scores(balanced.argmax(1), balanced.max(1), 4) == pytest.approx(
         {"balance": 1.0, "largest_cluster": 0.25, "clusters_used": 4, "confidence": 1.0})
     collapsed = np.tile([0.7, 0.1, 0.1, 0.1], (8, 1))
-    scores = label_free_scores(collapsed)
-    assert scores["balance"] == pytest.approx(0.0)
-    assert scores["largest_cluster"] == 1.0
+    scores = label_free_scores(collapsed.argmax(1), collapsed.max(1), 4)
+    assert scores == pytest.approx({"balance": 0.0, "largest_cluster": 1.0, "clusters_used": 1,
+                                    "confidence": 0.7})
 
 
 def test_matched_confusion_puts_the_agreement_on_the_diagonal():
@@ -92,7 +92,7 @@ def test_most_confident_members_best_first():
 
     clusters = np.array([0, 1, 0, 0, 1])
     confidence = np.array([0.5, 0.9, 0.8, 0.7, 0.6])
-    assert [m.tolist() for m in most_confident(clusters, confidence, 3, 2)] == [[2, 3], [1, 4], []]
+    assert [m.tolist() for m in most_confident(clusters, confidence, np.arange(3), 2)] == [[2, 3], [1, 4], []]
 
 
 def test_a_mosaic_puts_each_image_in_its_cell_and_leaves_gaps_and_empty_cells_white():
@@ -144,3 +144,28 @@ def test_consensus_rewards_the_partition_the_stable_others_agree_with():
     # A weight of 0 takes a partition out of the others' consensus.
     assert consensus([truth, relabelled, noise], [1.0, 1.0, 0.0])[:2] == pytest.approx([1.0, 1.0])
     assert consensus([truth], [0.7]) == [1.0]
+
+
+def test_pictures_of_a_thousand_clusters_show_the_largest_and_stay_readable(tmp_path):
+    """K = 1000: the gallery, the sizes and the confusion matrix keep a bounded size."""
+    from PIL import Image
+
+    from distcluster.core.metrics import matched_confusion
+    from distcluster.tracking import plots
+
+    k, rng = 1000, np.random.default_rng(0)
+    clusters = rng.integers(0, k, 20_000)
+    clusters[:500] = 7  # the largest cluster, then 3
+    clusters[500:800] = 3
+    assert plots.shown_clusters(clusters, k)[:2].tolist() == [7, 3]
+    assert len(plots.shown_clusters(clusters, k)) == plots.MAX_SHOWN_CLUSTERS
+    assert plots.shown_clusters(clusters[:50] % 5, 5).tolist() == [0, 1, 2, 3, 4]
+    images = rng.integers(0, 255, (len(clusters), 8, 8, 1), dtype=np.uint8)
+    plots.gallery(images, clusters, rng.random(len(clusters)), k, tmp_path / "gallery.png")
+    plots.cluster_sizes(clusters, k, tmp_path / "sizes.png")
+    labels = clusters % 10
+    matrix, ids = matched_confusion(labels, clusters, k)
+    plots.confusion(matrix, [str(c) for c in range(10)], ids, tmp_path / "confusion.png")
+    for name in ("gallery", "sizes", "confusion"):
+        width, height = Image.open(tmp_path / f"{name}.png").size
+        assert width <= 4000 and height <= 4000, (name, width, height)

@@ -21,6 +21,7 @@ from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from servers import free_port, mlflow_server, stop_server, wait_for
+from training_runs import forwarded_lines
 
 from distcluster.commands import evaluate, predict
 from distcluster.data.images import digits_arrays
@@ -77,11 +78,30 @@ def test_evaluate_by_alias_gives_the_accuracy_of_the_training_summary(registered
     done = cli("evaluate", "--model", f"models:/{NAME}@latest", "--data", str(folder / "digits400.npz"),
                "--tracking-uri", uri, "--gallery", str(folder / "gallery.png"), cwd=folder)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout)  # stdout is the JSON alone
     assert result["acc"] == pytest.approx(summary["metrics"]["acc"], abs=1e-9)
     assert result["nmi"] == pytest.approx(summary["metrics"]["nmi"], abs=1e-9)
     assert (result["num_samples"], result["clusters"]) == (400, 10)
     assert Image.open(folder / "gallery.png").size[0] > 100
+
+
+def test_evaluate_prints_its_json_alone_when_it_prepares_a_folder_first(registered, tmp_path, capsys):
+    """A script reads evaluate's stdout as JSON: the status of preparing a folder goes to stderr
+    (and with --quiet nowhere)."""
+    folder, _, _ = registered
+    images, labels = digits_arrays()
+    for i in range(40):
+        (tmp_path / "digits" / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i, ..., 0]).save(tmp_path / "digits" / str(labels[i]) / f"{i}.png")
+    assert evaluate.main(["--model", str(folder / "out"), "--data", str(tmp_path / "digits")]) == 0
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
+    assert (result["num_samples"], result["clusters"]) == (40, 10) and 0 <= result["acc"] <= 1
+    assert printed.err.startswith(f"preparing {tmp_path / 'digits'} into "), printed.err
+    Image.fromarray(images[40, ..., 0]).save(tmp_path / "digits" / str(labels[40]) / "40.png")  # again
+    assert evaluate.main(["--model", str(folder / "out"), "--data", str(tmp_path / "digits"), "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["num_samples"] == 41 and printed.err == ""
 
 
 def test_predict_on_new_jpegs_gives_one_row_per_image_and_one_file_alone_the_same(registered, tmp_path):
@@ -180,6 +200,11 @@ def predicted(folder: Path, uri: str, out: Path, *extra: str, ray_env: dict[str,
     if ray_env:
         done = cli("predict", *argv, cwd=out.parent, env=ray_env)
         assert done.returncode == 0, done.stderr[-3000:]
+        # the command's line alone, nothing of the actors' or Ray's processes' on either stream (Ray
+        # 2.60's driver itself says on stderr that Ray Data's actors have arguments in the object
+        # store: a line of its C++ log, which no setting but its level for every Ray process hides)
+        assert done.stdout.splitlines() == [f"wrote 400 rows to {out}"], done.stdout[-3000:]
+        assert not forwarded_lines(done.stderr), done.stderr[-3000:]
     else:
         predict_in_process(*argv)
     return pd.read_parquet(out) if out.suffix != ".csv" else pd.read_csv(out)

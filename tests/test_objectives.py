@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distcluster import config
 from distcluster.common.errors import ConfigError
@@ -64,6 +65,39 @@ def test_sinkhorn_rows_sum_to_one_and_prototypes_share_the_batch():
     codes = sinkhorn(scores, epsilon=0.5, iterations=200)
     torch.testing.assert_close(codes.sum(1), torch.ones(64))
     torch.testing.assert_close(codes.sum(0), torch.full((8,), 64 / 8), atol=1e-3, rtol=1e-3)
+
+
+def test_a_queue_joins_sinkhorn_once_and_keeps_small_batches_balanced_and_sharp():
+    """8 samples, 32 prototypes: alone, equipartition spreads each code over 4 prototypes; with
+    256 queued rows the prototypes share 264 samples, the batch's codes are sharper, and the
+    queue and batch together stay balanced."""
+    gen = torch.Generator().manual_seed(4)
+    batch, queued = torch.randn(8, 32, generator=gen) * 3, torch.randn(256, 32, generator=gen) * 3
+    alone = sinkhorn(batch, epsilon=0.5, iterations=300)
+    with_queue = sinkhorn(batch, epsilon=0.5, iterations=300, queued=queued)
+    torch.testing.assert_close(with_queue.sum(1), torch.ones(8))
+    joint = sinkhorn(torch.cat([queued, batch]), epsilon=0.5, iterations=300)  # the same problem
+    torch.testing.assert_close(with_queue, joint[256:])
+    torch.testing.assert_close(joint.sum(0), torch.full((32,), 264 / 32), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(alone.sum(0), torch.full((32,), 8 / 32), atol=1e-3, rtol=1e-3)
+    assert with_queue.max(1).values.mean() > alone.max(1).values.mean() + 0.1
+
+
+def test_imc_swav_queue_keeps_the_latest_large_crop_embeddings_and_joins_from_its_epoch():
+    torch.manual_seed(0)
+    objective = IMCSwAV(12, 4, prototypes=16, projection_hidden=16, projection_dim=8, classifier_hidden=16,
+                        queue=20, queue_start_epoch=1)
+    features = [torch.randn(6, 12) for _ in range(3)]
+    assert objective._queued_scores(epoch=0) is None  # not yet: the queue still fills
+    objective.loss(features, epoch=0)
+    objective.loss(features, epoch=0)
+    embeddings = torch.stack([F.normalize(objective.projection(f), dim=-1) for f in features[:2]]).detach()
+    torch.testing.assert_close(objective.queue[:, -6:], embeddings)
+    torch.testing.assert_close(objective.queue[:, -12:-6], embeddings)
+    assert objective.queue[:, :8].abs().sum() == 0  # rows not yet filled
+    assert objective._queued_scores(epoch=1).shape == (2, 20, 16)
+    assert "queue" in objective.state_dict()  # in checkpoints: a resumed run has the same queue
+    assert "queue" not in IMCSwAV(12, 4, prototypes=16).state_dict()  # and older models load as they were
 
 
 def test_sinkhorn_solves_stacked_problems_as_it_solves_each_alone():

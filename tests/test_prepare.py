@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from distcluster.commands.prepare import main as prepare_main
-from distcluster.data.arrays import STATS_SAMPLE, ArraySource, load_source, subset_indices
-from distcluster.data.ffcv_io import BetonSource, read_metadata, scan
-from distcluster.data.images import ArrayCollection, digits_arrays, files_under
+from distcluster.data.arrays import STATS_SAMPLE, ArraySource, gather_images, load_source, subset_indices
+from distcluster.data.ffcv_io import BetonSource, read_metadata, write_beton
+from distcluster.data.images import ArrayCollection, digits_arrays, files_under, open_collection
 from distcluster.data.sources import resolve_data
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpg.zip"
@@ -158,15 +158,18 @@ def test_npz_and_digits_round_trip_with_greyscale_kept_as_one_channel(tmp_path):
     np.testing.assert_array_equal(labels, targets)
 
 
-def test_grey_images_are_one_channel_in_memory_and_when_prepared_alike():
-    """One channel rule (images.is_grey) for an .npz read in memory and for prepare: grey images
-    stored as RGB train as one channel both ways; colour keeps three."""
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_grey_images_are_one_channel_in_memory_and_when_prepared_alike(tmp_path):
+    """One channel rule (images.is_grey) for an .npz read in memory and for prepare (where the
+    writer's processes apply it as they decode): grey images stored as RGB train as one channel
+    both ways; colour keeps three, even when one image of many has it."""
     grey = np.repeat(rng_images(4)[..., :1], 3, axis=-1)
-    colour = rng_images(4)
+    colour = grey.copy()
+    colour[2, 5, 5, 0] ^= 1  # one pixel of one image
     for images, channels in ((grey, 1), (colour, 3)):
         in_memory = ArraySource.from_hwc(images, None, "x").channels
-        scanned = scan(ArrayCollection(images, None, "x", "npz"), "fail", progress=False)
-        prepared = 1 if scanned.greyscale else 3
+        prepared = write_beton(ArrayCollection(images, None, "x", "npz"), tmp_path / "x.beton",
+                               workers=2, progress=False)["channels"]
         assert in_memory == prepared == channels
     np.testing.assert_array_equal(ArraySource.from_hwc(grey, None, "x").images[:, 0], grey[..., 0])
 
@@ -289,10 +292,14 @@ def test_a_beton_without_its_metadata_is_refused(tmp_path):
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
-def test_metadata_json_is_plain_json(tmp_path):
+def test_metadata_json_is_plain_json(tmp_path, capsys):
     prepare("digits", tmp_path / "d.beton")
     meta = json.loads((tmp_path / "d.beton.json").read_text())
     assert {"count", "image_shape", "label_names", "labelled", "skipped", "source"} <= set(meta)
+    printed = capsys.readouterr()
+    said = json.loads(printed.out)  # stdout is the JSON alone, for scripts; the status on stderr
+    assert said == {k: meta[k] for k in said} and said["count"] == 1797
+    assert printed.err == f"wrote {tmp_path / 'd.beton'} and d.beton.json\n"
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -315,6 +322,9 @@ def test_max_samples_reads_a_fixed_random_subset_from_every_class_with_labels_an
     assert set(source.labels.tolist()) == {0, 1, 2}  # the first 12 would all be class a
     trained = torch.cat([b.clone() for b in source.epoch_batches(0, 12, 1, 0, seed=1)])
     assert sorted(trained[:, 1, 0, 0].tolist()) == picked.tolist()  # training sees exactly the subset
+    shown = gather_images(source, np.array([7, 2, 11, 2]))  # the gallery's read: those images only
+    assert sorted(shown) == [2, 7, 11]
+    assert [int(shown[i][0, 0, 1]) for i in (2, 7, 11)] == picked[[2, 7, 11]].tolist()
 
 
 def test_subset_indices_are_sorted_distinct_fixed_and_all_when_count_is_zero_or_too_large():
@@ -337,9 +347,10 @@ def test_files_under_lists_nested_and_linked_files_but_does_not_enter_linked_fol
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_a_folder_is_prepared_once_and_again_when_a_file_is_added_or_changed(class_folder, capsys):
     root, _ = class_folder
-    first = resolve_data(str(root), progress=False)
-    assert "preparing" in capsys.readouterr().out
-    assert resolve_data(str(root), progress=False) == first and capsys.readouterr().out == ""
+    first = resolve_data(str(root))
+    printed = capsys.readouterr()
+    assert "preparing" in printed.err and printed.out == ""  # status: stdout is a command's result
+    assert resolve_data(str(root), progress=False) == first and capsys.readouterr() == ("", "")
     Image.fromarray(rng_images(1)[0]).save(root / "wrapper/cat/new.png")
     added = resolve_data(str(root), progress=False)
     assert added != first and len(BetonSource(Path(added))) == len(BetonSource(Path(first))) + 1
@@ -375,6 +386,34 @@ def test_a_photo_is_read_turned_as_its_exif_orientation_says(tmp_path):
     assert images.shape == (1, 32, 16, 3)  # upright: tall, not wide
     red = images[0, ..., 0]
     assert red[:12].max() < 40 and red[20:].min() > 215  # the right half is now the bottom
+
+
+def test_an_images_size_from_its_header_is_the_size_it_decodes_to(tmp_path):
+    """What prepare's first pass reads (no pixels decoded) agrees with `read`: EXIF turns in
+    JPEG, PNG and WebP, grey, transparent and 16-bit images, in a folder and in a zip."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    stored = rng_images(1, (16, 32))[0]  # 16x32 stored; turned 90 degrees, 32x16 shown
+    Image.fromarray(stored).save(folder / "turned.jpg", exif=exif_orientation(6))
+    Image.fromarray(stored).save(folder / "turned.png", exif=exif_orientation(8))
+    Image.fromarray(stored).save(folder / "mirrored.webp", exif=exif_orientation(2))
+    Image.fromarray(rng_images(1, (9, 7))[0][..., 0]).save(folder / "grey.png")
+    Image.fromarray(np.zeros((5, 11, 4), np.uint8), "RGBA").save(folder / "clear.png")
+    Image.fromarray(np.arange(60, dtype=np.uint16).reshape(6, 10) * 999).save(folder / "deep.tif")
+    with zipfile.ZipFile(tmp_path / "mixed.zip", "w") as out:
+        for path in folder.iterdir():
+            out.write(path, path.name)
+    for src in (folder, tmp_path / "mixed.zip"):
+        collection = open_collection(str(src))
+        sizes = {name: collection.size(i) for i, name in enumerate(collection.members)}
+        assert sizes == {name: collection.read(i).shape[:2] for i, name in enumerate(collection.members)}
+        assert sizes["turned.jpg"] == sizes["turned.png"] == (32, 16) and sizes["mirrored.webp"] == (16, 32)
+
+
+def exif_orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`

@@ -16,9 +16,11 @@ from training_runs import (
     PACED,
     RUN,
     Output,
+    assert_one_line_per_event,
     assert_same_training,
     kill_driver,
     ray_checkpoints,
+    ray_lines,
     run_train,
     summary_of,
     train_command,
@@ -37,12 +39,21 @@ from distcluster.engine.checkpoint import (
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, ray_cluster) -> dict:
     """The 2-worker run with nothing stopped: what every stopped and resumed run below must
-    equal bit for bit (its final checkpoint, and its summary)."""
+    equal bit for bit (its final checkpoint, and its summary); and what it printed."""
     folder = tmp_path_factory.mktemp("baseline")
     done = run_train(folder, "baseline", *RUN, env=ray_cluster.env)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"state": verified_checkpoint(folder / "baseline" / "checkpoint"),
-            "summary": summary_of(folder, "baseline")}
+            "summary": summary_of(folder, "baseline"), "run": done}
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_a_run_joining_a_cluster_prints_each_line_once_and_its_summary_last(uninterrupted):
+    """RAY_ADDRESS set, as a user of a running cluster: the workers' lines on stdout, once each,
+    and nothing of Ray's own on either stream."""
+    done = uninterrupted["run"]
+    assert_one_line_per_event(done.stdout, EPOCHS, workers=2)
+    assert not ray_lines(done.stderr), done.stderr[-3000:]
 
 
 def assert_equals_uninterrupted(folder: Path, name: str, uninterrupted: dict) -> dict:

@@ -88,7 +88,40 @@ def worker_pid(printed: Output) -> int:
     return int(found.group(1))
 
 
-TIMING = ("train/images_per_second", "train/epoch_seconds")
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the prefixes it gives forwarded lines
+
+
+def forwarded_lines(printed: str) -> list[str]:
+    """The lines Ray forwarded from its processes (`(TrainController pid=N) ...`, `(raylet) ...`),
+    but the training workers' own lines."""
+    lines = ANSI_COLOUR.sub("", printed).splitlines()
+    return [line for line in lines if line.startswith("(") and not line.startswith("(RayTrainWorker pid=")]
+
+
+def ray_lines(printed: str) -> list[str]:
+    """forwarded_lines and the lines of Ray's C++ logs (`core_worker.cc:2465: ...`)."""
+    forwarded = set(forwarded_lines(printed))
+    return [line for line in ANSI_COLOUR.sub("", printed).splitlines() if line in forwarded or ".cc:" in line]
+
+
+def assert_one_line_per_event(printed: str, epochs: int, workers: int) -> None:
+    """What a finished run printed (stdout, or a job's whole log): each epoch's line and each
+    worker's "done" line once, no line of Ray's own, and the summary line last. Ray's forwarding
+    printed every worker line once per Ray node on the machine, a rank's last line after the
+    summary (held back by its de-duplication), and its internal errors."""
+    lines = ANSI_COLOUR.sub("", printed).strip().splitlines()
+    for epoch in range(1, epochs + 1):
+        said = [line for line in lines if f") epoch {epoch}/{epochs} " in line]
+        assert len(said) == 1, said
+    for rank in range(workers):
+        said = [line for line in lines if f"rank {rank} of {workers}: done" in line]
+        assert len(said) == 1, said
+    assert not ray_lines(printed), ray_lines(printed)
+    assert lines[-1].startswith("summary: "), lines[-5:]
+
+
+TIMING = ("train/images_per_second", "train/epoch_seconds", "train/serial_share",
+          "eval/seconds")
 
 
 def assert_same_training(resumed: dict, uninterrupted: dict) -> None:

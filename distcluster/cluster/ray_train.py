@@ -1,7 +1,8 @@
 """Ray Train wiring: a TorchTrainer whose workers run distcluster.engine.loop.train_loop.
 
 The only Ray lines are here: resources, the worker entry point, checkpoints
-reported with `ray.train.report`, restarts, and resuming.
+reported with `ray.train.report`, restarts, resuming, and the workers' output, which
+the driver prints itself (one line per event, in order: see WORKER_LABEL).
 
 Failures: `FailureConfig(max_failures)` restarts the worker group when a
 worker dies; the new group resumes from the newest checkpoint that verifies,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import json
 import logging
 import math
@@ -36,7 +38,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import ray
 import torch
@@ -80,8 +82,12 @@ class RayRun:
     starts: list[dict[str, Any]]  # {"time", "epoch" it resumed at, "workers"}, in order
 
 
-def init_ray() -> None:
-    """Join RAY_ADDRESS when set (as under `ray job submit`), else start a local instance."""
+def init_ray(worker_output: bool = True) -> None:
+    """Join RAY_ADDRESS when set (as under `ray job submit`), else start a local instance.
+    `worker_output`: Ray prints here what every process of the job writes, its own included
+    (`log_to_driver`); False for commands that print what the user needs themselves (training
+    relays its workers' lines, predict and evaluate need none), Ray's messages staying in its
+    logs."""
     if ray.is_initialized():
         return
     use_fast_controller_poll(os.environ)
@@ -92,13 +98,15 @@ def init_ray() -> None:
         check_ray_address(address)
         # Ray's own logging would print "Connecting to existing Ray cluster" lines on stderr,
         # before a later one-line error.
-        ray.init(address=address, configure_logging=False, runtime_env=runtime_env)
+        ray.init(address=address, configure_logging=False, runtime_env=runtime_env,
+                 log_to_driver=worker_output)
     else:  # never join whatever a stale address file points at
         # Ray announces on stderr that the instance it starts for us has token auth (the safe
         # default): noise that would break a later one-line error.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         _own_ray_temp_dir()
-        ray.init(address="local", configure_logging=False, runtime_env=runtime_env)
+        ray.init(address="local", configure_logging=False, runtime_env=runtime_env,
+                 log_to_driver=worker_output)
 
 
 def ray_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -257,16 +265,22 @@ def _resume_state(run_dir: Path) -> dict[str, Any] | None:
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     # Ray Train 2.60 logs a line per report per rank through loggers named by file
-    # path, which its own log-level filter misses; quiet them at the root.
+    # path, which its own log-level filter misses; quiet them at the root. (Its print, which
+    # also logs each line at INFO through the root logger, so prints only once.)
     logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, size = context.get_world_rank(), context.get_world_size()
+    with _output_to_driver(loop_config["output"], f"rank {rank} of {size}"):
+        _train(loop_config, rank, size)
+
+
+def _train(loop_config: dict[str, Any], rank: int, size: int) -> None:
     monitor = loop_config["monitor"]
     torch.set_num_threads(loop_config["threads"])
     set_cpu_speedups()
     cfg = from_dict(loop_config["config"])
     source = open_source(loop_config["data"], cfg.max_samples, loop_config["threads"])
-    ctx = WorkerContext(rank, context.get_world_size(), ray.train.torch.get_device())
+    ctx = WorkerContext(rank, size, ray.train.torch.get_device())
     start = _resume_state(Path(loop_config["run_dir"]))
     reporter = _RayReporter(rank, loop_config["tracking"])
     if rank == 0:
@@ -283,6 +297,139 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     except UserError as exc:  # the same on every rank (a checkpoint that cannot take the config)
         if rank == 0:
             ray.get(monitor.refused.remote(str(exc)))
+
+
+# A worker's lines reach the user through the driver, not through Ray's log forwarding
+# (`log_to_driver`), which printed them with faults: every line once per Ray node on the worker's
+# machine (each node's log monitor reads the one session folder), the lines of all but one rank
+# held back by Ray's de-duplication (rank 1's "done" came after the summary, at Ray's shutdown),
+# and Ray's own internal errors (core_worker.cc) among them. Ray's logs keep all of it.
+WORKER_LABEL = "RayTrainWorker"  # the prefix Ray itself gives these lines: (RayTrainWorker pid=N)
+
+
+class _DriverStream(io.TextIOBase):
+    """A worker's stdout or stderr while it trains: each whole line is put in the driver's
+    `queue` (the put returns once the line is there), and all of it still goes to the stream it
+    replaces, the worker's log file in Ray's logs."""
+
+    def __init__(self, stream: TextIO, queue: Any, source: tuple[int, str], is_err: bool) -> None:
+        super().__init__()
+        self.stream, self.queue, self.source, self.is_err = stream, queue, source, is_err
+        self.partial = ""
+        self.lock = threading.Lock()  # lines of two threads stay whole and in order
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.stream.encoding
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        with self.lock:
+            *lines, self.partial = (self.partial + text).split("\n")
+            for line in lines:
+                self._send(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def finish(self) -> None:
+        """Send a last line left without its newline."""
+        with self.lock:
+            if self.partial:
+                self._send(self.partial)
+            self.partial = ""
+
+    def _send(self, line: str) -> None:
+        with contextlib.suppress(ray.exceptions.RayError):  # the driver is gone: the log has it
+            self.queue.put((self.source, self.is_err, line))
+
+
+@contextlib.contextmanager
+def _output_to_driver(queue: Any, who: str) -> Iterator[None]:
+    """While the worker trains, its lines go to the driver that prints them (_DriverStream);
+    an error that ends its training is said there too, in one line, whether Ray restarts the
+    group or the run fails. `queue` None: left to Ray (a Tune trial's workers)."""
+    if queue is None:
+        yield
+        return
+    source = (os.getpid(), ray.util.get_node_ip_address())
+    replaced = sys.stdout, sys.stderr
+    streams = [_DriverStream(stream, queue, source, is_err) for is_err, stream in enumerate(replaced)]
+    sys.stdout, sys.stderr = streams
+    try:
+        yield
+    except Exception as exc:
+        said = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"{who} stopped: {type(exc).__name__}: {said}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        for stream in streams:
+            stream.finish()
+        sys.stdout, sys.stderr = replaced
+
+
+@contextlib.contextmanager
+def _printed_worker_output(here: NodeAffinitySchedulingStrategy) -> Iterator[Any]:
+    """The queue (an actor placed `here`, on the driver's node) that the workers' lines go to; a thread
+    prints them here as they come, `(RayTrainWorker pid=N) line`, each once, on stdout or stderr
+    as the worker wrote them. All of them are printed when the block ends: a worker's put
+    returns once its line is queued, and fit returns after the workers' last lines. None (Ray's
+    forwarding left on) when this process is itself a Ray worker: a Tune trial, whose workers'
+    lines its driver shows."""
+    if ray.get_runtime_context().get_actor_id() is not None:
+        yield None
+        return
+    from ray.util.queue import Queue
+
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    driver_ip = ray.util.get_node_ip_address()
+    ended = threading.Event()
+
+    def relay() -> None:
+        with contextlib.suppress(ray.exceptions.RayError):  # Ray is going down (Ctrl-C)
+            while (waiting := queue.qsize()) or not ended.is_set():
+                if not waiting:
+                    ended.wait(0.25)
+                    continue
+                for (pid, ip), is_err, line in queue.get_nowait_batch(waiting):
+                    where = f"pid={pid}" if ip == driver_ip else f"pid={pid}, ip={ip}"
+                    print(f"({WORKER_LABEL} {where}) {line}", file=sys.stderr if is_err else sys.stdout,
+                          flush=True)
+
+    thread = threading.Thread(target=relay, name="distcluster-worker-output", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        ended.set()
+        thread.join(timeout=10)
+        with contextlib.suppress(ray.exceptions.RayError):
+            queue.shutdown(force=True)
+
+
+def _trainer(cfg: Config, loop_config: dict[str, Any], cpus: float, storage: Path, name: str,
+             callbacks: tuple) -> TorchTrainer:
+    return TorchTrainer(
+        _train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=(cfg.min_workers, cfg.workers) if cfg.elastic else cfg.workers, use_gpu=cfg.gpu,
+            resources_per_worker={"CPU": cpus}, elastic_resize_monitor_interval_s=cfg.resize_check_seconds),
+        torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             callbacks=list(callbacks),
+                             # Ray's INFO lines (one per report per rank) would drown the epochs.
+                             logging_config=ray.LoggingConfig(log_level="WARNING")),
+    )
 
 
 @contextlib.contextmanager
@@ -318,30 +465,17 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
     """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data.
     `callbacks`: Ray Train UserCallbacks (Tune's TuneReportCallback in a sweep); `offered_cpus`:
     each worker's share of the cluster when others run beside it (see cpus_per_worker)."""
-    init_ray()
+    init_ray(worker_output=False)
     resources = ray.cluster_resources()
     warn_if_oversubscribed(cfg, resources)
     cpus = cpus_per_worker(cfg, resources, offered_cpus)
     # On the driver's node, as Ray Train's controller: it must outlive any other node.
-    monitor = RunMonitor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)).remote()
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"config": cfg.to_dict(), "data": data, "tracking": tracking,
-                           "threads": worker_threads(cpus), "monitor": monitor,
-                           "run_dir": str(storage.resolve() / name)},
-        scaling_config=ScalingConfig(
-            num_workers=(cfg.min_workers, cfg.workers) if cfg.elastic else cfg.workers, use_gpu=cfg.gpu,
-            resources_per_worker={"CPU": cpus}, elastic_resize_monitor_interval_s=cfg.resize_check_seconds),
-        torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             callbacks=list(callbacks),
-                             # Ray's INFO lines (one per report per rank) would drown the epochs.
-                             logging_config=ray.LoggingConfig(log_level="WARNING")),
-    )
-    with _interrupt_watch() as interrupted:
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    monitor = RunMonitor.options(scheduling_strategy=here).remote()
+    loop_config = {"config": cfg.to_dict(), "data": data, "tracking": tracking, "monitor": monitor,
+                   "threads": worker_threads(cpus), "run_dir": str(storage.resolve() / name)}
+    with _printed_worker_output(here) as output, _interrupt_watch() as interrupted:
+        trainer = _trainer(cfg, {**loop_config, "output": output}, cpus, storage, name, callbacks)
         try:
             result = trainer.fit()
         except BaseException:

@@ -20,10 +20,9 @@ from distcluster.cluster.search_space import SearchSpace, SweepSettings
 from distcluster.common.errors import RunFailed
 from distcluster.common.files import write_atomic_dir
 from distcluster.core.metrics import consensus
-from distcluster.data.arrays import ArraySource, gather_images
-from distcluster.data.sources import open_source
+from distcluster.data.arrays import ArraySource, ImageSource, gather_images
 from distcluster.engine.checkpoint import newest_valid_checkpoint
-from distcluster.engine.evaluation import final_probs
+from distcluster.engine.evaluation import assign_checkpoint
 from distcluster.tracking.outputs import log_model_and_plots
 from distcluster.tracking.runs import RunTracker
 
@@ -44,7 +43,7 @@ class Sweep:
     parent_run_id: str
     output: str
     cpus_per_worker: float
-    consensus_indices: list[int]  # the images every finished model assigns
+    consensus_images: np.ndarray  # (n, H, W, C) uint8: every finished model assigns them
 
 
 def run_trial(sampled: dict[str, Any], sweep: Sweep) -> None:
@@ -74,17 +73,19 @@ def run_trial(sampled: dict[str, Any], sweep: Sweep) -> None:
 
 
 def assign_sample(state: dict[str, Any], sweep: Sweep) -> np.ndarray:
-    """The trial's clusters of the consensus images."""
-    source = open_source(sweep.data, sweep.space.base["max_samples"])
-    found = gather_images(source, np.asarray(sweep.consensus_indices))
-    sample = ArraySource.from_hwc(np.stack([found[i] for i in sweep.consensus_indices]), None, "consensus")
-    return final_probs(state, sample).argmax(1).astype(np.int32)
+    """The trial's clusters of the consensus images (decoded once, by the sweep's driver)."""
+    sample = ArraySource.from_hwc(sweep.consensus_images, None, "consensus")
+    return assign_checkpoint(state, sample).clusters.astype(np.int32)
 
 
-def consensus_sample(count: int, seed: int) -> list[int]:
-    """Up to CONSENSUS_IMAGES image indices, drawn once per sweep."""
-    chosen = np.random.default_rng(seed).choice(count, min(count, CONSENSUS_IMAGES), replace=False)
-    return sorted(int(i) for i in chosen)
+def consensus_images(source: ImageSource, seed: int) -> np.ndarray:
+    """Up to CONSENSUS_IMAGES images, drawn once per sweep and decoded in one pass, that every
+    trial's model assigns (Ray's object store hands them to the trials)."""
+    count = min(len(source), CONSENSUS_IMAGES)
+    chosen = np.random.default_rng(seed).choice(len(source), count, replace=False)
+    indices = sorted(int(i) for i in chosen)
+    found = gather_images(source, np.asarray(indices))
+    return np.stack([found[i] for i in indices])
 
 
 def fit_on_cluster(space: SearchSpace, sweep: SweepSettings) -> tuple[int, float]:

@@ -1,4 +1,5 @@
 """`python -m distcluster.prepare SRC --out FILE.beton`: store an image collection for FFCV.
+`python -m distcluster.prepare --verify FILE.beton`: check every byte of one.
 
 SRC: an ImageFolder directory or .zip (class sub-folders are labels, used only
 for evaluation; a flat folder is unlabelled), a torchvision CIFAR root (cifar10,
@@ -12,14 +13,23 @@ that its shorter side is min(--max-resolution, the median shorter side) and
 centre-cropped to a square. With --write-mode auto, images of at most 96x96
 pixels are stored raw and larger ones as JPEG (quality 90).
 
+Each image is read for its size from its header, then read and decoded once
+by FFCV's writer processes (with --on-error skip, images that only decoding
+shows to be corrupt make the file be written a second time without them).
+
 Writes FILE.beton and FILE.beton.json (count, image shape, label names,
-whether labels exist, skipped files, source). The .beton is written under a
-temporary name and renamed when complete; the JSON is written last.
+whether labels exist, skipped files, source, and the .beton's size, SHA-256
+and 4 MiB chunk digests). The .beton is written under a temporary name and
+renamed when complete; the JSON is written last. Every open of the .beton
+checks its size, its header and 16 of its chunks; --verify checks all of
+them, naming the first that changed (exit 2).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 from distcluster.commands.cli import ArgumentParser, run_command
@@ -31,8 +41,10 @@ PROG = "distcluster.prepare"
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("src", help="folder | FILE.zip | FILE.npz | CIFAR root | digits")
-    p.add_argument("--out", required=True, help="output FILE.beton")
+    p.add_argument("src", nargs="?", help="folder | FILE.zip | FILE.npz | CIFAR root | digits")
+    p.add_argument("--out", help="output FILE.beton (required with SRC)")
+    p.add_argument("--verify", metavar="FILE.beton",
+                   help="instead of preparing: check every chunk of FILE.beton against its .json")
     p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--split", default="train", choices=SPLITS, help="CIFAR formats: which batches")
     p.add_argument("--on-error", default="fail", choices=("fail", "skip"),
@@ -45,8 +57,13 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def prepare(argv: list[str] | None = None) -> dict:
+def prepare(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
+    if args.verify is not None:
+        return verify(args)
+    if args.src is None or args.out is None:
+        raise UserError("the following arguments are required: " + ", ".join(
+            name for name, value in (("src", args.src), ("--out", args.out)) if value is None))
     out = Path(args.out)
     if out.suffix != ".beton":
         raise UserError(f"--out must end in .beton (got {out})")
@@ -63,8 +80,20 @@ def prepare(argv: list[str] | None = None) -> dict:
                            progress=not args.quiet, write_mode=args.write_mode)
     print(json.dumps({k: metadata[k] for k in ("count", "image_shape", "channels", "labelled",
                                                "num_classes", "skipped_count")}))
-    print(f"wrote {out} and {out.name}.json")
+    print(f"wrote {out} and {out.name}.json", file=sys.stderr)  # stdout is the JSON alone
     return metadata
+
+
+def verify(args: argparse.Namespace) -> None:
+    """--verify FILE.beton: one line, exit 0 when every chunk is as written, else exit 2."""
+    if args.src is not None or args.out is not None:
+        raise UserError("--verify FILE.beton checks a prepared file: give no SRC or --out with it")
+    beton = Path(args.verify)
+    if beton.suffix != ".beton":
+        raise UserError(f"--verify takes a FILE.beton (got {beton})")
+    from distcluster.data.ffcv_io import verify_beton
+
+    print(verify_beton(beton, progress=not args.quiet))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from distcluster.data.arrays import ImageSource
 from distcluster.data.sources import open_source, resolve_data
 from distcluster.engine.build import WorkerContext, check_fits, set_cpu_speedups
 from distcluster.engine.checkpoint import KEEP_CHECKPOINTS, newest_valid_checkpoint, save_checkpoint
-from distcluster.engine.evaluation import clustering_scores, final_probs
+from distcluster.engine.evaluation import clustering_scores, final_assignments
 from distcluster.engine.loop import EpochReport, train_loop
 from distcluster.tracking.outputs import log_model_and_plots
 from distcluster.tracking.registry import register
@@ -237,9 +237,9 @@ def train(cfg: Config) -> dict[str, Any]:
         fit_seconds = time.perf_counter() - fit_started
         state = trained.checkpoint
         write_atomic_dir(out / "checkpoint", lambda d: save_checkpoint(state, d))
-        probs = final_probs(state, source)
-        scores = clustering_scores(probs, source.labels, final_probs(state, source, probe=True))
-        log_model_and_plots(tracker, state, out, source, probs)
+        found = final_assignments(state, source)
+        scores = clustering_scores(found, source.labels)
+        log_model_and_plots(tracker, state, out, source, found)
         registered = _register(cfg, tracker)
         summary = _summary(cfg, source, state, scores, tracker, out, trained.starts,
                            wall=time.perf_counter() - started, fit_seconds=fit_seconds)
@@ -284,6 +284,9 @@ def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: di
         "fit_seconds": round(fit_seconds, 2),
         "train_images_per_second": round(statistics.median(
             h["train/images_per_second"] for h in state["history"]), 1),
+        # the share of an epoch in which rank 0 alone worked (its reports and scoring), median
+        "serial_share": round(statistics.median(
+            h.get("train/serial_share", 0.0) for h in state["history"]), 4),
         "checkpoint": str((out / "checkpoint").resolve()),
         "config": cfg.to_dict(),
         "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,

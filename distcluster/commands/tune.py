@@ -22,7 +22,7 @@ from distcluster.cluster.sweep import (
     Sweep,
     TrialRecord,
     best_trial,
-    consensus_sample,
+    consensus_images,
     fit_on_cluster,
     run_tuner,
     score_consensus,
@@ -156,7 +156,7 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                                    if k != "max_concurrent"},
                                 **{f"space.{d.key}": f"{d.kind}{list(d.values)}" for d in space.dimensions}})
             sweep = Sweep(space, data, metric, uri, experiment, tracker.run_id, str(out.resolve()), cpus,
-                          consensus_sample(len(source), space.base["seed"]))
+                          consensus_images(source, space.base["seed"]))
             results = run_tuner(sweep, settings, concurrent, out)
             records = trial_records(results, sweep, tracker)
             score_consensus(records, sweep, tracker)

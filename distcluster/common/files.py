@@ -8,7 +8,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,55 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+CHUNK_HEX = 16  # hex digits kept of each chunk's SHA-256: 64 bits, enough to tell a changed chunk
+
+
+def chunk_digest(block: bytes) -> str:
+    """The first CHUNK_HEX hex digits of the SHA-256 of `block` (`sha256sum` of the chunk, cut)."""
+    return hashlib.sha256(block).hexdigest()[:CHUNK_HEX]
+
+
+@dataclass(frozen=True)
+class FileDigests:
+    """A file's size, its SHA-256, and the chunk digest of each `chunk_bytes` piece of it in
+    order (the last piece may be shorter; an empty file has none)."""
+
+    bytes: int
+    sha256: str
+    chunk_bytes: int
+    chunk_sha256: list[str]
+
+
+def file_digests(path: Path, chunk_bytes: int) -> FileDigests:
+    """`path` read once: its SHA-256 and its chunks' digests."""
+    whole, chunks, size = hashlib.sha256(), [], 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk_bytes), b""):
+            whole.update(block)
+            chunks.append(chunk_digest(block))
+            size += len(block)
+    return FileDigests(size, whole.hexdigest(), chunk_bytes, chunks)
+
+
+def read_chunk_digests(path: Path, chunk_bytes: int, indices: Iterable[int]) -> Iterator[tuple[int, str]]:
+    """(index, chunk digest) of the chunks `indices` of `path`, reading only those chunks."""
+    with open(path, "rb") as handle:
+        for index in indices:
+            handle.seek(index * chunk_bytes)
+            yield index, chunk_digest(handle.read(chunk_bytes))
+
+
+def spread_sample(count: int, samples: int) -> list[int]:
+    """`samples` of range(count) spread evenly, the first and the last always among them (all
+    of them when count <= samples): the same ones on every call."""
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 to hold the first and the last (got {samples})")
+    if count <= samples:
+        return list(range(count))
+    # the step is above 1 here, so no two positions round to the same index
+    return [round(i * (count - 1) / (samples - 1)) for i in range(samples)]
 
 
 def check_writable_target(path: Path, flag: str, kind: str = "file") -> None:

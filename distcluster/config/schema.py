@@ -98,6 +98,7 @@ class Config:
     max_samples: int = 0  # use only N images, a fixed random subset (0 = all)
     clusters: int = 10
     epochs: int = 40
+    steps_per_epoch: int = 0  # end each epoch after N steps (0 = one pass over the data)
     batch_size: int = 256  # global batch, split evenly over workers
     workers: int = 2  # Ray Train workers (the most, for an elastic group); 0 = in-process, no Ray
     min_workers: int = 0  # set by `workers: MIN-MAX` (an elastic group), never written on its own
@@ -139,6 +140,7 @@ class Config:
         check(self.precision in ("auto", "bf16", "fp32"), "precision", self.precision,
                "must be auto, bf16 or fp32")
         check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        check(self.steps_per_epoch >= 0, "steps_per_epoch", self.steps_per_epoch, "must be >= 0")
         check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be >= 1")
         check(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "must be >= 1")
         check(0 <= self.collapse_threshold <= 1, "collapse_threshold", self.collapse_threshold,

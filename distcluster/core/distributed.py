@@ -119,6 +119,15 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
+def gather_to_first(value: Any) -> list[Any] | None:
+    """Every rank's `value` (pickled), in rank order, on rank 0; None on the others."""
+    if not is_distributed():
+        return [value]
+    parts = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(value, parts, dst=0)
+    return parts
+
+
 @torch.no_grad()
 def broadcast_buffers(module: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank: on CPU each worker's BatchNorm

@@ -106,21 +106,21 @@ def cluster_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     return {"acc": float(matched / len(y_true)), "nmi": _nmi_of(counts), "ari": _ari_of(counts)}
 
 
-def label_free_scores(probs: np.ndarray) -> dict[str, float]:
-    """Signals of clustering quality that need no labels; probs: (N, K).
+def label_free_scores(clusters: np.ndarray, confidence: np.ndarray, k: int) -> dict[str, float]:
+    """Signals of clustering quality that need no labels, from each sample's cluster (N,) in
+    0..k-1 and the probability the model gave it (N,).
 
     balance: entropy of cluster sizes / log K (1 = all equal); largest_cluster:
     fraction of samples in the biggest cluster; clusters_used: non-empty
     clusters; confidence: mean max probability.
     """
-    n, k = probs.shape
-    sizes = np.bincount(probs.argmax(1), minlength=k) / n
+    sizes = np.bincount(clusters, minlength=k) / len(clusters)
     nonzero = sizes[sizes > 0]
     return {
         "balance": float(-(nonzero * np.log(nonzero)).sum() / math.log(k)),
         "largest_cluster": float(sizes.max()),
         "clusters_used": int((sizes > 0).sum()),
-        "confidence": float(probs.max(1).mean()),
+        "confidence": float(np.mean(confidence, dtype=np.float64)),
     }
 
 

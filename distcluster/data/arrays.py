@@ -50,15 +50,17 @@ class ImageSource(Protocol):
     def paths(self) -> list[str] | None:
         """The file each image came from, when known."""
 
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        """The images at these positions, in sorted order, reading only them."""
 
-def gather_images(source: ImageSource, indices: np.ndarray, batch: int = 1024) -> dict[int, np.ndarray]:
-    """{index: (H, W, C) uint8} for the wanted indices, in one pass over the source."""
-    wanted, found, start = set(int(i) for i in indices), {}, 0
-    for images in source.batches(batch):
-        for offset in [i - start for i in wanted if start <= i < start + len(images)]:
-            found[start + offset] = images[offset].permute(1, 2, 0).numpy().copy()
-        start += len(images)
-    return found
+
+def gather_images(source: ImageSource, indices: np.ndarray) -> dict[int, np.ndarray]:
+    """{index: (H, W, C) uint8} for the wanted indices, reading only those images."""
+    wanted = np.unique(np.asarray(indices, dtype=np.int64))
+    if len(wanted) == 0:
+        return {}
+    images = source.take(wanted).permute(0, 2, 3, 1).numpy()
+    return {int(i): images[row].copy() for row, i in enumerate(wanted)}
 
 
 def image_size(source: ImageSource) -> int:
@@ -125,6 +127,9 @@ class ArraySource:
 
     def range_batches(self, start: int, stop: int, size: int) -> Iterator[torch.Tensor]:
         yield from self.images[start:stop].split(size)
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        return self.images[torch.from_numpy(np.sort(np.asarray(indices, dtype=np.int64)))]
 
     def subset(self, count: int) -> ArraySource:
         """`count` images drawn as by `subset_indices`."""

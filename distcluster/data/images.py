@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from distcluster.common.errors import UserError
 
@@ -67,6 +67,10 @@ class Collection(Protocol):
     def read(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8; raises BadImage."""
 
+    def size(self, index: int) -> tuple[int, int]:
+        """(H, W) of `read(index)`, decoding no pixels where the format allows; raises BadImage
+        when even that much is unreadable (damage further in is found by `read`)."""
+
 
 @dataclass
 class ArrayCollection:
@@ -89,6 +93,9 @@ class ArrayCollection:
 
     def read(self, index: int) -> np.ndarray:
         return to_rgb_array(self.images[index])
+
+    def size(self, index: int) -> tuple[int, int]:
+        return self.images.shape[1], self.images.shape[2]
 
 
 @dataclass
@@ -114,7 +121,9 @@ class FileCollection:
         """The file (a directory's file, or archive.zip/member)."""
         return str(self.root / self.members[index])
 
-    def _open(self, member: str):
+    def _open(self, member: str, whole: bool = True):
+        """The file's bytes as a stream; a zip member inflated whole, or with `whole` False only
+        as far as the reader reads (a header)."""
         if self.root.is_dir():
             path = self.root / member
             if not path.is_file():  # a FIFO or a device would hang or never end
@@ -122,7 +131,9 @@ class FileCollection:
             return open(path, "rb")
         if self._zip is None or self._zip_pid != os.getpid():  # one handle per process
             self._zip, self._zip_pid = zipfile.ZipFile(self.root), os.getpid()
-        return io.BytesIO(read_member(self._zip, member))
+        if whole:
+            return io.BytesIO(read_member(self._zip, member))
+        return self._zip.open(checked_member(self._zip, member))
 
     def read(self, index: int) -> np.ndarray:
         member = self.members[index]
@@ -131,7 +142,17 @@ class FileCollection:
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)  # as viewers show it: phones store it turned
                 return np.asarray(rgb_image(image))
-        except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError) as exc:
+        except _UNREADABLE as exc:
+            raise BadImage(f"{member}: {exc}") from None
+
+    def size(self, index: int) -> tuple[int, int]:
+        """From the header alone: PIL reads the size (and EXIF) without decoding the pixels."""
+        member = self.members[index]
+        try:
+            with self._open(member, whole=False) as handle, Image.open(handle) as image:
+                width, height = image.size
+                return (width, height) if _orientation(image) in _QUARTER_TURNS else (height, width)
+        except _UNREADABLE as exc:
             raise BadImage(f"{member}: {exc}") from None
 
     def __getstate__(self) -> dict:
@@ -140,12 +161,31 @@ class FileCollection:
         return state
 
 
-def read_member(archive: zipfile.ZipFile, member: str, limit: int = MAX_MEMBER_BYTES) -> bytes:
-    """A zip member's bytes, never inflating more than `limit` (a 4 MB zip bomb can declare a
-    small size and hold gigabytes): the declared size is checked first, then the stream."""
+_UNREADABLE = (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError)
+_QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that exif_transpose turns by 90 degrees
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation `exif_transpose` will apply, from what the header holds. A PNG
+    without an eXIf chunk before its pixels (where the PNG specification puts it) reads as
+    upright: PIL's getexif() would decode the whole image to look behind them."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return image.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def checked_member(archive: zipfile.ZipFile, member: str, limit: int = MAX_MEMBER_BYTES) -> zipfile.ZipInfo:
+    """A zip member whose declared size is at most `limit` (else OSError)."""
     info = archive.getinfo(member)
     if info.file_size > limit:
         raise OSError(f"declares {info.file_size} bytes, more than the {limit} allowed per image")
+    return info
+
+
+def read_member(archive: zipfile.ZipFile, member: str, limit: int = MAX_MEMBER_BYTES) -> bytes:
+    """A zip member's bytes, never inflating more than `limit` (a 4 MB zip bomb can declare a
+    small size and hold gigabytes): the declared size is checked first, then the stream."""
+    info = checked_member(archive, member, limit)
     with archive.open(info) as stream:
         data = stream.read(limit + 1)
     if len(data) > limit:

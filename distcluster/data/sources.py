@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 from distcluster.common.errors import UserError
@@ -56,7 +57,8 @@ def resolve_data(spec: str, progress: bool = True, on_error: str = "fail",
     size = "" if max_resolution == DEFAULT_MAX_RESOLUTION else f"-r{max_resolution}"
     beton = cache_dir() / f"{fmt}-{path.name}-{fingerprint(path)}{size}.beton"
     if not metadata_path(beton).is_file():
-        print(f"preparing {spec} into {beton} (once)")
+        if progress:  # status, on stderr (evaluate's stdout is its JSON alone); --quiet: none
+            print(f"preparing {spec} into {beton} (once)", file=sys.stderr, flush=True)
         write_beton(open_collection(spec, fmt), beton, max_resolution, on_error=on_error, progress=progress)
     return str(beton)
 

@@ -10,6 +10,7 @@ evaluation (scores of whole images).
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ from distcluster.core.objectives import ObjectiveResult
 from distcluster.data.arrays import ImageSource
 from distcluster.data.augment import MultiCrop
 from distcluster.engine.build import WorkerContext, build_training_state, check_fits, input_spec
-from distcluster.engine.evaluation import evaluate_epoch
+from distcluster.engine.evaluation import Assignments, assign_shared, epoch_scores
 from distcluster.engine.step import TrainingState, train_step
 
 
@@ -118,23 +119,42 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
     augment = MultiCrop(cfg.augment, mean, std)
     state = build_training_state(cfg, source.channels, ctx, start)
     spec = input_spec(source, mean, std)
+    report_seconds, cycle_started = 0.0, time.perf_counter()
     while state.epoch < cfg.epochs:
         metrics = _train_epoch(state, source, augment, ctx)
         last = state.epoch == cfg.epochs
         evaluated = last or _every(cfg.eval_every, state.epoch - 1)
-        if ctx.rank == 0 and evaluated:
-            metrics.update(evaluate_epoch(state, source, augment, log))
+        evaluation_started = time.perf_counter()
+        found = assign_shared(state.model, source, augment, ctx.device, state.head) if evaluated else None
+        scoring_started = time.perf_counter()
+        if found is not None:  # rank 0
+            metrics.update(epoch_scores(state, found, source.labels, log))
+        now = time.perf_counter()
+        if found is not None:
+            metrics["eval/seconds"] = now - evaluation_started
+        if ctx.rank == 0:  # rank 0 alone: the last report (MLflow, checkpoint) and the scoring
+            metrics["train/serial_share"] = (report_seconds + now - scoring_started) / (now - cycle_started)
         state.history.append(metrics)
         if ctx.rank == 0:
             log(f"epoch {state.epoch}/{cfg.epochs} " + " ".join(
                 f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()
                 if k in ("train/loss", "eval/acc", "eval/nmi", "train/images_per_second")))
         save = last or _every(cfg.checkpoint_every, state.epoch - 1)
-        checkpoint = (lambda: state.checkpoint(spec)) if ctx.rank == 0 else None
+        checkpoint = _checkpoint_maker(state, spec, found if last else None) if ctx.rank == 0 else None
         reporter.epoch_end(EpochReport(state.epoch - 1, metrics, save, evaluated, checkpoint))
+        report_seconds, cycle_started = time.perf_counter() - now, now
         if state.epoch == _pause_after_epoch():
             threading.Event().wait()
     log(f"rank {ctx.rank} of {ctx.world_size}: done, {state.epoch} epochs, {state.step} steps")
+
+
+def _checkpoint_maker(state: TrainingState, spec: dict[str, Any],
+                      found: Assignments | None) -> Callable[[], dict[str, Any]]:
+    """The checkpoint's contents, made when the reporter saves it; the final one also keeps the
+    last evaluation's assignments, so that the end of the run need not pass over the data again."""
+    if found is None:
+        return lambda: state.checkpoint(spec)
+    return lambda: {**state.checkpoint(spec), "assignments": found.as_tensors()}
 
 
 def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
@@ -146,7 +166,8 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
     local_batch = cfg.batch_size // ctx.world_size
     inject = _injected_nan_steps()
     gen = augmentation_generator(cfg.seed, ctx.rank, epoch)
-    for images in source.epoch_batches(epoch, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed):
+    batches = source.epoch_batches(epoch, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed)
+    for images in itertools.islice(batches, cfg.steps_per_epoch or None):
         crops = augment(images.to(ctx.device, non_blocking=True), gen)
         if state.speed.channels_last:
             crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]

@@ -122,13 +122,15 @@ def ray_rows(model_files: dict[str, bytes], data: str, total: int, workers: int,
 
     from distcluster.cluster.ray_train import init_ray, share_cpus
 
-    init_ray()
+    init_ray(worker_output=False)  # the actors' output and Ray's stay in Ray's logs: stdout is the command's
     if gpu and ray.cluster_resources().get("GPU", 0) < 1:  # else the actors would wait for ever
         raise UserError("--gpu: the Ray cluster has no GPU for the predict actors")
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-operator progress lines
+    # and its warning that progress bars are off, as they are here on purpose
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     cpus = share_cpus(ray.cluster_resources().get("CPU", 1), workers)
     # Chunks of whole batches (the single-process batches, so the rows are the same), small
     # enough that every actor gets some of a small input.
@@ -136,9 +138,10 @@ def ray_rows(model_files: dict[str, bytes], data: str, total: int, workers: int,
     chunks = -(-total // chunk)
     # The chunk numbers come from the driver: no read task waits for a CPU the actors hold.
     numbers = ray.data.from_items([{"id": chunk} for chunk in range(chunks)], override_num_blocks=chunks)
+    # No more actors than chunks: an actor without one would idle (and Ray Data warn about it).
+    actors = ray.data.ActorPoolStrategy(size=min(workers, chunks))
     rows = numbers.map_batches(
-        ChunkAssigner, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
-        num_gpus=1 if gpu else 0,
+        ChunkAssigner, batch_size=1, compute=actors, num_cpus=cpus, num_gpus=1 if gpu else 0,
         fn_constructor_kwargs={"files": model_files, "data": data, "batch": batch, "chunk": chunk,
                                "threads": max(1, round(cpus))})
     yield from rows.iter_batches(batch_size=None, batch_format="numpy")

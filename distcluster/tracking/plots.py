@@ -22,32 +22,47 @@ def _pyplot():
     return plt
 
 
-def most_confident(clusters: np.ndarray, confidence: np.ndarray, k: int,
+MAX_SHOWN_CLUSTERS = 40  # galleries and bar charts of more clusters show the largest ones
+
+
+def shown_clusters(clusters: np.ndarray, k: int, limit: int = MAX_SHOWN_CLUSTERS) -> np.ndarray:
+    """The clusters a picture shows: all k in id order, or past `limit` the `limit` largest,
+    largest first (ties by id)."""
+    if k <= limit:
+        return np.arange(k)
+    return np.argsort(-np.bincount(clusters, minlength=k), kind="stable")[:limit]
+
+
+def most_confident(clusters: np.ndarray, confidence: np.ndarray, shown: np.ndarray,
                    per_cluster: int) -> list[np.ndarray]:
-    """For each cluster 0..k-1, the indices of its most confident members (best first)."""
+    """For each cluster id in `shown`, the indices of its most confident members (best first)."""
     order = np.argsort(-confidence, kind="stable")
-    return [order[clusters[order] == c][:per_cluster] for c in range(k)]
+    return [order[clusters[order] == c][:per_cluster] for c in shown]
 
 
 def gallery(images: Mapping[int, np.ndarray] | np.ndarray, clusters: np.ndarray, confidence: np.ndarray,
             k: int, path: Path, per_cluster: int = 10) -> None:
-    """One row per cluster: its `per_cluster` most confident images. images[i]: (H, W, C) uint8
-    for at least those images (see most_confident), e.g. from data.gather_images. Drawn as one
-    picture: a subplot per image took 1.5 s for 10 clusters of digits, 11 s for 100."""
+    """One row per cluster (the MAX_SHOWN_CLUSTERS largest of more): its `per_cluster` most
+    confident images. images[i]: (H, W, C) uint8 for at least those images (see most_confident),
+    e.g. from data.gather_images. Drawn as one picture: a subplot per image took 1.5 s for 10
+    clusters of digits, 11 s for 100."""
     plt = _pyplot()
-    rows = most_confident(clusters, confidence, k, per_cluster)
+    shown = shown_clusters(clusters, k)
+    rows = most_confident(clusters, confidence, shown, per_cluster)
     grid = mosaic([[images[i] for i in members] for members in rows], per_cluster)
-    cell_height = grid.shape[0] / k
-    fig, ax = plt.subplots(figsize=(0.9 * per_cluster + 1, 0.9 * k + 0.5))
+    cell_height = grid.shape[0] / len(shown)
+    sizes = np.bincount(clusters, minlength=k)
+    fig, ax = plt.subplots(figsize=(0.9 * per_cluster + 1, 0.9 * len(shown) + 0.5))
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
               interpolation="nearest")
-    ax.set_yticks((np.arange(k) + 0.5) * cell_height - 0.5,
-                  [f"{c} ({size})" for c, size in enumerate(np.bincount(clusters, minlength=k))], fontsize=8)
+    ax.set_yticks((np.arange(len(shown)) + 0.5) * cell_height - 0.5,
+                  [f"{c} ({sizes[c]})" for c in shown], fontsize=8)
     ax.set_xticks([])
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
-    ax.set_title("most confident images per cluster (row: cluster, its size)", fontsize=9)
+    which = "" if len(shown) == k else f"; the {len(shown)} largest of {k} clusters"
+    ax.set_title(f"most confident images per cluster (row: cluster, its size{which})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -73,17 +88,23 @@ def source_gallery(source: ImageSource, clusters: np.ndarray, confidence: np.nda
     """The gallery of an ImageSource, reading only the images it shows."""
     from distcluster.data.arrays import gather_images
 
-    shown = np.concatenate(most_confident(clusters, confidence, k, per_cluster=10))
+    shown = np.concatenate(most_confident(clusters, confidence, shown_clusters(clusters, k), per_cluster=10))
     gallery(gather_images(source, shown), clusters, confidence, k, path)
 
 
 def cluster_sizes(clusters: np.ndarray, k: int, path: Path) -> None:
+    """A bar per cluster; past MAX_SHOWN_CLUSTERS, every cluster's size by rank, largest first."""
     plt = _pyplot()
     counts = np.bincount(clusters, minlength=k)
-    fig, ax = plt.subplots(figsize=(max(4, 0.4 * k), 3))
-    ax.bar(np.arange(k), counts)
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * min(k, MAX_SHOWN_CLUSTERS)), 3))
+    if k <= MAX_SHOWN_CLUSTERS:
+        ax.bar(np.arange(k), counts)
+        ax.set(xlabel="cluster")
+    else:
+        ax.plot(np.arange(1, k + 1), np.sort(counts)[::-1])
+        ax.set(xlabel=f"cluster rank by size (of {k})")
     ax.axhline(len(clusters) / k, color="grey", linestyle="--", label="balanced")
-    ax.set(xlabel="cluster", ylabel="images", title="cluster sizes")
+    ax.set(ylabel="images", title="cluster sizes")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -127,8 +148,18 @@ def held_out_curves(curves: dict[str, list[tuple[float, dict[str, float]]]], pat
 
 def confusion(matrix: np.ndarray, class_names: list[str], cluster_ids: list[int], path: Path) -> None:
     """matrix: (classes, clusters) counts with clusters already ordered by their matched class;
-    `cluster_ids`: the model's id of each column (the ids predict and the gallery show)."""
+    `cluster_ids`: the model's id of each column (the ids predict and the gallery show). Past
+    MAX_SHOWN_CLUSTERS columns, the matched clusters and then the largest others are drawn."""
     plt = _pyplot()
+    if matrix.shape[1] > MAX_SHOWN_CLUSTERS:
+        matched = min(matrix.shape[0], MAX_SHOWN_CLUSTERS)
+        largest = np.argsort(-matrix[:, matched:].sum(0), kind="stable")
+        others = matched + largest[:MAX_SHOWN_CLUSTERS - matched]
+        columns = np.concatenate([np.arange(matched), others])
+        title = f"confusion matrix ({len(columns)} of {matrix.shape[1]} clusters: matched, then largest)"
+        matrix, cluster_ids = matrix[:, columns], [cluster_ids[c] for c in columns]
+    else:
+        title = "confusion matrix"
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * matrix.shape[1] + 2), max(3, 0.45 * matrix.shape[0] + 1)))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
@@ -136,7 +167,7 @@ def confusion(matrix: np.ndarray, class_names: list[str], cluster_ids: list[int]
             ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
     ax.set_xticks(range(len(cluster_ids)), [str(k) for k in cluster_ids], fontsize=8)
-    ax.set(xlabel="cluster id (ordered by the class it matches)", ylabel="class", title="confusion matrix")
+    ax.set(xlabel="cluster id (ordered by the class it matches)", ylabel="class", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -34,6 +35,16 @@ def environment_restored(names: tuple[str, ...]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def quiet_store_setup() -> None:
+    """MLflow's INFO lines while it creates or upgrades a sqlite store's tables ("Creating initial
+    MLflow database tables...") stay out of the user's terminal; warnings still show. After
+    mlflow's import, which configures its loggers."""
+    import mlflow  # noqa: F401 - its logging set up first
+
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def resolve_tracking_uri(explicit: str = "") -> str:
@@ -88,6 +99,7 @@ class RunTracker:
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         from mlflow.tracking import MlflowClient
 
+        quiet_store_setup()
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri)
@@ -121,6 +133,7 @@ class RunTracker:
               tags: dict[str, str] | None = None) -> RunTracker:
         from mlflow.tracking import MlflowClient
 
+        quiet_store_setup()
         client = MlflowClient(tracking_uri)
         try:
             found = client.get_experiment_by_name(experiment)

@@ -42,6 +42,9 @@ class IMCSwAVArguments:
     same_crop_pairs: bool = argument(True, "the MI term averages all V x V crop pairs, (j, j) included")
     projection_nonlinear: bool = argument(False, "BN + ReLU inside the projection (the authors: "
                                           "Linear, Linear)")
+    queue: int = argument(0, "embeddings of earlier batches' two large crops that join Sinkhorn "
+                          "(SwAV's queue, for small per-step batches; 0: none)")
+    queue_start_epoch: int = argument(1, "first epoch (from 0) whose Sinkhorn uses the queue")
 
     def validate(self) -> None:
         """ArgumentError naming the first argument out of range."""
@@ -54,7 +57,7 @@ class IMCSwAVArguments:
             require(getattr(self, name) > 0, "IMCSwAV", name, getattr(self, name), "must be > 0")
         require(self.sinkhorn_iterations >= 1, "IMCSwAV", "sinkhorn_iterations", self.sinkhorn_iterations,
                 "must be >= 1")
-        for name in ("logit_penalty", "freeze_prototypes_steps"):
+        for name in ("logit_penalty", "freeze_prototypes_steps", "queue", "queue_start_epoch"):
             require(getattr(self, name) >= 0, "IMCSwAV", name, getattr(self, name), "must be >= 0")
 
 
@@ -111,11 +114,17 @@ class IMCSwAV(ObjectiveModule):
                               batch_norm=args.projection_nonlinear, relu=args.projection_nonlinear)
         self.prototypes = Prototypes(args.projection_dim, args.prototypes)
         self.classifier = mlp([feature_dim, args.classifier_hidden, args.classifier_hidden, clusters])
+        self.queue_start_epoch = args.queue_start_epoch
+        if args.queue:  # the newest last; the same on every rank (rows of the global batch)
+            self.register_buffer("queue", torch.zeros(2, args.queue, args.projection_dim))
 
     def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
-        scores = [self.prototypes(F.normalize(wide(self.projection(f)), dim=-1)) for f in features]
+        embeddings = [F.normalize(wide(self.projection(f)), dim=-1) for f in features]
+        scores = [self.prototypes(e) for e in embeddings]
         large = torch.stack([u.detach() for u in scores[:2]])  # both large crops in one problem
-        codes = list(sinkhorn(large, self.epsilon, self.sinkhorn_iterations).unbind(0))
+        codes = list(sinkhorn(large, self.epsilon, self.sinkhorn_iterations,
+                              queued=self._queued_scores(epoch)).unbind(0))
+        self._enqueue(torch.stack([e.detach() for e in embeddings[:2]]))
         swav = swav_loss(codes, scores, self.temperature)
 
         # The MI term trains only the classifier: its input and the prototype side are detached.
@@ -132,6 +141,23 @@ class IMCSwAV(ObjectiveModule):
         loss = swav + mi + penalty
         logs = {"swav": swav.detach(), "mi": mi.detach(), "logit_penalty": penalty.detach()}
         return ObjectiveResult(loss, logs, mi.detach().reshape(1))
+
+    @torch.no_grad()
+    def _queued_scores(self, epoch: int) -> torch.Tensor | None:
+        """The queue's scores under the current prototypes, from queue_start_epoch on (rows
+        not yet filled hold zeros: a score of 0 with every prototype)."""
+        if not hasattr(self, "queue") or epoch < self.queue_start_epoch:
+            return None
+        return self.prototypes(self.queue)
+
+    @torch.no_grad()
+    def _enqueue(self, embeddings: torch.Tensor) -> None:
+        """The global batch's large-crop embeddings (2, b, D per rank) join the queue's end; the
+        oldest leave. A skipped step puts the queue back, with every other buffer."""
+        if not hasattr(self, "queue"):
+            return
+        newest = torch.cat(list(dist.all_gather_stack(embeddings.to(self.queue))), dim=1)  # rank order
+        self.queue.copy_(torch.cat([self.queue, newest], dim=1)[:, -self.queue.shape[1]:])
 
     def on_after_backward(self, step: int) -> None:
         if step < self.freeze_prototypes_steps:

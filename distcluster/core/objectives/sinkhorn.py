@@ -33,40 +33,51 @@ def _local_logsumexp(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
-             gather_limit: int = GATHER_LIMIT) -> torch.Tensor:
+             gather_limit: int = GATHER_LIMIT, queued: torch.Tensor | None = None) -> torch.Tensor:
     """Soft codes for scores (..., b, P) -> (..., b, P); each row sums to 1. Leading
     dimensions are independent problems (the two large crops) solved together.
 
     Alternately normalises Q = exp(scores / epsilon) so that each prototype
-    receives B/P of the global batch and each sample a total of 1. Under a
+    receives an equal share of the global batch and each sample a total of 1. Under a
     process group the codes equal those of one process holding the whole batch
     (every rank holds b of the B samples): when the global scores have at most
     `gather_limit` numbers, every rank gathers them all at once and solves the
     whole problem, keeping its own rows; otherwise the prototype totals are
-    combined over ranks at every iteration. Working with log Q keeps
-    exp(scores / epsilon) from overflowing or underflowing to 0/0. No gradient.
+    combined over ranks at every iteration. `queued` (..., L, P), the same on every
+    rank, are scores of earlier samples (SwAV's queue) that join the problem once:
+    the prototypes then share B + L samples, which keeps codes of a small batch from
+    being forced towards uniform. Working with log Q keeps exp(scores / epsilon) from
+    overflowing or underflowing to 0/0. No gradient.
     """
+    queued = scores[..., :0, :] if queued is None else queued.to(scores)
+    extra = queued.shape[-2]
     if not dist.is_distributed():
-        return _solve(scores, epsilon, iterations, _local_logsumexp, 1)
-    if scores.numel() * dist.world_size() > gather_limit:
-        return _solve(scores, epsilon, iterations, _logsumexp_over_ranks, dist.world_size())
+        return _solve(torch.cat([queued, scores], dim=-2), epsilon, iterations, _local_logsumexp, extra)
+    if (scores.numel() * dist.world_size() + queued.numel()) > gather_limit:
+        return _solve(torch.cat([queued, scores], dim=-2), epsilon, iterations, _logsumexp_over_ranks,
+                      extra, dist.world_size())
     local = scores.shape[-2]
-    everyone = torch.cat(list(dist.all_gather_stack(wide(scores))), dim=-2)  # rank order
-    codes = _solve(everyone, epsilon, iterations, _local_logsumexp, 1)
-    first = dist.global_offset(local)
-    return codes[..., first:first + local, :]
+    everyone = torch.cat([queued, *dist.all_gather_stack(wide(scores))], dim=-2)  # queue, then rank order
+    codes = _solve(everyone, epsilon, iterations, _local_logsumexp, extra + dist.global_offset(local))
+    return codes[..., :local, :]
 
 
 def _solve(scores: torch.Tensor, epsilon: float, iterations: int,
-           row_logsumexp: Callable[[torch.Tensor], torch.Tensor], shards: int) -> torch.Tensor:
-    """Sinkhorn on scores (..., b, P) that are one of `shards` equal shards of the batch;
-    `row_logsumexp` sums a prototype's row over the whole batch."""
-    log_q = wide(scores).transpose(-1, -2) / epsilon  # (..., P, b)
+           row_logsumexp: Callable[[torch.Tensor], torch.Tensor], queued: int,
+           shards: int = 1) -> torch.Tensor:
+    """Codes of the rows after the first `queued` of scores (..., queued + b, P): the first
+    `queued` rows (the same on every rank) join the problem once, the other b are one of
+    `shards` equal shards of the batch, whose prototype sums `row_logsumexp` takes over ranks."""
+    log_q = wide(scores).transpose(-1, -2) / epsilon  # (..., P, queued + b)
     num_prototypes = log_q.shape[-2]
-    log_global_batch = math.log(log_q.shape[-1] * shards)
+    local = log_q.shape[-1] - queued
+    log_total = math.log(local * shards + queued)
     for _ in range(iterations):
         # After this step each prototype row sums to 1/P ...
-        log_q = log_q - row_logsumexp(log_q) - math.log(num_prototypes)
-        # ... and after this one each sample column sums to 1/B.
-        log_q = log_q - log_q.logsumexp(dim=-2, keepdim=True) - log_global_batch
-    return (log_q + log_global_batch).exp().transpose(-1, -2)
+        row = row_logsumexp(log_q[..., queued:])
+        if queued:
+            row = torch.logaddexp(row, log_q[..., :queued].logsumexp(dim=-1, keepdim=True))
+        log_q = log_q - row - math.log(num_prototypes)
+        # ... and after this one each sample column sums to 1/(B + L).
+        log_q = log_q - log_q.logsumexp(dim=-2, keepdim=True) - log_total
+    return (log_q[..., queued:] + log_total).exp().transpose(-1, -2)

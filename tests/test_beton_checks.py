@@ -1,0 +1,327 @@
+"""A prepared .beton's integrity: what every open checks (size, header, a fixed sample of chunk
+digests, whatever the file's size), what `prepare --verify` checks (every chunk), files written
+before chunk digests, and a prepare that reads each image once. Every damage is done here, by
+the test, to a real FFCV file."""
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from distcluster.commands.prepare import main as prepare_main
+from distcluster.common.errors import CorruptImage, UserError
+from distcluster.common.files import file_digests, read_chunk_digests, spread_sample
+from distcluster.data import ffcv_io
+from distcluster.data.ffcv_io import BetonSource, read_metadata, verify_beton, write_beton
+from distcluster.data.images import ArrayCollection, FileCollection, open_collection
+
+SMALL_CHUNK = 64 << 10  # the tests' chunk size: a file of a few MB holds more chunks than are sampled
+
+
+# ------------------------------------------------------------------ digests and the sample
+def test_file_digests_are_the_sha256_of_the_file_and_of_each_chunk(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, 2500, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    digests = file_digests(tmp_path / "f", 1000)
+    assert digests.bytes == 2500 and digests.sha256 == hashlib.sha256(data).hexdigest()
+    assert digests.chunk_sha256 == [hashlib.sha256(data[a:a + 1000]).hexdigest()[:16]
+                                    for a in (0, 1000, 2000)]  # the last one is 500 bytes
+    assert list(read_chunk_digests(tmp_path / "f", 1000, [2, 0])) == [
+        (2, digests.chunk_sha256[2]), (0, digests.chunk_sha256[0])]
+    (tmp_path / "empty").write_bytes(b"")
+    assert file_digests(tmp_path / "empty", 1000).chunk_sha256 == []
+
+
+def test_the_sample_is_evenly_spread_with_the_first_and_the_last_chunk():
+    assert spread_sample(31, 16) == list(range(0, 31, 2))
+    assert spread_sample(5, 16) == [0, 1, 2, 3, 4]
+    assert spread_sample(0, 16) == []
+    assert spread_sample(1000, 3) == [0, 500, 999]
+
+
+@given(st.integers(0, 100_000), st.integers(2, 64))
+def test_the_sample_is_distinct_sorted_and_bounded_for_any_file(count, samples):
+    picked = spread_sample(count, samples)
+    assert len(picked) == min(count, samples) and picked == sorted(set(picked))
+    if count:
+        assert picked[0] == 0 and picked[-1] == count - 1
+
+
+# ------------------------------------------------------------------ a real .beton, damaged here
+@pytest.fixture(scope="module")
+def beton(tmp_path_factory) -> Path:
+    """200 random 32x32 images, raw, its digests kept per 64 KiB chunk (about 130 of them)."""
+    folder = tmp_path_factory.mktemp("checks")
+    images = np.random.default_rng(1).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ffcv_io, "CHUNK_BYTES", SMALL_CHUNK)
+        write_beton(ArrayCollection(images, np.arange(200) % 5, "rng", "npz"), folder / "good.beton",
+                    workers=1, progress=False)
+    return folder / "good.beton"
+
+
+def copy_of(beton: Path, folder: Path, metadata=None) -> Path:
+    """A copy of `beton` and its JSON (or the `metadata` given) in `folder`."""
+    copy = folder / "copy.beton"
+    copy.write_bytes(beton.read_bytes())
+    meta = json.loads(ffcv_io.metadata_path(beton).read_text()) if metadata is None else metadata
+    ffcv_io.metadata_path(copy).write_text(json.dumps(meta))
+    return copy
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([byte ^ 0x01]))
+
+
+def chunks_of(beton: Path) -> tuple[int, list[int]]:
+    """How many chunks the file has, and the ones every open hashes."""
+    count = len(json.loads(ffcv_io.metadata_path(beton).read_text())["chunk_sha256"])
+    return count, spread_sample(count, ffcv_io.SAMPLED_CHUNKS)
+
+
+def bytes_read() -> int:
+    """What this process has read so far (Linux: /proc/self/io's rchar, page cache included)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["rchar"])
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_the_metadata_records_size_sha256_and_chunk_digests(beton):
+    meta = json.loads(ffcv_io.metadata_path(beton).read_text())
+    data = beton.read_bytes()
+    assert meta["version"] == 3 and meta["bytes"] == len(data) and meta["chunk_bytes"] == SMALL_CHUNK
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+    assert meta["chunk_sha256"][1] == hashlib.sha256(data[SMALL_CHUNK:2 * SMALL_CHUNK]).hexdigest()[:16]
+    count, sampled = chunks_of(beton)
+    assert count == math.ceil(len(data) / SMALL_CHUNK) and count > 4 * len(sampled)
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+@pytest.mark.parametrize("which", ["first", "middle", "last"])
+def test_an_open_refuses_a_flipped_byte_in_a_sampled_chunk(beton, tmp_path, which):
+    count, sampled = chunks_of(beton)
+    chunk = {"first": 0, "middle": sampled[len(sampled) // 2], "last": count - 1}[which]
+    copy = copy_of(beton, tmp_path)
+    flip_byte(copy, min(chunk * SMALL_CHUNK + 77, copy.stat().st_size - 1))
+    with pytest.raises(UserError, match=f"chunk {chunk} of {count}, bytes {chunk * SMALL_CHUNK}-"):
+        BetonSource(copy)
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_an_open_reads_only_the_sample_and_verify_finds_a_flipped_byte_anywhere(beton, tmp_path):
+    count, sampled = chunks_of(beton)
+    unsampled = next(c for c in range(count) if c not in sampled)
+    copy = copy_of(beton, tmp_path)
+    flip_byte(copy, unsampled * SMALL_CHUNK + 5)
+    before = bytes_read()
+    read_metadata(copy)  # the open's check: the flipped chunk is not among those it hashes
+    read = bytes_read() - before
+    json_size = ffcv_io.metadata_path(copy).stat().st_size
+    assert read <= len(sampled) * SMALL_CHUNK + json_size + 8192 < copy.stat().st_size / 4
+    with pytest.raises(UserError, match=f"chunk {unsampled} of {count},"):
+        verify_beton(copy, progress=False)
+    assert "intact" in verify_beton(beton, progress=False)
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_a_file_above_the_old_full_check_size_is_checked_too(beton, tmp_path, monkeypatch):
+    """Before chunk digests, a file above FULL_CHECK_BYTES (1 GiB) was checked by size and header
+    only; its sampled chunks are checked now at any size."""
+    monkeypatch.setattr(ffcv_io, "FULL_CHECK_BYTES", 1024)  # every file here is "above 1 GiB"
+    count, _ = chunks_of(beton)
+    copy = copy_of(beton, tmp_path)
+    flip_byte(copy, (count - 1) * SMALL_CHUNK + 3)
+    with pytest.raises(UserError, match=f"chunk {count - 1} of {count},"):
+        read_metadata(copy)
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+@pytest.mark.parametrize("damage", [
+    lambda data: data + b"\0" * 10,  # extended: every chunk it had still matches
+    lambda data: data[:-SMALL_CHUNK],
+], ids=["extended", "truncated"])
+def test_an_open_always_finds_a_file_of_another_size(beton, tmp_path, damage):
+    copy = copy_of(beton, tmp_path)
+    copy.write_bytes(damage(copy.read_bytes()))
+    with pytest.raises(UserError, match=rf"\({copy.stat().st_size} bytes, {beton.stat().st_size} written\)"):
+        read_metadata(copy)
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+@pytest.mark.parametrize("edit", [
+    lambda meta: {**meta, "chunk_sha256": meta["chunk_sha256"][:-1]},
+    lambda meta: {**meta, "chunk_bytes": 0},
+    lambda meta: {**meta, "chunk_sha256": [7] * len(meta["chunk_sha256"])},
+    lambda meta: {k: v for k, v in meta.items() if k != "bytes"},
+])
+def test_chunk_digests_that_do_not_cover_the_file_are_not_prepares_metadata(beton, tmp_path, edit):
+    copy = copy_of(beton, tmp_path, edit(json.loads(ffcv_io.metadata_path(beton).read_text())))
+    with pytest.raises(UserError, match="not the metadata distcluster.prepare writes"):
+        read_metadata(copy)
+
+
+# ------------------------------------------------------------- files from earlier versions
+def legacy(meta: dict, version: int) -> dict:
+    """The metadata as distcluster wrote it before chunk digests (2) or before any digest (1)."""
+    dropped = {"chunk_bytes", "chunk_sha256"} | ({"bytes", "sha256"} if version == 1 else set())
+    return {**{k: v for k, v in meta.items() if k not in dropped}, "version": version}
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_a_file_written_before_chunk_digests_opens_and_is_checked_as_before(beton, tmp_path, monkeypatch):
+    meta = json.loads(ffcv_io.metadata_path(beton).read_text())
+    copy = copy_of(beton, tmp_path, legacy(meta, 2))
+    before, now = BetonSource(copy), BetonSource(beton)
+    assert len(before) == 200 and before.labels.tolist() == now.labels.tolist()
+    assert torch.equal(next(before.batches(200)), next(now.batches(200)))
+    assert "its SHA-256 as written" in verify_beton(copy, progress=False)
+    flip_byte(copy, copy.stat().st_size // 2)
+    with pytest.raises(UserError, match="its SHA-256 changed"):
+        read_metadata(copy)  # up to FULL_CHECK_BYTES: the whole file is hashed, as before
+    with pytest.raises(UserError, match="cannot be named"):
+        verify_beton(copy, progress=False)
+    monkeypatch.setattr(ffcv_io, "FULL_CHECK_BYTES", 1024)
+    read_metadata(copy)  # above it: size and header only, as before
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_a_file_written_before_any_digest_opens_and_verify_says_it_cannot_check_it(beton, tmp_path):
+    meta = json.loads(ffcv_io.metadata_path(beton).read_text())
+    copy = copy_of(beton, tmp_path, legacy(meta, 1))
+    assert len(BetonSource(copy)) == 200
+    with pytest.raises(UserError, match="records no digest"):
+        verify_beton(copy, progress=False)
+
+
+# ------------------------------------------------------------------------ prepare --verify
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_verify_says_intact_with_exit_0_and_names_the_changed_chunk_with_exit_2(beton, tmp_path, capsys):
+    count, _ = chunks_of(beton)
+    assert prepare_main(["--verify", str(beton), "--quiet"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"{beton}: intact ({beton.stat().st_size} bytes, all {count} chunks' SHA-256 as written)"]
+    copy = copy_of(beton, tmp_path)
+    for chunk in (3, count - 2):
+        flip_byte(copy, chunk * SMALL_CHUNK + 11)
+    assert prepare_main(["--verify", str(copy), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"distcluster.prepare: error: {copy}: damaged")
+    first = f"chunk 3 of {count}, bytes {3 * SMALL_CHUNK}-{4 * SMALL_CHUNK - 1}, changed, 1 more after it"
+    assert first in err[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--verify", "nowhere.beton"], "data file not found"),
+    (["--verify", "x.npz"], "--verify takes a FILE.beton"),
+    (["digits", "--verify", "x.beton"], "give no SRC or --out"),
+    (["digits"], "required: --out"),
+    ([], "required: src, --out"),
+])
+def test_verify_and_prepare_refuse_what_they_cannot_do(tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    assert prepare_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+# ------------------------------------------------------------- prepare reads each image once
+@dataclass
+class LoggedFiles(FileCollection):
+    """A real folder collection that also notes, in `log`, each image's header read ('size i')
+    and each decode ('read i'), whichever of the writer's processes does it."""
+
+    log: Path | None = None
+
+    def _note(self, what: str, index: int) -> None:
+        with open(self.log, "a") as log:
+            log.write(f"{what} {index}\n")
+
+    def size(self, index: int) -> tuple[int, int]:
+        self._note("size", index)
+        return super().size(index)
+
+    def read(self, index: int) -> np.ndarray:
+        self._note("read", index)
+        return super().read(index)
+
+
+def photo_folder(root: Path, count: int) -> dict[str, np.ndarray]:
+    """PNGs of mixed sizes in two classes; their pixels by relative path."""
+    pixels = {}
+    for i in range(count):
+        size = (20 + i % 3 * 4, 24 + i % 2 * 6)
+        path = f"{'ab'[i % 2]}/{i:02d}.png"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        pixels[path] = np.random.default_rng(i).integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels[path]).save(root / path)
+    return pixels
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_prepare_decodes_each_image_once(tmp_path):
+    photo_folder(tmp_path / "photos", 12)
+    plain = open_collection(str(tmp_path / "photos"))
+    logged = LoggedFiles(**vars(plain), log=tmp_path / "log")
+    meta = write_beton(logged, tmp_path / "p.beton", max_resolution=16, workers=2, progress=False)
+    notes = sorted((tmp_path / "log").read_text().split("\n")[:-1])
+    assert notes == sorted([f"size {i}" for i in range(12)] + [f"read {i}" for i in range(12)])
+    assert meta["count"] == 12 and meta["resized_to"] == 16 and meta["channels"] == 3
+
+
+def truncated_in_the_pixels(path: Path) -> None:
+    """A JPEG whose header is whole and whose pixel data stops at 60%: only decoding finds it."""
+    noise = np.random.default_rng(9).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, "JPEG", quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) * 6 // 10])
+    with Image.open(path) as image:
+        assert image.size == (32, 32)  # the header reads
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_an_image_only_decoding_finds_corrupt_fails_or_is_skipped_and_left_out(tmp_path, capsys):
+    pixels = photo_folder(tmp_path / "photos", 4)
+    truncated_in_the_pixels(tmp_path / "photos" / "a" / "broken.jpg")
+    argv = [str(tmp_path / "photos"), "--out", str(tmp_path / "p.beton"), "--quiet", "--workers", "1",
+            "--max-resolution", "20"]
+    assert prepare_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt image a/broken.jpg" in err[0] and "--on-error skip" in err[0]
+    assert not list(tmp_path.glob("p.beton*")) and not list(tmp_path.glob(".p.beton*"))
+    assert prepare_main([*argv, "--on-error", "skip"]) == 0
+    meta = read_metadata(tmp_path / "p.beton")
+    assert meta["count"] == 4 and meta["skipped_count"] == 1 and meta["resized_to"] == 20
+    assert meta["skipped"][0]["index"] == 2 and meta["skipped"][0]["path"].endswith("a/broken.jpg")
+    assert [Path(p).relative_to(tmp_path / "photos").as_posix() for p in meta["paths"]] == sorted(pixels)
+    assert not list(tmp_path.glob(".p.beton*"))
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+@pytest.mark.parametrize("on_error, reads", [
+    ("fail", [0]),  # stops at the first image
+    ("skip", [0, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5]),  # the five others again, for the file without it
+])
+def test_a_corrupt_image_stops_the_reading_or_with_skip_the_others_are_read_again(tmp_path, on_error, reads):
+    photo_folder(tmp_path / "photos", 6)
+    truncated_in_the_pixels(tmp_path / "photos" / "a" / "00.png")  # index 0, sorted first
+    logged = LoggedFiles(**vars(open_collection(str(tmp_path / "photos"))), log=tmp_path / "log")
+    if on_error == "fail":
+        with pytest.raises(CorruptImage, match="a/00.png"):
+            write_beton(logged, tmp_path / "p.beton", workers=1, progress=False, on_error=on_error)
+    else:
+        meta = write_beton(logged, tmp_path / "p.beton", workers=1, progress=False, on_error=on_error)
+        assert meta["count"] == 5 and meta["skipped"][0]["index"] == 0
+    notes = (tmp_path / "log").read_text().split("\n")  # one writer process: in order
+    assert [note for note in notes if note.startswith("read")] == [f"read {i}" for i in reads]
