@@ -18,6 +18,7 @@ updates the `many-clusters-cpu` section of RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import resource
 import statistics
 import sys
@@ -72,6 +73,7 @@ def _rank(rank: int, init: str, recipe: str, clusters: int, steps: int, eval_ima
     from distcluster.engine.evaluation import assign_shared
     from distcluster.engine.step import train_step
 
+    faulthandler.enable()  # a crash of the rank says where
     torch.set_num_threads(1)
     set_cpu_speedups()
     torch_dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
@@ -101,6 +103,7 @@ def _rank(rank: int, init: str, recipe: str, clusters: int, steps: int, eval_ima
         torch.save({"step": statistics.median(times[2:]), "objective_bytes": objective_bytes,
                     "ddp_bytes": ddp_bytes, "eval_seconds": eval_seconds, "peak_gib": peak,
                     "batch": cfg.batch_size}, Path(out) / f"rank{rank}.pt")
+        torch_dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         torch_dist.destroy_process_group()
 

@@ -24,6 +24,9 @@ def _objectives() -> dict[str, nn.Module]:
         "imc_swav": IMCSwAV(FEATURES, CLUSTERS, prototypes=16, projection_hidden=32, projection_dim=8,
                             classifier_hidden=32, freeze_prototypes_steps=0),
         "crlc": CRLC(FEATURES, CLUSTERS, subheads=3, hidden=32, projection_dim=8),
+        # many clusters and prototypes: every rank gathers the probabilities, not the joints
+        "imc_swav_gathered": IMCSwAV(FEATURES, 16, prototypes=64, projection_hidden=32, projection_dim=8,
+                                     classifier_hidden=32, freeze_prototypes_steps=0),
     }
 
 

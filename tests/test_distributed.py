@@ -16,7 +16,8 @@ def both(tmp_path_factory):
     return run_cases(0, 1), ranks
 
 
-OBJECTIVE_CASES = ["iic", "imc_swav", "crlc", "iic_train", "imc_swav_train", "crlc_train"]
+OBJECTIVE_CASES = ["iic", "imc_swav", "crlc", "imc_swav_gathered", "iic_train", "imc_swav_train",
+                   "crlc_train", "imc_swav_gathered_train"]
 
 
 @pytest.mark.parametrize("objective", OBJECTIVE_CASES)

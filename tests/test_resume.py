@@ -137,6 +137,7 @@ def _agree(rank: int, world: int, init_file: str, folder: str) -> None:
         sees = {0: [root / "c1", root / "c2"], 1: [root / "c3"]}[rank]
         state = agreed_resume_state(lambda: newest_valid_checkpoint(sees)[0])
         torch.save(state, root / f"rank{rank}.pt")
+        torch.distributed.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         torch.distributed.destroy_process_group()
 

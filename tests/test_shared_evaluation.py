@@ -67,6 +67,7 @@ def _evaluate_on_two_ranks(rank: int, init_file: str, folder: str, trained: str)
         model, source, augment = model_and_data(Path(trained))
         found = assign_shared(model, source, augment, torch.device("cpu"), head=0)
         torch.save({"found": None if found is None else found.as_tensors()}, Path(folder) / f"rank{rank}.pt")
+        torch.distributed.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         torch.distributed.destroy_process_group()
 

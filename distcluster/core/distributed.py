@@ -82,6 +82,34 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return _SharedSum.apply(tensor)
 
 
+class _SharedGather(torch.autograd.Function):
+    """Every rank's equal-sized tensor joined along `dim`, whose backward needs no collective:
+    every rank turns the joined tensor into its loss the same way (see gather_shared), so the
+    sum of the W ranks' gradients for this rank's part is W times its own."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        ctx.dim, ctx.local = dim, tensor.shape[dim]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        mine = grad.narrow(ctx.dim, dist.get_rank() * ctx.local, ctx.local)
+        return mine * dist.get_world_size(), None
+
+
+def gather_shared(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every rank's `tensor` (all of one shape) joined along `dim` in rank order, differentiable,
+    one collective (forward only). As all_reduce_sum, only for what every rank turns into its
+    loss the same way: a statistic of the global batch computed on every rank from the gathered
+    rows instead of summed from each rank's part, when the rows are the smaller message."""
+    if not is_distributed():
+        return tensor
+    return _SharedGather.apply(tensor, dim)
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's (b, ...) tensor along dim 0, differentiable."""
     if not is_distributed():

@@ -13,6 +13,7 @@ copy); ACC/NMI/ARI when the images have labels.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,21 +73,25 @@ def assign(model: ClusterModel, source: ImageSource, augment: MultiCrop, device:
     drawn from (PROBE_SEED, i): with `start` and `stop` on batch boundaries (or `stop` the end),
     as shard_range gives them, an image gets the same result whichever range it is in."""
     stop = len(source) if stop is None else stop
-    clusters, confidence, perturbed, k = [], [], [], 0
+    # Filled in place: small results kept between the batches' large temporaries would pin
+    # glibc's heap (the process keeps freed memory, build.keep_freed_memory), and it grew by
+    # about 10 KB an image over a pass (1.1 GB for 100,000 images); filled arrays keep it flat.
+    count = max(0, stop - start)
+    found = Assignments(np.empty(count, np.int64), np.empty(count, np.float32), np.empty(count, np.int64), 0)
     model.eval()
-    batches = source.range_batches(start, stop, batch) if start < stop else ()  # a rank may have none
+    batches = source.range_batches(start, stop, batch) if count else ()  # a rank may have none
+    done, k = 0, 0
     for index, images in enumerate(batches, start=start // batch):
         x = images.to(device)
         probs = model.cluster_probs(augment.whole(x))[head]
         probe = augment.probe(x, torch.Generator().manual_seed(PROBE_SEED + index))
-        best, k = probs.max(dim=1), probs.shape[1]
-        clusters.append(best.indices.cpu())
-        confidence.append(best.values.float().cpu())
-        perturbed.append(model.cluster_probs(probe)[head].argmax(1).cpu())
+        best, k, rows = probs.max(dim=1), probs.shape[1], slice(done, done + len(x))
+        found.clusters[rows] = best.indices.cpu().numpy()
+        found.confidence[rows] = best.values.float().cpu().numpy()
+        found.perturbed[rows] = model.cluster_probs(probe)[head].argmax(1).cpu().numpy()
+        done += len(x)
     model.train()
-    whole = [torch.cat(parts).numpy() if parts else np.zeros(0, dtype) for parts, dtype in
-             ((clusters, np.int64), (confidence, np.float32), (perturbed, np.int64))]
-    return Assignments(*whole, k)
+    return dataclasses.replace(found, k=k)
 
 
 def assign_shared(model: ClusterModel, source: ImageSource, augment: MultiCrop, device: torch.device,
