@@ -87,13 +87,16 @@ def test_imc_swav_queue_keeps_the_latest_large_crop_embeddings_and_joins_from_it
     torch.manual_seed(0)
     objective = IMCSwAV(12, 4, prototypes=16, projection_hidden=16, projection_dim=8, classifier_hidden=16,
                         queue=20, queue_start_epoch=1)
-    features = [torch.randn(6, 12) for _ in range(3)]
+    older, newer = ([torch.randn(6, 12) for _ in range(3)] for _ in range(2))
     assert objective._queued_scores(epoch=0) is None  # not yet: the queue still fills
-    objective.loss(features, epoch=0)
-    objective.loss(features, epoch=0)
-    embeddings = torch.stack([F.normalize(objective.projection(f), dim=-1) for f in features[:2]]).detach()
-    torch.testing.assert_close(objective.queue[:, -6:], embeddings)
-    torch.testing.assert_close(objective.queue[:, -12:-6], embeddings)
+    objective.loss(older, epoch=0)
+    objective.loss(newer, epoch=0)
+
+    def embedded(features):
+        return torch.stack([F.normalize(objective.projection(f), dim=-1) for f in features[:2]]).detach()
+
+    torch.testing.assert_close(objective.queue[:, -6:], embedded(newer))  # the newest last
+    torch.testing.assert_close(objective.queue[:, -12:-6], embedded(older))
     assert objective.queue[:, :8].abs().sum() == 0  # rows not yet filled
     assert objective._queued_scores(epoch=1).shape == (2, 20, 16)
     assert "queue" in objective.state_dict()  # in checkpoints: a resumed run has the same queue

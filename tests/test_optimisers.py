@@ -58,7 +58,7 @@ def test_a_skipped_first_step_leaves_nothing_but_the_step_count(optimizer, path)
 
 SMALL_HEADS = {"imc_swav": {"prototypes": 8, "projection_hidden": 8, "projection_dim": 4,
                             "classifier_hidden": 8, "projection_nonlinear": True,
-                            "freeze_prototypes_steps": 1},
+                            "freeze_prototypes_steps": 1, "queue": 40, "queue_start_epoch": 0},
                "iic": {"overclusters": 12, "subheads": 2},
                "crlc": {"subheads": 2, "hidden": 8, "projection_dim": 4}}
 

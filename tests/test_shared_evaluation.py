@@ -21,6 +21,7 @@ from distcluster.engine.evaluation import (
     assign,
     assign_shared,
     clustering_scores,
+    final_assignments,
     shard_range,
 )
 from distcluster.engine.loop import train_loop
@@ -121,3 +122,14 @@ def test_a_rank_whose_share_is_empty_assigns_nothing(checkpoint):
     assert len(empty.clusters) == len(empty.confidence) == len(empty.perturbed) == 0
     joined = Assignments.joined([assign(model, source, augment, torch.device("cpu"), 0), empty])
     assert len(joined.clusters) == len(source)
+
+
+def test_a_checkpoint_without_kept_assignments_or_with_other_images_is_assigned_again(checkpoint):
+    """An older version's final checkpoint, or one resumed onto other data: one pass instead."""
+    state = torch.load(checkpoint, weights_only=True)
+    source = load_source("digits", 512)
+    kept = final_assignments(state, source)
+    older = final_assignments({k: v for k, v in state.items() if k != "assignments"}, source)
+    assert np.array_equal(kept.clusters, older.clusters) and np.array_equal(kept.perturbed, older.perturbed)
+    other = final_assignments(state, load_source("digits", 300))
+    assert len(other.clusters) == 300

@@ -47,7 +47,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distcluster.cluster.run_monitor import RunMonitor
-from distcluster.common.errors import TrainingDiverged, UserError
+from distcluster.common.errors import ResumeRefused, RunFailed, UserError
 from distcluster.config import Config, from_dict
 from distcluster.data.sources import open_source
 from distcluster.engine.build import WorkerContext, set_cpu_speedups
@@ -291,10 +291,10 @@ def _train(loop_config: dict[str, Any], rank: int, size: int) -> None:
         reporter.tracker.log_metrics({"train/workers": ctx.world_size}, step=epoch)
     try:
         train_loop(cfg, source, ctx, reporter, start=start)
-    except TrainingDiverged as exc:  # every rank sees it at the same step
-        if rank == 0:
+    except RunFailed as exc:  # every rank sees it alike (a divergence at the same step, a
+        if rank == 0:         # torch.compile failure of the same graph): the run ends, no retry
             ray.get(monitor.diverged.remote(str(exc)))
-    except UserError as exc:  # the same on every rank (a checkpoint that cannot take the config)
+    except ResumeRefused as exc:  # the same on every rank (the state is rank 0's, broadcast)
         if rank == 0:
             ray.get(monitor.refused.remote(str(exc)))
 
@@ -488,7 +488,7 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
     if mistake:
         raise UserError(mistake)
     if failure:
-        raise TrainingDiverged(failure)
+        raise RunFailed(failure)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
     latest = Path(result.checkpoint.path)

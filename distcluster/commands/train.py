@@ -222,7 +222,8 @@ def train(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output) if cfg.output else Path("runs") / name
     record = _previous_run(out, name)
     resumed = _resume_point(cfg, out, name) if record is not None else None
-    if resumed is not None and resumed[0] == cfg.epochs and (out / "summary.json").is_file():
+    finished = (out / "summary.json").is_file() and (resumed is None or resumed[0] == cfg.epochs)
+    if finished:  # (with no checkpoint left to continue from, its summary stands)
         print(f"run '{name}' already finished: {out / 'summary.json'} (more --epochs continue it, "
               "a new --run-name trains again)")
         return json.loads((out / "summary.json").read_text())

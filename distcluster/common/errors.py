@@ -30,6 +30,11 @@ class ConfigError(UserError):
         self.value = value
 
 
+class ResumeRefused(ConfigError):
+    """A checkpoint that cannot take the run's config: the same on every rank (the state is rank
+    0's, broadcast), so workers end the run with it instead of being restarted."""
+
+
 class RunFailed(RuntimeError):
     """Training stopped for a reason worth one clear line (exit 1, no traceback)."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from distcluster.common.errors import ConfigError
+from distcluster.common.errors import ResumeRefused
 from distcluster.config.schema import Config, flatten_keys
 
 REFUSED_ON_RESUME = ("objective", "clusters", "model.", "iic.", "imc_swav.", "crlc.", "optim.name",
@@ -34,18 +34,18 @@ class ResumeChanges:
 
 def resume_changes(saved: dict[str, Any], current: Config, trained_epochs: int) -> ResumeChanges:
     """The allowed changes from `saved` (a checkpoint's config, as Config.to_dict wrote it) to
-    `current`; ConfigError for the first refused one. Keys one side lacks (a version apart)
+    `current`; ResumeRefused (a ConfigError) for the first refused one. Keys one side lacks (a version apart)
     are not compared."""
     before, now = dict(flatten_keys(saved)), current.flat()
     changed = {k: (before[k], now[k]) for k in now if k in before and _differs(before[k], now[k])}
     for key, (old, new) in changed.items():
         if not any(key == r or (r.endswith(".") and key.startswith(r)) for r in REFUSED_ON_RESUME):
             continue
-        raise ConfigError(key, new, f"the checkpoint being resumed was trained with {old!r}, and "
+        raise ResumeRefused(key, new, f"the checkpoint being resumed was trained with {old!r}, and "
                           "this key changes the network or the objective; resume with the same value, "
                           "or start a new run (another --run-name or --output)")
     if current.epochs < trained_epochs:
-        raise ConfigError("epochs", current.epochs, f"the checkpoint being resumed has trained "
+        raise ResumeRefused("epochs", current.epochs, f"the checkpoint being resumed has trained "
                           f"{trained_epochs} epochs already; ask for at least that many")
     return ResumeChanges(changed)
 

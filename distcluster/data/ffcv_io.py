@@ -487,8 +487,12 @@ class BetonSource:
             order = _traversal_order_class()(global_batch, seed)
             self._train_loader = self._loader(global_batch // world_size, ("image",), order, distributed)
         self._train_loader.next_epoch = epoch
-        for batch in self._train_loader:
-            yield self._images(batch[0])
+        batches = iter(self._train_loader)
+        try:
+            for batch in batches:
+                yield self._images(batch[0])
+        finally:  # an epoch cut short (steps_per_epoch) stops FFCV's reading thread too
+            batches.close()
 
     def batches(self, size: int) -> Iterator[torch.Tensor]:
         yield from self.range_batches(0, len(self), size)

@@ -149,7 +149,10 @@ def assign_checkpoint(checkpoint: dict[str, Any], source: ImageSource) -> Assign
 
 def final_assignments(checkpoint: dict[str, Any], source: ImageSource) -> Assignments:
     """The assignments the run's last evaluation kept in its final checkpoint (no pass over the
-    data), or, for a checkpoint without them, one pass of assign_checkpoint."""
+    data), or one pass of assign_checkpoint for a checkpoint without them (an older version)
+    or whose assignments are not of these images (a resumed run given other data)."""
     if "assignments" in checkpoint:
-        return Assignments.from_tensors(checkpoint["assignments"])
+        kept = Assignments.from_tensors(checkpoint["assignments"])
+        if len(kept.clusters) == len(source):
+            return kept
     return assign_checkpoint(checkpoint, source)

@@ -10,6 +10,7 @@ evaluation (scores of whole images).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from distcluster.common.errors import ConfigError
+from distcluster.common.errors import ResumeRefused
 from distcluster.config import Config, resume_changes
 from distcluster.core import distributed as dist
 from distcluster.core.objectives import ObjectiveResult
@@ -111,7 +112,7 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
     if start is not None:  # the normalisation the checkpoint was trained with
         resume_changes(start["config"], cfg, start["epoch"])  # refuses what the state cannot take
         if start["input"]["channels"] != source.channels:
-            raise ConfigError("data", cfg.data, f"{source.channels}-channel images; the checkpoint being "
+            raise ResumeRefused("data", cfg.data, f"{source.channels}-channel images; the checkpoint being "
                               f"resumed was trained on {start['input']['channels']}-channel ones")
         mean, std = start["input"]["mean"], start["input"]["std"]
     else:
@@ -167,11 +168,12 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
     inject = _injected_nan_steps()
     gen = augmentation_generator(cfg.seed, ctx.rank, epoch)
     batches = source.epoch_batches(epoch, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed)
-    for images in itertools.islice(batches, cfg.steps_per_epoch or None):
-        crops = augment(images.to(ctx.device, non_blocking=True), gen)
-        if state.speed.channels_last:
-            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-        logs.add(*train_step(state, crops, local_batch, state.step in inject))
+    with contextlib.closing(batches):  # closed (FFCV's reader too) when steps_per_epoch cuts it short
+        for images in itertools.islice(batches, cfg.steps_per_epoch or None):
+            crops = augment(images.to(ctx.device, non_blocking=True), gen)
+            if state.speed.channels_last:
+                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+            logs.add(*train_step(state, crops, local_batch, state.step in inject))
     state.guard.raise_if_diverged(state.step, epoch + 1)
     dist.broadcast_buffers(state.model)  # every rank now holds rank 0's model: one checkpoint for all
     state.epoch += 1
