@@ -87,6 +87,23 @@ def test_summary_json_has_the_contracted_fields(ray_run):
     assert summary["mlflow"]["model_uri"] == f"runs:/{summary['mlflow']['run_id']}/model"
 
 
+def test_the_scores_two_workers_shared_are_those_of_one_process_on_the_final_checkpoint(ray_run):
+    """Each worker assigned its share with rank 0's weights and BatchNorm statistics: scoring the
+    final checkpoint again in this process gives the summary's scores (a worker that kept its
+    own statistics, or a share assigned twice, would not)."""
+    from distcluster.engine.checkpoint import verified_checkpoint
+    from distcluster.engine.evaluation import assign_checkpoint, clustering_scores
+
+    folder, _, _ = ray_run
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    state = verified_checkpoint(folder / "out" / "checkpoint")
+    source = load_source("digits", 512)
+    again = clustering_scores(assign_checkpoint(state, source), source.labels)
+    assert {k: again[k] for k in summary["metrics"]} == pytest.approx(summary["metrics"], abs=1e-9)
+    assert np.array_equal(assign_checkpoint(state, source).clusters,
+                          state["assignments"]["clusters"].numpy())
+
+
 def test_rank_zero_logged_every_epoch_to_the_mlflow_run(ray_run):
     folder, uri, _ = ray_run
     summary = json.loads((folder / "out" / "summary.json").read_text())
