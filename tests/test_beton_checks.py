@@ -304,7 +304,8 @@ def test_an_image_only_decoding_finds_corrupt_fails_or_is_skipped_and_left_out(t
     meta = read_metadata(tmp_path / "p.beton")
     assert meta["count"] == 4 and meta["skipped_count"] == 1 and meta["resized_to"] == 20
     assert meta["skipped"][0]["index"] == 2 and meta["skipped"][0]["path"].endswith("a/broken.jpg")
-    assert [Path(p).relative_to(tmp_path / "photos").as_posix() for p in meta["paths"]] == sorted(pixels)
+    paths = BetonSource(tmp_path / "p.beton").paths()
+    assert [Path(p).relative_to(tmp_path / "photos").as_posix() for p in paths] == sorted(pixels)
     assert not list(tmp_path.glob(".p.beton*"))
 
 
@@ -325,3 +326,20 @@ def test_a_corrupt_image_stops_the_reading_or_with_skip_the_others_are_read_agai
         assert meta["count"] == 5 and meta["skipped"][0]["index"] == 0
     notes = (tmp_path / "log").read_text().split("\n")  # one writer process: in order
     assert [note for note in notes if note.startswith("read")] == [f"read {i}" for i in reads]
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_image_paths_live_beside_the_metadata_and_are_checked_when_read(tmp_path):
+    """The JSON every open parses holds no per-image list; predict's paths come from
+    FILE.beton.paths.json, refused when it changed."""
+    photo_folder(tmp_path / "photos", 4)
+    assert prepare_main([str(tmp_path / "photos"), "--out", str(tmp_path / "p.beton"), "--quiet",
+                         "--workers", "1", "--max-resolution", "20"]) == 0
+    meta = read_metadata(tmp_path / "p.beton")
+    assert "paths" not in meta and meta["paths_file"] == "p.beton.paths.json"
+    source = BetonSource(tmp_path / "p.beton")
+    assert len(source.paths()) == 4 and all(Path(p).is_file() for p in source.paths())
+    sidecar = tmp_path / "p.beton.paths.json"
+    sidecar.write_text(sidecar.read_text().replace("a/", "b/", 1))
+    with pytest.raises(UserError, match="not the image list prepare wrote"):
+        BetonSource(tmp_path / "p.beton").paths()

@@ -61,8 +61,12 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     with atomic_file(path) as staging:
-        staging.write_text(json.dumps(value, indent=2) + "\n")
+        staging.write_text(text)
 
 
 def file_sha256(path: Path) -> str:

@@ -17,6 +17,7 @@ checks every chunk.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -37,6 +38,7 @@ from distcluster.common.files import (
     read_chunk_digests,
     spread_sample,
     write_json_atomic,
+    write_text_atomic,
 )
 from distcluster.data.arrays import STATS_SAMPLE, channel_stats_of, shard_batches, subset_indices
 from distcluster.data.images import BadImage, Collection, fit_image, is_grey, target_size
@@ -55,6 +57,12 @@ RAW_MAX_PIXELS = 96 * 96  # larger images are stored as JPEG (quality 90)
 
 def metadata_path(beton: Path) -> Path:
     return beton.with_name(beton.name + ".json")
+
+
+def paths_path(beton: Path) -> Path:
+    """FILE.beton.paths.json: every image's source file, read only by what needs it (predict's
+    rows), not at every open (tens of bytes an image: 40 MB for a million)."""
+    return beton.with_name(beton.name + ".paths.json")
 
 
 @dataclass
@@ -237,6 +245,12 @@ def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on
         metadata.update(_digests(tmp))
         metadata_path(out).unlink(missing_ok=True)  # an old JSON must not vouch for the new file
         os.replace(tmp, out)
+        paths = metadata.pop("paths")
+        if paths is not None:  # written before the JSON that vouches for it
+            text = json.dumps(paths)
+            write_text_atomic(paths_path(out), text)
+            metadata.update(paths_file=paths_path(out).name,
+                            paths_sha256=hashlib.sha256(text.encode()).hexdigest())
         write_json_atomic(metadata_path(out), metadata)
         return metadata
     finally:
@@ -439,9 +453,23 @@ class BetonSource:
         return self.metadata["channels"]
 
     def paths(self) -> list[str] | None:
-        """Source file of each image (folders and zips), else None."""
-        paths = self.metadata.get("paths")
+        """Source file of each image (folders and zips), else None; read when first asked for."""
+        paths = self.metadata.get("paths") or (self._read_paths() if "paths_file" in self.metadata else None)
         return [paths[i] for i in self.indices] if paths else None
+
+    def _read_paths(self) -> list[str]:
+        """FILE.beton.paths.json, checked against the SHA-256 its metadata records."""
+        path = paths_path(self.path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UserError(f"{path}: unreadable ({exc.strerror or exc}); prepare the data again") from None
+        intact = hashlib.sha256(text.encode()).hexdigest() == self.metadata["paths_sha256"]
+        paths = json.loads(text) if intact else None
+        if not isinstance(paths, list) or len(paths) != self.metadata["count"]:
+            raise UserError(f"{path}: not the image list prepare wrote (edited or damaged?); "
+                            "prepare the data again")
+        return paths
 
     @property
     def image_shape(self) -> tuple[int, int]:
