@@ -125,21 +125,17 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
         metrics = _train_epoch(state, source, augment, ctx)
         last = state.epoch == cfg.epochs
         evaluated = last or _every(cfg.eval_every, state.epoch - 1)
-        evaluation_started = time.perf_counter()
-        found = assign_shared(state.model, source, augment, ctx.device, state.head) if evaluated else None
-        scoring_started = time.perf_counter()
-        if found is not None:  # rank 0
-            metrics.update(epoch_scores(state, found, source.labels, log))
+        found, scores, scoring_seconds = None, {}, 0.0
+        if evaluated:
+            found, scores, scoring_seconds = _evaluate(state, source, augment, log)
+        metrics.update(scores)
         now = time.perf_counter()
-        if found is not None:
-            metrics["eval/seconds"] = now - evaluation_started
         if ctx.rank == 0:  # rank 0 alone: the last report (MLflow, checkpoint) and the scoring
-            metrics["train/serial_share"] = (report_seconds + now - scoring_started) / (now - cycle_started)
-        state.history.append(metrics)
-        if ctx.rank == 0:
+            metrics["train/serial_share"] = (report_seconds + scoring_seconds) / (now - cycle_started)
             log(f"epoch {state.epoch}/{cfg.epochs} " + " ".join(
                 f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()
                 if k in ("train/loss", "eval/acc", "eval/nmi", "train/images_per_second")))
+        state.history.append(metrics)
         save = last or _every(cfg.checkpoint_every, state.epoch - 1)
         checkpoint = _checkpoint_maker(state, spec, found if last else None) if ctx.rank == 0 else None
         reporter.epoch_end(EpochReport(state.epoch - 1, metrics, save, evaluated, checkpoint))
@@ -147,6 +143,20 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
         if state.epoch == _pause_after_epoch():
             threading.Event().wait()
     log(f"rank {ctx.rank} of {ctx.world_size}: done, {state.epoch} epochs, {state.step} steps")
+
+
+def _evaluate(state: TrainingState, source: ImageSource, augment: MultiCrop,
+              log: Callable[[str], None]) -> tuple[Assignments | None, dict[str, float], float]:
+    """Every rank assigns its share, rank 0 scores them: the assignments and `eval/` metrics on
+    rank 0 (None and {} on the others), and the seconds rank 0 spent scoring alone."""
+    started = time.perf_counter()
+    found = assign_shared(state.model, source, augment, state.device, state.head)
+    if found is None:
+        return None, {}, 0.0
+    scoring = time.perf_counter()
+    scores = epoch_scores(state, found, source.labels, log)
+    now = time.perf_counter()
+    return found, {**scores, "eval/seconds": now - started}, now - scoring
 
 
 def _checkpoint_maker(state: TrainingState, spec: dict[str, Any],

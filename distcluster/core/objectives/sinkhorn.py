@@ -50,12 +50,11 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
     overflowing or underflowing to 0/0. No gradient.
     """
     queued = scores[..., :0, :] if queued is None else queued.to(scores)
-    extra = queued.shape[-2]
-    if not dist.is_distributed():
-        return _solve(torch.cat([queued, scores], dim=-2), epsilon, iterations, _local_logsumexp, extra)
-    if (scores.numel() * dist.world_size() + queued.numel()) > gather_limit:
-        return _solve(torch.cat([queued, scores], dim=-2), epsilon, iterations, _logsumexp_over_ranks,
-                      extra, dist.world_size())
+    extra, world = queued.shape[-2], dist.world_size()
+    if world == 1 or scores.numel() * world + queued.numel() > gather_limit:
+        problem = torch.cat([queued, scores], dim=-2) if extra else scores
+        row_sum = _local_logsumexp if world == 1 else _logsumexp_over_ranks
+        return _solve(problem, epsilon, iterations, row_sum, extra, world)
     local = scores.shape[-2]
     everyone = torch.cat([queued, *dist.all_gather_stack(wide(scores))], dim=-2)  # queue, then rank order
     codes = _solve(everyone, epsilon, iterations, _local_logsumexp, extra + dist.global_offset(local))
