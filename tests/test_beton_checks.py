@@ -19,8 +19,9 @@ from PIL import Image
 from distcluster.commands.prepare import main as prepare_main
 from distcluster.common.errors import CorruptImage, UserError
 from distcluster.common.files import file_digests, read_chunk_digests, spread_sample
-from distcluster.data import ffcv_io
-from distcluster.data.ffcv_io import BetonSource, read_metadata, verify_beton, write_beton
+from distcluster.data import beton_writer, ffcv_io
+from distcluster.data.beton_writer import write_beton
+from distcluster.data.ffcv_io import BetonSource, read_metadata, verify_beton
 from distcluster.data.images import ArrayCollection, FileCollection, open_collection
 
 SMALL_CHUNK = 64 << 10  # the tests' chunk size: a file of a few MB holds more chunks than are sampled
@@ -62,7 +63,7 @@ def beton(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("checks")
     images = np.random.default_rng(1).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ffcv_io, "CHUNK_BYTES", SMALL_CHUNK)
+        patch.setattr(beton_writer, "CHUNK_BYTES", SMALL_CHUNK)
         write_beton(ArrayCollection(images, np.arange(200) % 5, "rng", "npz"), folder / "good.beton",
                     workers=1, progress=False)
     return folder / "good.beton"
@@ -72,6 +73,9 @@ def copy_of(beton: Path, folder: Path, metadata=None) -> Path:
     """A copy of `beton` and its JSON (or the `metadata` given) in `folder`."""
     copy = folder / "copy.beton"
     copy.write_bytes(beton.read_bytes())
+    for kind in ffcv_io.SIDECARS:
+        if ffcv_io.sidecar_path(beton, kind).exists():
+            ffcv_io.sidecar_path(copy, kind).write_bytes(ffcv_io.sidecar_path(beton, kind).read_bytes())
     meta = json.loads(ffcv_io.metadata_path(beton).read_text()) if metadata is None else metadata
     ffcv_io.metadata_path(copy).write_text(json.dumps(meta))
     return copy
@@ -343,3 +347,46 @@ def test_image_paths_live_beside_the_metadata_and_are_checked_when_read(tmp_path
     sidecar.write_text(sidecar.read_text().replace("a/", "b/", 1))
     with pytest.raises(UserError, match="not the image list prepare wrote"):
         BetonSource(tmp_path / "p.beton").paths()
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_an_open_reads_the_labels_from_their_checked_list_and_older_files_from_the_beton(
+        beton, tmp_path, monkeypatch):
+    """FILE.beton.labels.npy (4 bytes an image) instead of a pass over the .beton's label field;
+    a changed list is refused; a file prepared before the list reads the field."""
+    expected = np.arange(200) % 5
+    field_reads = []
+    real_loader = BetonSource._loader
+    monkeypatch.setattr(BetonSource, "_loader", lambda self, batch, fields, *a, **k: (
+        field_reads.append(fields), real_loader(self, batch, fields, *a, **k))[1])
+    subset = BetonSource(beton, max_samples=50)
+    assert np.array_equal(subset.labels.numpy(), expected[subset.indices]) and field_reads == []
+    older = json.loads(ffcv_io.metadata_path(beton).read_text())
+    del older["labels_file"], older["labels_sha256"]
+    assert np.array_equal(BetonSource(copy_of(beton, tmp_path, older)).labels.numpy(), expected)
+    assert field_reads == [("label",)]
+    copy = copy_of(beton, tmp_path)
+    changed = expected.astype(np.int32)
+    changed[7] = 4
+    np.save(ffcv_io.sidecar_path(copy, "labels"), changed)
+    with pytest.raises(UserError, match="copy.beton.labels.npy: not the label list prepare wrote"):
+        BetonSource(copy)
+    ffcv_io.sidecar_path(copy, "labels").unlink()
+    with pytest.raises(UserError, match="copy.beton.labels.npy: unreadable"):
+        BetonSource(copy)
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_a_range_read_again_reuses_its_loader_and_only_the_last_ranges_is_kept(beton, monkeypatch):
+    """Every evaluation reads the same range (one loader for all of them); predict's actors read
+    a new range per chunk, and a loader kept for each grew with the chunks times the file."""
+    built = []
+    real_loader = BetonSource._loader
+    monkeypatch.setattr(BetonSource, "_loader", lambda self, *a, **k: (
+        built.append(k.get("indices")), real_loader(self, *a, **k))[1])
+    source = BetonSource(beton)
+    first = [torch.cat(list(source.range_batches(0, 100, 32))) for _ in range(3)]
+    assert len(built) == 1 and all(torch.equal(first[0], again) for again in first[1:])
+    for start in range(0, 200, 20):
+        assert len(torch.cat(list(source.range_batches(start, start + 20, 8)))) == 20
+    assert len(built) == 11 and len(source._range_loaders) == 1

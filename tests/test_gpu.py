@@ -65,7 +65,8 @@ def test_bf16_autocast_step_is_close_to_fp32(cifar_crops):
 
 
 def test_beton_batches_reach_device_memory_unchanged(tmp_path):
-    from distcluster.data.ffcv_io import BetonSource, write_beton
+    from distcluster.data.beton_writer import write_beton
+    from distcluster.data.ffcv_io import BetonSource
     from distcluster.data.images import ArrayCollection
 
     rng = np.random.default_rng(0)

@@ -46,3 +46,37 @@ def test_steps_per_epoch_ends_each_epoch_after_that_many_steps():
     assert [r.evaluated for r in recorder.reports] == [False, True]
     with pytest.raises(ConfigError, match="steps_per_epoch"):
         config.from_dict({"steps_per_epoch": -1}).validate()
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_an_epoch_cut_short_stops_ffcvs_reading_thread(tmp_path):
+    """steps_per_epoch on a .beton: each cut epoch's FFCV reader ends (without the close, every
+    epoch left one running, holding its batches' memory)."""
+    import time
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from recorder import Recorder
+
+    from distcluster.data.beton_writer import write_beton
+    from distcluster.data.ffcv_io import BetonSource
+    from distcluster.data.images import ArrayCollection, digits_arrays
+    from distcluster.engine.loop import train_loop
+
+    images, labels = digits_arrays()
+    write_beton(ArrayCollection(images[:1024], labels[:1024], "digits", "npz"), tmp_path / "d.beton",
+                workers=1, progress=False)
+    cfg = config.from_dict({**config.load_recipe("digits-imc-swav"), "epochs": 3, "batch_size": 64,
+                            "steps_per_epoch": 2, "eval_every": 0, "data": str(tmp_path / "d.beton"),
+                            "model": {"backbone": "small_cnn", "width": 4}})
+    readers = []
+    start = EpochIterator.start
+    EpochIterator.start = lambda self: (readers.append(self), start(self))[1]
+    try:
+        train_loop(cfg, BetonSource(tmp_path / "d.beton"), WorkerContext(), Recorder(), log=lambda _: None)
+    finally:
+        EpochIterator.start = start
+    assert len(readers) >= 3  # one per training epoch, and the statistics' and evaluation's
+    deadline = time.monotonic() + 120  # a bound for failure only: a closed reader ends within a second
+    for reader in readers:
+        reader.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(reader.is_alive() for reader in readers)

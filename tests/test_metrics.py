@@ -5,7 +5,10 @@ from distcluster.core.metrics import (
     adjusted_rand_index,
     cluster_scores,
     label_free_scores,
+    matched_sizes,
     normalized_mutual_info,
+    recommended_clusters,
+    stability_by_clusters,
 )
 
 
@@ -169,3 +172,46 @@ def test_pictures_of_a_thousand_clusters_show_the_largest_and_stay_readable(tmp_
     for name in ("gallery", "sizes", "confusion"):
         width, height = Image.open(tmp_path / f"{name}.png").size
         assert width <= 4000 and height <= 4000, (name, width, height)
+
+
+def test_stability_is_one_for_relabelled_runs_near_zero_for_unrelated_ones_and_needs_two_runs():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(4), 250)  # four true groups of 250 images
+    relabelled = [groups, (groups + 1) % 4, (groups * 3) % 4]  # the same partition, other names
+    split_differently = [np.where(groups == 0, 4 + rng.integers(0, 2, 1000), groups) for _ in range(3)]
+    stability = stability_by_clusters({4: relabelled, 5: split_differently, 6: [groups]})
+    assert stability[4] == pytest.approx(1.0) and set(stability) == {4, 5}
+    assert 0.5 < stability[5] < 0.95  # three groups agree, the fourth is split at random
+    unrelated = [rng.integers(0, 8, 1000) for _ in range(3)]
+    assert abs(stability_by_clusters({8: unrelated})[8]) < 0.02  # chance-adjusted: no bias to K
+    assert recommended_clusters(stability) == 4
+
+
+def test_the_recommendation_is_the_most_stable_k_and_the_smaller_on_a_tie():
+    assert recommended_clusters({6: 0.5, 8: 0.9, 10: 0.7}) == 8
+    assert recommended_clusters({12: 0.8, 10: 0.8, 11: 0.3}) == 10
+
+
+def test_the_plot_of_stability_against_k_is_written(tmp_path):
+    from PIL import Image
+
+    from distcluster.tracking import plots
+
+    plots.stability({"8": 0.61, "9": 0.7, "10": 0.93, "11": 0.8}, 10, tmp_path / "k.png")
+    assert Image.open(tmp_path / "k.png").size[0] > 200
+
+
+def test_matched_sizes_show_a_split_class_and_a_merge_beside_the_class_sizes(tmp_path):
+    """Class 0 (600 images) split over clusters 0 and 3; 60 of class 2 merged into class 1's
+    cluster 1, its other 40 with class 0's second part; class 3 alone in cluster 2; cluster 4
+    empty."""
+    labels = np.repeat([0, 0, 1, 2, 2, 3], [350, 250, 100, 60, 40, 100])
+    clusters = np.repeat([0, 3, 1, 1, 3, 2], [350, 250, 100, 60, 40, 100])
+    sizes = matched_sizes(labels, clusters, 5)
+    assert sizes["classes"].tolist() == [0, 1, 2, 3] and sizes["class_sizes"].tolist() == [600, 100, 100, 100]
+    assert sizes["matched_sizes"].tolist() == [350, 160, 290, 100]  # clusters 0, 1, 3, 2
+    assert sizes["unmatched_sizes"].tolist() == [0]  # cluster 4
+    from distcluster.tracking import plots
+
+    plots.sizes_against_classes(sizes, ["big", "b", "c", "d"], tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 0

@@ -69,7 +69,7 @@ def test_train_registers_a_version_whose_run_has_the_model_and_the_plots(registe
     assert version.run_id == summary["mlflow"]["run_id"]
     files = {a.path for a in client.list_artifacts(version.run_id, "plots")}
     assert files == {f"plots/{n}.png" for n in ("cluster_gallery", "cluster_sizes", "learning_curves",
-                                                 "confusion_matrix")}
+                                                 "confusion_matrix", "sizes_against_classes")}
     assert_logged_model(client, version.run_id)
 
 

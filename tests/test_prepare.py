@@ -15,7 +15,8 @@ from PIL import Image
 
 from distcluster.commands.prepare import main as prepare_main
 from distcluster.data.arrays import STATS_SAMPLE, ArraySource, gather_images, load_source, subset_indices
-from distcluster.data.ffcv_io import BetonSource, read_metadata, write_beton
+from distcluster.data.beton_writer import write_beton
+from distcluster.data.ffcv_io import BetonSource, read_metadata
 from distcluster.data.images import ArrayCollection, digits_arrays, files_under, open_collection
 from distcluster.data.sources import resolve_data
 
@@ -267,17 +268,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, needle):
 def test_image_failing_during_the_write_leaves_no_file_that_looks_complete(class_folder, tmp_path,
                                                                              monkeypatch, capsys):
     """The scan passes, then a file breaks before the writer reads it (a file changing under us)."""
-    from distcluster.data import ffcv_io
+    from distcluster.data import beton_writer
 
     root, _ = class_folder
-    real_scan = ffcv_io.scan
+    real_scan = beton_writer.scan
 
     def scan_then_break(collection, on_error, progress=True):
         found = real_scan(collection, on_error, progress)
         truncated_jpeg(root / "wrapper" / "dog" / "1.png")
         return found
 
-    monkeypatch.setattr(ffcv_io, "scan", scan_then_break)
+    monkeypatch.setattr(beton_writer, "scan", scan_then_break)
     code = prepare_main([str(root), "--out", str(tmp_path / "p.beton"), "--quiet", "--workers", "1"])
     assert code == 2 and "dog/1.png" in capsys.readouterr().err
     assert not list(tmp_path.glob("p.beton*")) and not list(tmp_path.glob(".p.beton*"))
@@ -300,6 +301,10 @@ def test_metadata_json_is_plain_json(tmp_path, capsys):
     said = json.loads(printed.out)  # stdout is the JSON alone, for scripts; the status on stderr
     assert said == {k: meta[k] for k in said} and said["count"] == 1797
     assert printed.err == f"wrote {tmp_path / 'd.beton'} and d.beton.json\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("d.beton", "d.beton.json", "d.beton.labels.npy"):  # readable as any file written here
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -442,3 +447,17 @@ def test_train_words_its_own_way_past_a_corrupt_image(folder_with_corrupt_image,
     assert err.startswith("distcluster.train: error: corrupt image") and "--on-error skip" in err
     assert train.main([*argv, "--on-error", "skip"]) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_samples"] == 3
+
+
+def test_read_only_grey_images_from_the_object_store_make_a_source_without_a_warning():
+    """Tune hands trials the consensus images through Ray's object store: read-only arrays."""
+    import warnings
+
+    from distcluster.data.arrays import ArraySource
+
+    images = np.random.default_rng(0).integers(0, 17, (20, 8, 8, 1), dtype=np.uint8)
+    images.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+        source = ArraySource.from_hwc(images, None, "consensus")
+    assert torch.equal(source.images[:, 0], torch.from_numpy(images[..., 0].copy()))

@@ -82,6 +82,7 @@ def test_summary_json_has_the_contracted_fields(ray_run):
     assert set(summary["metrics"]) == {"acc", "nmi", "ari"}
     assert chance_acc(512) < summary["metrics"]["acc"] <= 1.0
     assert summary["train_images_per_second"] > 0 and summary["wall_seconds"] > 0
+    assert 0.1 < summary["worker_peak_rss_gib"] < 24  # GiB, the largest of any worker
     assert (folder / "out" / "checkpoint" / "checkpoint.pt").is_file()
     assert summary["mlflow"]["tracking_uri"] == uri
     assert summary["mlflow"]["model_uri"] == f"runs:/{summary['mlflow']['run_id']}/model"

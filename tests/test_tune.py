@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from logged_model import assert_logged_model
@@ -14,11 +15,13 @@ from mlflow.tracking import MlflowClient
 from servers import RAY, mlflow_server
 
 from distcluster.cluster.search_space import load_space, space_names
+from distcluster.cluster.sweep import Sweep, TrialRecord, choose_clusters
 from distcluster.commands.tune import main as tune_main
 from distcluster.common.errors import UserError
 
 NAME = "digits-sweep"
-PACKAGED = {"digits-smoke", "digits-imc-swav", "cifar10-imc-swav", "cifar10-iic", "cifar10-crlc"}
+PACKAGED = {"digits-smoke", "digits-imc-swav", "digits-choose-k", "cifar10-imc-swav", "cifar10-iic",
+            "cifar10-crlc", "cifar10-cpu-choose-k"}
 
 
 def tune(*argv: str, cwd, env=None) -> subprocess.CompletedProcess:
@@ -44,6 +47,36 @@ def test_a_space_draws_typed_values_into_a_full_config(tmp_path):
     drawn = (cfg.objective, cfg.epochs, cfg.crlc.temperature, cfg.augment.crops[0].size)
     assert drawn == ("crlc", 3, 0.25, 6)
     assert space.sweep.samples == 3 and space.sweep.grace_period == 2  # the rest defaults
+
+
+def finished_trials(folder, partitions: dict[str, tuple[dict, np.ndarray]]) -> list[TrialRecord]:
+    """Records of finished trials whose clusters of the consensus images are `partitions`."""
+    records = []
+    for trial_id, (config, clusters) in partitions.items():
+        (folder / "trials" / trial_id / "consensus").mkdir(parents=True)
+        np.save(folder / "trials" / trial_id / "consensus" / "clusters.npy", clusters)
+        records.append(TrialRecord(trial_id, config, "completed", 12, 0.5, None, None, None))
+    return records
+
+
+def test_a_choose_k_space_recommends_the_k_whose_seeds_agree_and_other_spaces_none(tmp_path):
+    groups = np.repeat(np.arange(10), 200)
+    rng = np.random.default_rng(1)
+    runs = {f"k10-s{seed}": ({"clusters": 10, "seed": seed}, (groups + seed) % 10) for seed in range(3)}
+    # 12 clusters: two of the ten groups split in two, differently by each seed
+    runs |= {f"k12-s{seed}": ({"clusters": 12, "seed": seed},
+                              np.where(groups < 2, groups + 10 * rng.integers(0, 2, 2000), groups))
+             for seed in range(3)}
+    runs["k14-s0"] = ({"clusters": 14, "seed": 0}, groups)  # one seed only: no stability
+    records = finished_trials(tmp_path, runs)
+    records.append(TrialRecord("k8-failed", {"clusters": 8, "seed": 0}, "failed", 3, None, None, None, None))
+    sweep = Sweep(load_space("digits-choose-k"), "digits", "eval/acc", "", "", "", str(tmp_path), 1.0,
+                  np.zeros((1, 8, 8, 1), np.uint8))
+    choice = choose_clusters(records, sweep)
+    assert choice["k"] == 10 and choice["stability"]["10"] == 1.0 and choice["stability"]["12"] < 0.95
+    assert set(choice["stability"]) == {"10", "12"} and choice["runs"] == {"10": 3, "12": 3}
+    sweep.space = load_space("digits-smoke")  # searches the learning rate too: no recommendation
+    assert choose_clusters(records, sweep) is None
 
 
 BAD_SPACES = {

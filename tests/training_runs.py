@@ -121,7 +121,7 @@ def assert_one_line_per_event(printed: str, epochs: int, workers: int) -> None:
 
 
 TIMING = ("train/images_per_second", "train/epoch_seconds", "train/serial_share",
-          "eval/seconds")
+          "eval/seconds", "train/peak_rss_gib")
 
 
 def assert_same_training(resumed: dict, uninterrupted: dict) -> None:

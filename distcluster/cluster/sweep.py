@@ -4,7 +4,9 @@ Each trial runs a driver function that builds a `TorchTrainer` with the trial's 
 `workers` Ray Train workers) and forwards every evaluated epoch to Tune, whose ASHA scheduler
 stops the weak trials early. MLflow holds one child run per trial (params, per-epoch metrics,
 model, learning curves). Finished trials are ranked by ACC or, with no labels needed, by their
-consensus with the other finished trials (core.metrics.consensus, weighted by view_mi).
+consensus with the other finished trials (core.metrics.consensus, weighted by view_mi). A
+sweep over the number of clusters with several seeds each recommends the K whose seeds agree
+most (`choose_clusters`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from distcluster.cluster.search_space import SearchSpace, SweepSettings
 from distcluster.common.errors import RunFailed
 from distcluster.common.files import write_atomic_dir
-from distcluster.core.metrics import consensus
+from distcluster.core.metrics import consensus, recommended_clusters, stability_by_clusters
 from distcluster.data.arrays import ArraySource, ImageSource, gather_images
 from distcluster.engine.checkpoint import newest_valid_checkpoint
 from distcluster.engine.evaluation import assign_checkpoint
@@ -29,6 +31,7 @@ from distcluster.tracking.runs import RunTracker
 CONSENSUS_IMAGES = 2000  # images every finished model assigns, to compare the models
 TRIAL_TAG = "distcluster.trial_id"
 DRIVER_CPUS = 0.01
+CHOOSING_CLUSTERS = {"clusters", "seed"}  # the searched keys of a space that chooses K
 
 
 @dataclass
@@ -220,12 +223,16 @@ def trial_records(results, sweep: Sweep, tracker: RunTracker) -> list[TrialRecor
     return sorted(records, key=lambda r: r.trial_id)
 
 
+def _partition(record: TrialRecord, sweep: Sweep) -> np.ndarray:
+    """A finished trial's clusters of the consensus images."""
+    return np.load(Path(sweep.output) / "trials" / record.trial_id / "consensus" / "clusters.npy")
+
+
 def score_consensus(records: list[TrialRecord], sweep: Sweep, tracker: RunTracker) -> None:
     """The label-free score of every finished trial: its agreement with the others, each
     weighted by its view_mi."""
     done = [r for r in records if r.status == "completed" and r.view_mi is not None]
-    partitions = [np.load(Path(sweep.output) / "trials" / r.trial_id / "consensus" / "clusters.npy")
-                  for r in done]
+    partitions = [_partition(r, sweep) for r in done]
     for record, agreement in zip(done, consensus(partitions, [r.view_mi for r in done]), strict=True):
         record.consensus = agreement
         if record.run_id:
@@ -238,3 +245,26 @@ def best_trial(records: list[TrialRecord], field: str) -> TrialRecord:
         raise RunFailed(f"no trial completed (statuses: {[r.status for r in records]})")
     # Ties (two finished trials share one NMI) go to the more stable one.
     return max(done, key=lambda r: (r.value(field), r.view_mi or 0.0))
+
+
+def clusters_of(record: TrialRecord, sweep: Sweep) -> int:
+    return int(record.config.get("clusters", sweep.space.base["clusters"]))
+
+
+def choose_clusters(records: list[TrialRecord], sweep: Sweep) -> dict[str, Any] | None:
+    """For a space that searches exactly the number of clusters and the seed, the stability of
+    each K that finished with at least two seeds (core.metrics.stability_by_clusters on the
+    consensus images) and the recommended K; None for other spaces, or with fewer than two
+    such K."""
+    if {d.key for d in sweep.space.dimensions} != CHOOSING_CLUSTERS:
+        return None
+    partitions: dict[int, list[np.ndarray]] = {}
+    for record in records:
+        if record.status == "completed":
+            partitions.setdefault(clusters_of(record, sweep), []).append(_partition(record, sweep))
+    stability = stability_by_clusters(partitions)
+    if len(stability) < 2:
+        return None
+    return {"k": recommended_clusters(stability), "criterion": "stability",
+            "stability": {str(k): round(v, 4) for k, v in stability.items()},
+            "runs": {str(k): len(partitions[k]) for k in stability}}

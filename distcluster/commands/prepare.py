@@ -16,6 +16,9 @@ pixels are stored raw and larger ones as JPEG (quality 90).
 Each image is read for its size from its header, then read and decoded once
 by FFCV's writer processes (with --on-error skip, images that only decoding
 shows to be corrupt make the file be written a second time without them).
+With --ray-decoders N the decoding and resizing run as Ray Data tasks spread
+over the nodes of the Ray cluster (every node must see SRC at the same path)
+and the images stream, in order, to the writer processes on this machine.
 
 Writes FILE.beton and FILE.beton.json (count, image shape, label names,
 whether labels exist, skipped files, source, and the .beton's size, SHA-256
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from distcluster.commands.cli import ArgumentParser, run_command
@@ -53,6 +57,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--write-mode", default="auto", choices=("auto", "raw", "jpg"),
                    help="auto: raw up to 96x96 pixels, JPEG (quality 90) above")
     p.add_argument("--workers", type=int, default=0, help="writer processes (default: CPU count, <= 8)")
+    p.add_argument("--ray-decoders", type=int, default=0, metavar="N",
+                   help="decode and resize on N Ray Data tasks at once, spread over the Ray cluster "
+                        "(RAY_ADDRESS, else a local one), streamed in order to this machine's writer "
+                        "processes; 0 (default): the writer processes decode")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -73,14 +81,25 @@ def prepare(argv: list[str] | None = None) -> dict | None:
         raise UserError(f"--max-resolution must be >= 2 (got {args.max_resolution})")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0 (0 = CPU count, at most 8), got {args.workers}")
-    from distcluster.data.ffcv_io import write_beton
+    if args.ray_decoders < 0:
+        raise UserError(f"--ray-decoders must be >= 0 (0 = no Ray), got {args.ray_decoders}")
+    from distcluster.data.beton_writer import write_beton
 
     collection = open_collection(args.src, args.format, args.split)
+    nodes: Counter = Counter()
+    decoder = None
+    if args.ray_decoders:
+        from distcluster.cluster.ray_data import decoded_on_cluster
+
+        decoder = decoded_on_cluster(args.ray_decoders, nodes)
     metadata = write_beton(collection, out, args.max_resolution, args.on_error, args.workers,
-                           progress=not args.quiet, write_mode=args.write_mode)
+                           progress=not args.quiet, write_mode=args.write_mode, decoder=decoder)
     print(json.dumps({k: metadata[k] for k in ("count", "image_shape", "channels", "labelled",
                                                "num_classes", "skipped_count")}))
-    print(f"wrote {out} and {out.name}.json", file=sys.stderr)  # stdout is the JSON alone
+    if nodes and not args.quiet:  # status on stderr: stdout is the JSON alone
+        print(f"decoded on {len(nodes)} Ray node(s): " + ", ".join(
+            f"{node[:8]} {count}" for node, count in nodes.most_common()) + " images", file=sys.stderr)
+    print(f"wrote {out} and {out.name}.json", file=sys.stderr)
     return metadata
 
 

@@ -288,6 +288,8 @@ def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: di
         # the share of an epoch in which rank 0 alone worked (its reports and scoring), median
         "serial_share": round(statistics.median(
             h.get("train/serial_share", 0.0) for h in state["history"]), 4),
+        # the largest peak resident memory of any worker process (since its last start)
+        "worker_peak_rss_gib": round(state["history"][-1].get("train/peak_rss_gib", float("nan")), 2),
         "checkpoint": str((out / "checkpoint").resolve()),
         "config": cfg.to_dict(),
         "mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,

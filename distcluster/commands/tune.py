@@ -3,7 +3,9 @@
 trial (params, per-epoch metrics, model, learning curves). The best trial is picked by
 ACC (`--select labels`) or, with no labels needed, by its consensus with the other finished
 trials (`--select unsupervised`); `--register NAME` gives its model the alias
-`champion`. Writes OUTPUT/tune_summary.json.
+`champion`. A space that tries several numbers of clusters, each with several seeds, gets
+the recommended number (the K whose seeds agree most: `recommended_clusters`), and without
+labels the best trial is picked at that K. Writes OUTPUT/tune_summary.json.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from distcluster.cluster.sweep import (
     Sweep,
     TrialRecord,
     best_trial,
+    choose_clusters,
+    clusters_of,
     consensus_images,
     fit_on_cluster,
     run_tuner,
@@ -82,9 +86,19 @@ def _register_champion(tracker: RunTracker, best: TrialRecord, name: str) -> str
     return version
 
 
+def _best(records: list[TrialRecord], ranked_by: str, choice: dict[str, Any] | None,
+          sweep: Sweep) -> TrialRecord:
+    """The best trial; without labels, among those at the recommended number of clusters."""
+    if choice is None or ranked_by != "consensus":
+        return best_trial(records, ranked_by)
+    return best_trial([r for r in records if clusters_of(r, sweep) == choice["k"]], ranked_by)
+
+
 def _log_sweep(tracker: RunTracker, records: list[TrialRecord], params: list[str], ranked_by: str,
-               out: Path) -> None:
-    """The parent run gets the trial table and a plot of the metric against every parameter."""
+               out: Path, choice: dict[str, Any] | None) -> None:
+    """The parent run gets the trial table, a plot of the metric against every parameter and,
+    where the sweep chose the number of clusters, the stability of each K (a plot, a metric
+    stepped by K) and the recommendation."""
     import pandas as pd
 
     rows = [{"trial_id": r.trial_id, "status": r.status, "epochs": r.epochs, "view_mi": r.view_mi,
@@ -94,9 +108,15 @@ def _log_sweep(tracker: RunTracker, records: list[TrialRecord], params: list[str
         pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
         # Every trial has view_mi and, with labels, ACC; only finished ones have a consensus.
         plots.sweep(rows, params, "acc" if ranked_by == "acc" else "view_mi", folder / "sweep.png")
+        if choice is not None:
+            plots.stability(choice["stability"], choice["k"], folder / "choose_clusters.png")
 
     write_atomic_dir(out / "sweep", write)
     tracker.log_artifacts(out / "sweep", "sweep")
+    if choice is not None:
+        for k, value in choice["stability"].items():
+            tracker.log_metrics({"stability": value}, int(k))
+        tracker.log_metrics({"recommended_clusters": choice["k"]}, 0)
 
 
 def _checked_sweep(args: argparse.Namespace) -> tuple[SearchSpace, SweepSettings, str, ImageSource]:
@@ -160,11 +180,13 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
             results = run_tuner(sweep, settings, concurrent, out)
             records = trial_records(results, sweep, tracker)
             score_consensus(records, sweep, tracker)
-            best = best_trial(records, ranked_by)
-            _log_sweep(tracker, records, [d.key for d in space.dimensions], ranked_by, out)
+            choice = choose_clusters(records, sweep)
+            best = _best(records, ranked_by, choice, sweep)
+            _log_sweep(tracker, records, [d.key for d in space.dimensions], ranked_by, out, choice)
             version = _register_champion(tracker, best, args.register) if args.register else None
             summary = _summary(space, select, ranked_by, records, best, tracker, args.register, version,
                                time.perf_counter() - started)
+            summary["recommended_clusters"] = choice
             stopped_early = sum(r.status == "stopped_early" for r in records)
             tracker.log_metrics({f"best/{ranked_by}": best.value(ranked_by),
                                  "trials_stopped_early": stopped_early}, 0)
@@ -209,6 +231,10 @@ def _print_result(summary: dict[str, Any], out: Path) -> None:
     print(f"best of {len(summary['trials'])} trials ({summary['stopped_early']} stopped early) by "
           f"{summary['metric']}: {best['trial_id']} {shown}: consensus {best['consensus']:.4f}, "
           f"view_mi {best['view_mi']:.4f}{acc}")
+    choice = summary["recommended_clusters"]
+    if choice is not None:
+        print(f"recommended clusters: {choice['k']} (stability of each K, the mean ARI between its seeds' "
+              "runs: " + ", ".join(f"{k}: {v:.3f}" for k, v in choice["stability"].items()) + ")")
     print(f"model: {summary['model_uri']}   summary: {out / 'tune_summary.json'}")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Mapping
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -157,6 +159,36 @@ def consensus(partitions: list[np.ndarray], weights: list[float]) -> list[float]
         total = w[others].sum()
         scores.append(float((nmi[i, others] * w[others]).sum() / total) if total > 0 else 1.0)
     return scores
+
+
+def matched_sizes(y_true: np.ndarray, y_pred: np.ndarray, clusters: int) -> dict[str, np.ndarray]:
+    """Each class's size (largest first: `classes`, `class_sizes`) beside the size of the cluster
+    matched to it (`matched_sizes`, 0 where none is), and the sizes of the clusters matched to
+    no class (`unmatched_sizes`, largest first): a split class shows as a matched cluster
+    smaller than its class, a merge as one larger."""
+    class_sizes = np.bincount(y_true)
+    cluster_sizes = np.bincount(y_pred, minlength=clusters)
+    cluster_of = {c: k for k, c in hungarian_match(y_true, y_pred).items()}
+    classes = np.argsort(-class_sizes, kind="stable")
+    matched = np.array([cluster_sizes[cluster_of[c]] if c in cluster_of else 0 for c in classes])
+    unmatched = np.delete(cluster_sizes, list(cluster_of.values()))
+    return {"classes": classes, "class_sizes": class_sizes[classes], "matched_sizes": matched,
+            "unmatched_sizes": np.sort(unmatched)[::-1]}
+
+
+def stability_by_clusters(partitions: Mapping[int, list[np.ndarray]]) -> dict[int, float]:
+    """For each number of clusters K, the mean ARI between every two of its partitions of the
+    same images (runs that differ only in their seed): how reproducibly a model with K clusters
+    groups the data. ARI is adjusted for chance (about 0 for unrelated partitions at any K), so
+    the criterion does not favour many or few clusters by itself; with the wrong K, runs split
+    a group or merge two in different ways and agree less. K with fewer than 2 runs: left out."""
+    return {k: float(np.mean([adjusted_rand_index(a, b) for a, b in itertools.combinations(runs, 2)]))
+            for k, runs in sorted(partitions.items()) if len(runs) >= 2}
+
+
+def recommended_clusters(stability: Mapping[int, float]) -> int:
+    """The K whose runs agree most (ties: the smaller K)."""
+    return max(sorted(stability), key=lambda k: stability[k])
 
 
 def matched_confusion(y_true: np.ndarray, y_pred: np.ndarray, clusters: int) -> tuple[np.ndarray, list[int]]:

@@ -107,7 +107,10 @@ class ArraySource:
             images = to_rgb_array(images)
         if images.shape[-1] == 3 and is_grey(images):
             images = images[..., :1]
-        tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        if not chw.flags.writeable:  # one channel, read-only (Ray's object store): no copy was made
+            chw = chw.copy()
+        tensor = torch.from_numpy(chw)
         return cls(tensor, None if labels is None else torch.from_numpy(labels).long(), name, class_names)
 
     def channel_stats(self) -> tuple[list[float], list[float]]:

@@ -1,9 +1,10 @@
-"""FFCV storage: write any image collection to a .beton, read it back sharded per rank.
+"""FFCV storage read back: a prepared .beton, checked at every open, read sharded per rank
+(beton_writer writes it).
 
-A prepared data set is two files: FILE.beton (FFCV: an `image` RGB field and
-an int `label` field, -1 when unlabelled) and FILE.beton.json (metadata). The
-JSON is written last, so a .beton without it is an interrupted prepare and
-is refused.
+A prepared data set is FILE.beton (FFCV: an `image` RGB field and an int
+`label` field, -1 when unlabelled), the per-image lists beside it (SIDECARS:
+labels, and source paths) and FILE.beton.json (metadata). The JSON is written
+last, so a .beton without it is an interrupted prepare and is refused.
 
 The JSON records the .beton's size, its SHA-256 and a digest of each 4 MiB
 chunk of it. Every open checks the size, FFCV's header and SAMPLED_CHUNKS
@@ -16,14 +17,11 @@ checks every chunk.
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +29,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distcluster.common.errors import CorruptImage, UserError, one_line
-from distcluster.common.files import (
-    file_digests,
-    file_sha256,
-    read_chunk_digests,
-    spread_sample,
-    write_json_atomic,
-    write_text_atomic,
-)
+from distcluster.common.errors import UserError
+from distcluster.common.files import file_sha256, read_chunk_digests, spread_sample
 from distcluster.data.arrays import STATS_SAMPLE, channel_stats_of, shard_batches, subset_indices
-from distcluster.data.images import BadImage, Collection, fit_image, is_grey, target_size
 
-METADATA_VERSION = 3  # 2: the file's size and SHA-256 are recorded; 3: and its chunks' digests
-CHUNK_BYTES = 4 << 20  # a .beton's digests are kept per 4 MiB chunk (~600 KB of JSON per 100 GB)
 SAMPLED_CHUNKS = 16  # chunks hashed on every open: at most 64 MiB, whatever the file's size
 # Files written before chunk digests (version 2) are hashed whole on every open up to this size
 # (0.55 s per GiB on the 2-core machine from the page cache, more from disk), above it checked
@@ -52,237 +40,38 @@ SAMPLED_CHUNKS = 16  # chunks hashed on every open: at most 64 MiB, whatever the
 FULL_CHECK_BYTES = 1 << 30
 # FFCV sets torch's thread count to its loader's (to 1 when imported): remember the real one.
 TORCH_THREADS = torch.get_num_threads()
-RAW_MAX_PIXELS = 96 * 96  # larger images are stored as JPEG (quality 90)
 
 
 def metadata_path(beton: Path) -> Path:
     return beton.with_name(beton.name + ".json")
 
 
-def paths_path(beton: Path) -> Path:
-    """FILE.beton.paths.json: every image's source file, read only by what needs it (predict's
-    rows), not at every open (tens of bytes an image: 40 MB for a million)."""
-    return beton.with_name(beton.name + ".paths.json")
+# Per-image lists beside FILE.beton, each checked by the SHA-256 its metadata records: the
+# source file of every image (FILE.beton.paths.json, tens of bytes an image: 40 MB for a
+# million, read only by what needs it: predict's rows) and every label (FILE.beton.labels.npy,
+# int32, read at an open instead of a pass over the .beton's label field).
+SIDECARS = {"paths": (".paths.json", "image list"), "labels": (".labels.npy", "label list")}
 
 
-@dataclass
-class ScanResult:
-    good: list[int]
-    sizes: list[tuple[int, int]]
-    skipped: list[dict[str, Any]]
-
-    def without(self, failed: dict[int, str], collection: Collection) -> ScanResult:
-        """The images left after `failed` (index -> error) joined the skipped ones; UserError when
-        none is left."""
-        kept = [(i, size) for i, size in zip(self.good, self.sizes, strict=True) if i not in failed]
-        skipped = self.skipped + [_skipped(collection, i, error) for i, error in failed.items()]
-        if not kept:
-            raise UserError(f"{collection.source}: no readable images ({len(skipped)} skipped)")
-        return ScanResult([i for i, _ in kept], [size for _, size in kept],
-                          sorted(skipped, key=lambda entry: entry["index"]))
+def sidecar_path(beton: Path, kind: str) -> Path:
+    return beton.with_name(beton.name + SIDECARS[kind][0])
 
 
-def _skipped(collection: Collection, index: int, error: object) -> dict[str, Any]:
-    return {"index": index, "path": collection.path(index), "error": str(error)}
-
-
-def scan(collection: Collection, on_error: str, progress: bool = True) -> ScanResult:
-    """Every image's size, from its header (no pixels decoded: the writer decodes each image
-    once), and the images whose header is unreadable (fail or skip)."""
-    good, sizes, skipped = [], [], []
-    for index in tqdm(range(len(collection)), desc="reading image sizes", unit="img", disable=not progress):
-        try:
-            size = collection.size(index)
-        except BadImage as exc:
-            if on_error == "fail":
-                raise CorruptImage(f"corrupt image {exc}") from None
-            skipped.append(_skipped(collection, index, exc))
-            continue
-        good.append(index)
-        sizes.append(size)
-    if not good:
-        raise UserError(f"{collection.source}: no readable images ({len(skipped)} skipped)")
-    return ScanResult(good, sizes, skipped)
-
-
-@dataclass
-class _Layout:
-    """How the scanned images are stored: the resize side (None: as they are), the stored
-    (H, W), and raw or JPEG."""
-
-    side: int | None
-    shape: tuple[int, int]
-    write_mode: str
-
-    @classmethod
-    def of(cls, sizes: list[tuple[int, int]], max_resolution: int, write_mode: str) -> _Layout:
-        side = target_size(sizes, max_resolution)
-        shape = (side, side) if side else tuple(sizes[0])
-        if write_mode == "auto":
-            write_mode = "raw" if shape[0] * shape[1] <= RAW_MAX_PIXELS else "jpg"
-        return cls(side, shape, write_mode)
-
-
-@dataclass
-class _Written:
-    """What the writer's processes found: images that failed to decode (index -> error), other
-    failures, and whether every image written is grey."""
-
-    corrupt: dict[int, str] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    greyscale: bool = True
-
-
-class _SizedForWriter:
-    """The writer's dataset: image i decoded, resized by the size rule, and its label.
-
-    FFCV's writer runs this in several processes and hangs if an item raises, so each one
-    records in files beside the output what only decoding shows: an image that fails (a black
-    image is written in its place, and with `stop_at_failure` no image after it is read) and
-    whether any image has colour (images.is_grey, the collection's channel rule).
-    """
-
-    def __init__(self, collection: Collection, indices: list[int], layout: _Layout, log: Path,
-                 stop_at_failure: bool) -> None:
-        self.collection, self.indices, self.layout = collection, indices, layout
-        self.failures, self.colour = log.with_suffix(".failures"), log.with_suffix(".colour")
-        self.stop_at_failure, self.colour_seen = stop_at_failure, False
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        index = self.indices[i]
-        image = None
-        if not (self.stop_at_failure and self.failures.exists()):
-            image = self._fitted(index)
-        if image is None:
-            image = np.zeros((*self.layout.shape, 3), np.uint8)
-        return image, self.collection.label(index)
-
-    def _fitted(self, index: int) -> np.ndarray | None:
-        """Image `index` as stored, or None when it fails (recorded)."""
-        try:
-            decoded = self.collection.read(index)
-            image = fit_image(decoded, self.layout.side)
-            if image.shape[:2] != self.layout.shape:
-                raise BadImage(f"{self.collection.path(index)}: {image.shape[0]}x{image.shape[1]} "
-                               f"when decoded, {self.layout.shape[0]}x{self.layout.shape[1]} by "
-                               "its header (changed while preparing?)")
-            if not self.colour_seen and not is_grey(decoded):
-                self.colour.touch()
-                self.colour_seen = True
-            return image
-        except BadImage as exc:
-            self._record(index, "corrupt", str(exc))
-        except Exception as exc:  # noqa: BLE001 - must not escape into FFCV's worker
-            where = self.collection.path(index) or f"image {index}"
-            self._record(index, "error", f"{where}: {type(exc).__name__}: {exc}")
-        return None
-
-    def _record(self, index: int, kind: str, message: str) -> None:
-        with open(self.failures, "a") as log:
-            log.write(f"{index}\t{kind}\t{one_line(message)}\n")
-
-    def written(self) -> _Written:
-        found = _Written(greyscale=not self.colour.exists())
-        lines = self.failures.read_text().splitlines() if self.failures.exists() else []
-        for index, kind, message in (line.split("\t", 2) for line in lines):
-            if kind == "corrupt":
-                found.corrupt[int(index)] = message
-            else:
-                found.errors.append(message)
-        return found
-
-
-def _write_images(collection: Collection, found: ScanResult, layout: _Layout, tmp: Path, workers: int,
-                  progress: bool, stop_at_failure: bool) -> _Written:
-    """The images `found.good` written to `tmp` by FFCV's writer: each one read and decoded once."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
-    dataset = _SizedForWriter(collection, found.good, layout, tmp, stop_at_failure)
+def _read_sidecar(beton: Path, metadata: dict[str, Any], kind: str) -> bytes:
+    """FILE.beton.KIND's bytes, refused (UserError) unless their SHA-256 is the one recorded."""
+    path = sidecar_path(beton, kind)
     try:
-        fields = {"image": RGBImageField(write_mode=layout.write_mode, jpeg_quality=90), "label": IntField()}
-        writer = DatasetWriter(str(tmp), fields, num_workers=workers or min(8, os.cpu_count() or 1))
-        quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
-        with quiet:  # FFCV's writer draws its own progress bar
-            writer.from_indexed_dataset(dataset)
-        return dataset.written()
-    finally:
-        dataset.failures.unlink(missing_ok=True)
-        dataset.colour.unlink(missing_ok=True)
+        content = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: unreadable ({exc.strerror or exc}); prepare the data again") from None
+    if hashlib.sha256(content).hexdigest() != metadata.get(f"{kind}_sha256"):
+        raise _not_written(path, kind)
+    return content
 
 
-def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on_error: str = "fail",
-                workers: int = 0, progress: bool = True, write_mode: str = "auto") -> dict[str, Any]:
-    """Write `collection` to `out` (.beton) and its metadata; returns the metadata.
-
-    Each image is read for its size from its header, then read and decoded once by the writer.
-    Images that only decoding shows to be corrupt stop it (on_error `fail`) or, with `skip`,
-    are left out by writing the file a second time without them.
-    write_mode `auto` stores images of at most 96x96 pixels raw and larger ones as JPEG.
-    """
-    if max_resolution < 2:
-        raise ValueError(f"max_resolution must be >= 2 (got {max_resolution})")
-    if len(collection) == 0:
-        raise UserError(f"{collection.source}: no images")
-    found = scan(collection, on_error, progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        layout = _Layout.of(found.sizes, max_resolution, write_mode)
-        written = _write_images(collection, found, layout, tmp, workers, progress, on_error == "fail")
-        if written.corrupt and on_error == "skip" and not written.errors:
-            found = found.without(written.corrupt, collection)
-            layout = _Layout.of(found.sizes, max_resolution, write_mode)
-            written = _write_images(collection, found, layout, tmp, workers, progress, True)
-            written.errors += written.corrupt.values()  # read well the first time: not to be skipped
-        _refuse_failures(written)
-        metadata = _metadata(collection, found, layout, written.greyscale, max_resolution)
-        metadata.update(_digests(tmp))
-        metadata_path(out).unlink(missing_ok=True)  # an old JSON must not vouch for the new file
-        os.replace(tmp, out)
-        paths = metadata.pop("paths")
-        if paths is not None:  # written before the JSON that vouches for it
-            text = json.dumps(paths)
-            write_text_atomic(paths_path(out), text)
-            metadata.update(paths_file=paths_path(out).name,
-                            paths_sha256=hashlib.sha256(text.encode()).hexdigest())
-        write_json_atomic(metadata_path(out), metadata)
-        return metadata
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _refuse_failures(written: _Written) -> None:
-    if written.errors:
-        raise UserError(f"image failed while writing: {written.errors[0]}")
-    if written.corrupt:
-        raise CorruptImage(f"corrupt image {next(iter(written.corrupt.values()))}")
-
-
-def _metadata(collection: Collection, found: ScanResult, layout: _Layout, greyscale: bool,
-              max_resolution: int) -> dict[str, Any]:
-    labels = [collection.label(i) for i in found.good]
-    return {
-        "version": METADATA_VERSION, "count": len(found.good), "image_shape": [*layout.shape, 3],
-        "channels": 1 if greyscale else 3, "labelled": min(labels) >= 0,
-        "label_names": collection.class_names, "num_classes": len(set(labels) - {-1}),
-        "source": collection.source, "format": collection.format, "write_mode": layout.write_mode,
-        "resized_to": layout.side, "max_resolution": max_resolution,
-        "skipped_count": len(found.skipped), "skipped": found.skipped,
-        "paths": [collection.path(i) for i in found.good] if collection.path(0) else None,
-    }
-
-
-def _digests(beton: Path) -> dict[str, Any]:
-    """The file's size, SHA-256 and chunk digests, as the metadata records them (one read)."""
-    digests = file_digests(beton, CHUNK_BYTES)
-    return {"bytes": digests.bytes, "sha256": digests.sha256, "chunk_bytes": digests.chunk_bytes,
-            "chunk_sha256": digests.chunk_sha256}
+def _not_written(path: Path, kind: str) -> UserError:
+    return UserError(f"{path}: not the {SIDECARS[kind][1]} prepare wrote (edited or damaged?); "
+                     "prepare the data again")
 
 
 def read_metadata(beton: Path) -> dict[str, Any]:
@@ -458,17 +247,9 @@ class BetonSource:
         return [paths[i] for i in self.indices] if paths else None
 
     def _read_paths(self) -> list[str]:
-        """FILE.beton.paths.json, checked against the SHA-256 its metadata records."""
-        path = paths_path(self.path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise UserError(f"{path}: unreadable ({exc.strerror or exc}); prepare the data again") from None
-        intact = hashlib.sha256(text.encode()).hexdigest() == self.metadata["paths_sha256"]
-        paths = json.loads(text) if intact else None
+        paths = json.loads(_read_sidecar(self.path, self.metadata, "paths"))
         if not isinstance(paths, list) or len(paths) != self.metadata["count"]:
-            raise UserError(f"{path}: not the image list prepare wrote (edited or damaged?); "
-                            "prepare the data again")
+            raise _not_written(sidecar_path(self.path, "paths"), "paths")
         return paths
 
     @property
@@ -493,8 +274,15 @@ class BetonSource:
                       drop_last=order is not None, seed=0)
 
     def _read_labels(self) -> torch.Tensor:
-        loader = self._loader(4096, ("label",))
-        return torch.cat([batch[0].reshape(-1).long().clone() for batch in loader])
+        """From FILE.beton.labels.npy; files prepared before it: one pass over the label field."""
+        if "labels_file" not in self.metadata:
+            loader = self._loader(4096, ("label",))
+            return torch.cat([batch[0].reshape(-1).long().clone() for batch in loader])
+        content = _read_sidecar(self.path, self.metadata, "labels")
+        labels = np.load(io.BytesIO(content), allow_pickle=False)
+        if labels.shape != (self.metadata["count"],) or labels.dtype != np.int32:
+            raise _not_written(sidecar_path(self.path, "labels"), "labels")
+        return torch.from_numpy(labels[self.indices].astype(np.int64))
 
     def _images(self, batch: torch.Tensor) -> torch.Tensor:
         return batch[:, :1] if self.channels == 1 else batch
@@ -533,8 +321,16 @@ class BetonSource:
     def range_batches(self, start: int, stop: int, size: int) -> Iterator[torch.Tensor]:
         # FFCV refills the same memory for the next batches: a copy may be kept by the caller
         # (training batches in epoch_batches are used up at once and are not copied).
-        key = (start, stop, size)  # evaluations read the same range every time: one loader for it
+        # Evaluations read the same range every epoch: its loader is kept. Only the last range's
+        # is: predict's actors read a new range for every chunk, and each loader holds tables
+        # of the whole file (a cache of them grew with the chunks times the file). A loader and
+        # its traversal order refer to each other: only the cycle collector frees one, so it
+        # runs as soon as one is dropped (1M images: 2.8 GB an actor held before).
+        key = (start, stop, size)
         if key not in self._range_loaders:
+            if self._range_loaders:
+                self._range_loaders.clear()
+                gc.collect()
             self._range_loaders[key] = self._loader(size, ("image",), indices=self.indices[start:stop])
         for batch in self._range_loaders[key]:
             yield self._images(batch[0]).clone()

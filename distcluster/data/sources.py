@@ -52,7 +52,8 @@ def resolve_data(spec: str, progress: bool = True, on_error: str = "fail",
     fmt, path = detect_format(spec)
     if fmt in IN_MEMORY:
         return str(path.absolute()) if path else spec
-    from distcluster.data.ffcv_io import metadata_path, write_beton
+    from distcluster.data.beton_writer import write_beton
+    from distcluster.data.ffcv_io import metadata_path
 
     size = "" if max_resolution == DEFAULT_MAX_RESOLUTION else f"-r{max_resolution}"
     beton = cache_dir() / f"{fmt}-{path.name}-{fingerprint(path)}{size}.beton"

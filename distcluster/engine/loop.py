@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -129,6 +130,7 @@ def train_loop(cfg: Config, source: ImageSource, ctx: WorkerContext, reporter: R
         if evaluated:
             found, scores, scoring_seconds = _evaluate(state, source, augment, log)
         metrics.update(scores)
+        metrics["train/peak_rss_gib"] = _largest_peak_memory_gib(state.device)
         now = time.perf_counter()
         if ctx.rank == 0:  # rank 0 alone: the last report (MLflow, checkpoint) and the scoring
             metrics["train/serial_share"] = (report_seconds + scoring_seconds) / (now - cycle_started)
@@ -195,6 +197,13 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
                     "train/epoch_seconds": elapsed, "train/lr": state.lr,
                     "train/head": state.head, "train/skipped_steps": skipped})
     return metrics
+
+
+def _largest_peak_memory_gib(device: torch.device) -> float:
+    """The largest peak resident memory (GiB) of any rank's process so far (collective)."""
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20],  # KiB to GiB
+                        dtype=torch.float64, device=device)
+    return float(dist.all_reduce_(peak, "max"))
 
 
 def _every(period: int, epoch: int) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -120,17 +119,13 @@ def ray_rows(model_files: dict[str, bytes], data: str, total: int, workers: int,
     """Rows in index order from `workers` Ray Data actors (one GPU each with `gpu`)."""
     import ray
 
+    from distcluster.cluster.ray_data import ordered_quiet_data
     from distcluster.cluster.ray_train import init_ray, share_cpus
 
     init_ray(worker_output=False)  # the actors' output and Ray's stay in Ray's logs: stdout is the command's
     if gpu and ray.cluster_resources().get("GPU", 0) < 1:  # else the actors would wait for ever
         raise UserError("--gpu: the Ray cluster has no GPU for the predict actors")
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    context.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-operator progress lines
-    # and its warning that progress bars are off, as they are here on purpose
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    ordered_quiet_data()
     cpus = share_cpus(ray.cluster_resources().get("CPU", 1), workers)
     # Chunks of whole batches (the single-process batches, so the rows are the same), small
     # enough that every actor gets some of a small input.

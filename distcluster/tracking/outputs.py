@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from distcluster.common.files import write_atomic_dir
-from distcluster.core.metrics import matched_confusion
+from distcluster.core.metrics import matched_confusion, matched_sizes
 from distcluster.data.arrays import ImageSource
 from distcluster.engine.evaluation import Assignments
 from distcluster.tracking import plots
@@ -19,7 +19,8 @@ def log_model_and_plots(tracker: RunTracker, state: dict[str, Any], folder: Path
                         source: ImageSource | None = None, found: Assignments | None = None) -> None:
     """folder/model (the MLflow model of checkpoint `state`) and folder/plots, both logged.
     The plots are the learning curves, and with `source` and its images' assignments `found`
-    the gallery, the cluster sizes and (with labels) the confusion matrix."""
+    the gallery, the cluster sizes and (with labels) the confusion matrix and the cluster sizes
+    against the class sizes."""
     write_atomic_dir(folder / "model", lambda d: save_mlflow_model(state, d))
     tracker.log_artifacts(folder / "model", "model")
     write_atomic_dir(folder / "plots", lambda d: draw_plots(state, d, source, found))
@@ -39,3 +40,5 @@ def draw_plots(state: dict[str, Any], folder: Path, source: ImageSource | None =
         names = source.class_names or [str(c) for c in range(labels.max() + 1)]
         matrix, cluster_ids = matched_confusion(labels, clusters, k)
         plots.confusion(matrix, names, cluster_ids, folder / "confusion_matrix.png")
+        sizes = matched_sizes(labels, clusters, k)
+        plots.sizes_against_classes(sizes, names, folder / "sizes_against_classes.png")

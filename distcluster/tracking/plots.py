@@ -111,6 +111,27 @@ def cluster_sizes(clusters: np.ndarray, k: int, path: Path) -> None:
     plt.close(fig)
 
 
+def sizes_against_classes(sizes: Mapping[str, np.ndarray], class_names: list[str], path: Path) -> None:
+    """Bars of each class's size beside its matched cluster's (core.metrics.matched_sizes),
+    largest class first, then the clusters matched to no class; at most MAX_SHOWN_CLUSTERS."""
+    plt = _pyplot()
+    shown = min(len(sizes["classes"]), MAX_SHOWN_CLUSTERS)
+    extra = sizes["unmatched_sizes"][:max(0, MAX_SHOWN_CLUSTERS - shown)]
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * (shown + len(extra))), 3.2))
+    x = np.arange(shown)
+    ax.bar(x - 0.2, sizes["class_sizes"][:shown], 0.4, color="grey", label="class")
+    ax.bar(x + 0.2, sizes["matched_sizes"][:shown], 0.4, color="C0", label="its matched cluster")
+    if len(extra):
+        ax.bar(shown + np.arange(len(extra)), extra, 0.4, color="C1", label="cluster matched to no class")
+    names = [class_names[c] if c < len(class_names) else str(c) for c in sizes["classes"][:shown]]
+    ax.set_xticks(range(shown + len(extra)), names + [""] * len(extra), rotation=45, fontsize=7, ha="right")
+    ax.set(ylabel="images", title="cluster sizes against class sizes")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def learning_curves(history: list[dict[str, float]], path: Path) -> None:
     """Training loss and, where evaluated, ACC/NMI and the largest cluster, per epoch."""
     plt = _pyplot()
@@ -195,6 +216,21 @@ def sweep(rows: list[dict], params: list[str], metric: str, path: Path) -> None:
         ax.set_xlabel(param, fontsize=8)
         ax.set_ylabel(metric, fontsize=8)
     fig.suptitle(f"{metric} per trial (hollow: stopped early)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def stability(by_k: Mapping[str, float], chosen: int, path: Path) -> None:
+    """The stability of each number of clusters (tune's choice of K), the recommended one marked."""
+    plt = _pyplot()
+    ks = [int(k) for k in by_k]
+    values = list(by_k.values())
+    fig, ax = plt.subplots(figsize=(4.5, 3.0))
+    ax.plot(ks, values, "o-", color="C0")
+    ax.plot([chosen], [by_k[str(chosen)]], "o", color="C3", markersize=10, label=f"recommended: {chosen}")
+    ax.set(xlabel="clusters (K)", ylabel="stability (mean ARI between seeds)", xticks=ks)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
