@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The longest files (measured under `make test`), started first so that neither test process is
 # left with a long one at the end; the rest follow in their usual order.
 LONGEST_FIRST = ("test_elastic.py", "test_models.py", "test_recovery.py", "test_failures.py",
-                 "test_tune.py", "test_ffcv_shards.py", "test_train_e2e.py")
+                 "test_tune.py", "test_ffcv_shards.py", "test_train_e2e.py", "test_prepare_ray.py")
 
 
 def pytest_collection_modifyitems(items):
