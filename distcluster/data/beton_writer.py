@@ -168,7 +168,20 @@ class _SizedForWriter:
         with open(self.failures, "a") as log:
             log.write(f"{index}\t{kind}\t{one_line(message)}\n")
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """While FFCV's writer runs; then the records beside the output are read and removed."""
+        try:
+            yield
+            self.found = self._records()
+        finally:
+            self.failures.unlink(missing_ok=True)
+            self.colour.unlink(missing_ok=True)
+
     def written(self) -> _Written:
+        return self.found
+
+    def _records(self) -> _Written:
         found = _Written(greyscale=not self.colour.exists())
         lines = self.failures.read_text().splitlines() if self.failures.exists() else []
         for index, kind, message in (line.split("\t", 2) for line in lines):
@@ -229,8 +242,9 @@ class _StreamedForWriter:
     """
 
     def __init__(self, collection: Collection, indices: list[int], layout: Layout, slots: int,
-                 stop_at_failure: bool) -> None:
+                 stop_at_failure: bool, batches: Iterator[dict[str, np.ndarray]]) -> None:
         self.collection, self.indices, self.layout = collection, indices, layout
+        self.feeder = threading.Thread(target=self.feed, args=(batches,), daemon=True, name="decoded images")
         self.slots, self.stop_at_failure = slots, stop_at_failure
         self.ring = _shared_array((slots, *layout.shape, 3), np.uint8)
         # per slot, the position it holds; per slot, the position last taken from it; `stopped`
@@ -294,6 +308,14 @@ class _StreamedForWriter:
                 self.found.errors.append(message)
         return self.stop_at_failure and bool(self.found.corrupt or self.found.errors)
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """While FFCV's writer runs: the feed fills the ring (after the writer forked, its
+        processes see the same memory)."""
+        self.feeder.start()
+        yield
+        self.feeder.join()
+
     def written(self) -> _Written:
         if self.error is not None:
             raise self.error
@@ -314,25 +336,15 @@ def _write_images(collection: Collection, found: ScanResult, layout: Layout, tmp
     if decoder is None:
         dataset = _SizedForWriter(collection, found.good, layout, tmp, stop_at_failure)
     else:
+        batches = decoder(FitRange(collection, found.good, layout), len(found.good))
         slots = (processes + 1) * WRITER_CHUNK
-        dataset = _StreamedForWriter(collection, found.good, layout, slots, stop_at_failure)
-        feeder = threading.Thread(target=dataset.feed, daemon=True, name="decoded images",
-                                  args=(decoder(FitRange(collection, found.good, layout), len(found.good)),))
-    try:
-        fields = {"image": RGBImageField(write_mode=layout.write_mode, jpeg_quality=90), "label": IntField()}
-        writer = DatasetWriter(str(tmp), fields, num_workers=processes)
-        quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
-        with quiet:  # FFCV's writer draws its own progress bar
-            if decoder is not None:
-                feeder.start()
-            writer.from_indexed_dataset(dataset, chunksize=WRITER_CHUNK)
-        if decoder is not None:
-            feeder.join()
-        return dataset.written()
-    finally:
-        if decoder is None:
-            dataset.failures.unlink(missing_ok=True)
-            dataset.colour.unlink(missing_ok=True)
+        dataset = _StreamedForWriter(collection, found.good, layout, slots, stop_at_failure, batches)
+    fields = {"image": RGBImageField(write_mode=layout.write_mode, jpeg_quality=90), "label": IntField()}
+    writer = DatasetWriter(str(tmp), fields, num_workers=processes)
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+    with quiet, dataset.writing():  # FFCV's writer draws its own progress bar
+        writer.from_indexed_dataset(dataset, chunksize=WRITER_CHUNK)
+    return dataset.written()
 
 
 def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on_error: str = "fail",
