@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 def _objectives() -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    return {
+    objectives = {
         "iic": IIC(FEATURES, CLUSTERS, overclusters=7, subheads=3, lamb=1.2),
         "imc_swav": IMCSwAV(FEATURES, CLUSTERS, prototypes=16, projection_hidden=32, projection_dim=8,
                             classifier_hidden=32, freeze_prototypes_steps=0),
@@ -27,7 +27,18 @@ def _objectives() -> dict[str, nn.Module]:
         # many clusters and prototypes: every rank gathers the probabilities, not the joints
         "imc_swav_gathered": IMCSwAV(FEATURES, 16, prototypes=64, projection_hidden=32, projection_dim=8,
                                      classifier_hidden=32, freeze_prototypes_steps=0),
+        # the estimated prior, with unequal target sizes (a buffer)
+        "iic_estimated": IIC(FEATURES, CLUSTERS, overclusters=7, subheads=3, lamb=1.2, prior="estimated"),
+        "imc_swav_estimated": IMCSwAV(FEATURES, CLUSTERS, prototypes=16, projection_hidden=32,
+                                      projection_dim=8, classifier_hidden=32, freeze_prototypes_steps=0,
+                                      prior="estimated"),
+        "crlc_estimated": CRLC(FEATURES, CLUSTERS, subheads=3, hidden=32, projection_dim=8,
+                               prior="estimated"),
     }
+    for name, objective in objectives.items():
+        if name.endswith("_estimated"):
+            objective.prior.target.copy_(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    return objectives
 
 
 def _average_like_ddp(grads: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
@@ -66,6 +77,10 @@ def run_cases(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
         "codes": sinkhorn(stacked[:, local], epsilon=0.05, iterations=3, queued=queued),
         "codes_reduced": sinkhorn(stacked[:, local], epsilon=0.05, iterations=3, gather_limit=0,
                                   queued=queued)}
+    results["sinkhorn_relaxed"] = {
+        "codes": sinkhorn(stacked[:, local], epsilon=0.05, iterations=3, queued=queued, relaxation=0.5),
+        "codes_reduced": sinkhorn(stacked[:, local], epsilon=0.05, iterations=3, gather_limit=0,
+                                  queued=queued, relaxation=0.5)}
     for mode, speed in SKIP_MODES.items():
         results[mode] = skipped_step_case(rank, world, speed)
     results["training_global_bn"] = training_case(rank, world, sync_batchnorm=True)
@@ -85,7 +100,7 @@ def _objective_case(objective: nn.Module, features: list[torch.Tensor], local: s
         dist.all_reduce(loss)
         loss /= world
     grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
-    stats = {n: b.clone() for n, b in objective.named_buffers() if "running" in n}
+    stats = {n: b.clone() for n, b in objective.named_buffers() if "running" in n or "target" in n}
     return {"loss": loss, **_average_like_ddp(grads, world), **stats}
 
 

@@ -390,3 +390,57 @@ def test_a_range_read_again_reuses_its_loader_and_only_the_last_ranges_is_kept(b
     for start in range(0, 200, 20):
         assert len(torch.cat(list(source.range_batches(start, start + 20, 8)))) == 20
     assert len(built) == 11 and len(source._range_loaders) == 1
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_loaders_read_the_file_without_ffcvs_per_image_tables(beton):
+    """FFCV's memory manager built a dict and two dicts of sets per image for every loader
+    (0.55 GB and 2 s a loader at a million images); ours reads the same bytes without them, and
+    builds them only for an order that asks (QUASI_RANDOM)."""
+    from ffcv.loader import Loader, OrderOption
+
+    source = BetonSource(beton)
+    images = np.random.default_rng(1).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)  # the fixture's
+    assert torch.equal(torch.cat(list(source.batches(64))), torch.from_numpy(images).permute(0, 3, 1, 2))
+    manager = next(iter(source._range_loaders.values())).memory_manager
+    assert type(manager).__name__ == "LeanOSCacheManager" and "_page_tables" not in vars(manager)
+    quasi = Loader(str(beton), batch_size=50, order=OrderOption.QUASI_RANDOM, drop_last=False,
+                   pipelines={"image": None})
+    assert sorted(int(x) for batch in quasi for x in batch[0].reshape(-1)) == sorted(np.arange(200) % 5)
+    assert len(quasi.memory_manager.sample_to_pages) == 200
+
+
+def mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if not line[:1].isupper() or ":" not in line.split()[0]:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_the_mapped_pages_are_released_every_few_batches_and_at_the_end(monkeypatch):
+    released = []
+
+    class Loader:  # what _released uses of an FFCV loader
+        memory_manager = type("Manager", (), {"release_pages": lambda self: released.append(len(seen))})()
+
+    monkeypatch.setattr(ffcv_io, "RELEASE_EVERY", 4)
+    seen = []
+    for batch in ffcv_io._released(Loader(), range(10)):
+        seen.append(batch)
+    assert seen == list(range(10)) and released == [4, 8, 10]
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_a_pass_over_the_file_leaves_none_of_its_pages_mapped(beton, monkeypatch):
+    """A read-only mapping counts every page read towards the RSS (3 GB for an evaluation of a
+    million images, before the release)."""
+    monkeypatch.setattr(ffcv_io, "RELEASE_EVERY", 10**9)  # only at the end
+    batches = BetonSource(beton).range_batches(0, 200, 20)
+    assert sum(len(next(batches)) for _ in range(8)) == 160
+    assert mapped_kib(beton) * 1024 >= 160 * 32 * 32 * 3  # what was read is mapped
+    assert sum(len(rest) for rest in batches) == 40
+    assert mapped_kib(beton) == 0

@@ -16,8 +16,9 @@ def both(tmp_path_factory):
     return run_cases(0, 1), ranks
 
 
-OBJECTIVE_CASES = ["iic", "imc_swav", "crlc", "imc_swav_gathered", "iic_train", "imc_swav_train",
-                   "crlc_train", "imc_swav_gathered_train"]
+OBJECTIVES = ("iic", "imc_swav", "crlc", "imc_swav_gathered", "iic_estimated", "imc_swav_estimated",
+              "crlc_estimated")
+OBJECTIVE_CASES = [f"{name}{mode}" for name in OBJECTIVES for mode in ("", "_train")]
 
 
 @pytest.mark.parametrize("objective", OBJECTIVE_CASES)
@@ -37,7 +38,7 @@ def test_iic_loss_gradient_wrt_inputs_matches(both):
         torch.testing.assert_close(rank["iic_loss"]["x"], single["iic_loss"]["x"])
 
 
-@pytest.mark.parametrize("case", ["sinkhorn", "sinkhorn_queued"])
+@pytest.mark.parametrize("case", ["sinkhorn", "sinkhorn_queued", "sinkhorn_relaxed"])
 def test_sinkhorn_codes_match_single_process(both, case):
     single, ranks = both
     half = BATCH // WORLD

@@ -1,6 +1,7 @@
 """Pieces of the training loop with known answers."""
 
 import pytest
+import torch
 
 from distcluster import config
 from distcluster.common.errors import ConfigError
@@ -46,6 +47,28 @@ def test_steps_per_epoch_ends_each_epoch_after_that_many_steps():
     assert [r.evaluated for r in recorder.reports] == [False, True]
     with pytest.raises(ConfigError, match="steps_per_epoch"):
         config.from_dict({"steps_per_epoch": -1}).validate()
+
+
+@pytest.mark.parametrize("objective", ["iic", "imc_swav", "crlc"])
+def test_the_estimated_prior_sets_new_target_sizes_after_every_epoch(objective):
+    """After epoch e the profile is (1 - w) u + w * the k-means sizes, w ramping up (prior.py): it
+    sums to 1, is sorted, keeps (1 - w) / K for each cluster, and is not the uniform one."""
+    from recorder import Recorder
+
+    from distcluster.core.objectives.prior import estimate_weight
+    from distcluster.data.arrays import load_source
+    from distcluster.engine.loop import train_loop
+
+    cfg = config.from_dict({**config.load_recipe(f"digits-{objective.replace('_', '-')}"), "epochs": 4,
+                            "batch_size": 128, "steps_per_epoch": 2, "eval_every": 0, "prior": "estimated",
+                            "model": {"backbone": "small_cnn", "width": 4}})
+    recorder = Recorder()
+    train_loop(cfg, load_source("digits", 512), WorkerContext(), recorder, log=lambda _: None)
+    target = recorder.reports[-1].checkpoint()["model"]["objective.prior.target"]
+    floor = (1 - estimate_weight(4, 4)) / cfg.clusters
+    assert float(target.sum()) == pytest.approx(1)
+    assert torch.equal(target, target.sort(descending=True).values)
+    assert target.min() >= floor - 1e-6 and (target - 1 / cfg.clusters).abs().max() > 0.01
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`

@@ -8,6 +8,7 @@ from distcluster.core.metrics import (
     matched_sizes,
     normalized_mutual_info,
     recommended_clusters,
+    size_error,
     stability_by_clusters,
 )
 
@@ -215,3 +216,10 @@ def test_matched_sizes_show_a_split_class_and_a_merge_beside_the_class_sizes(tmp
 
     plots.sizes_against_classes(sizes, ["big", "b", "c", "d"], tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_size_error_is_zero_for_the_same_sizes_in_any_order_and_grows_with_a_split():
+    labels = np.repeat([0, 1, 2], [60, 30, 10])
+    assert size_error(labels, np.repeat([2, 0, 1], [60, 30, 10])) == 0.0  # names do not matter
+    assert size_error(labels, np.repeat([0, 1, 2], [34, 33, 33])) == pytest.approx(0.26)  # forced equal
+    assert size_error(np.repeat([0, 1], [50, 50]), np.zeros(100, int)) == pytest.approx(0.5)  # 1 - 1/K

@@ -215,3 +215,81 @@ def test_a_bad_constructor_argument_is_a_value_error_naming_it(build, argument):
 def test_a_bad_config_value_names_the_config_key_through_the_objectives_own_rule():
     with pytest.raises(ConfigError, match=r"'crlc\.smoothing': must be in \[0, 1\)"):
         config.from_dict({"crlc": {"smoothing": 1.5}}).validate()
+
+
+# ------------------------------------------------------------------ the cluster-size prior
+def test_the_uniform_prior_adds_nothing_and_keeps_no_state():
+    from distcluster.core.objectives.prior import ClusterPrior
+
+    marginals = torch.tensor([[0.7, 0.2, 0.1]])
+    assert torch.equal(ClusterPrior(3, "uniform").correction(marginals), torch.zeros(1))
+    assert not list(ClusterPrior(3, "uniform").buffers())  # its checkpoints are as before
+    torch.testing.assert_close(ClusterPrior(3, "estimated").correction(marginals), torch.zeros(1))
+
+
+def test_the_estimated_prior_pulls_the_sorted_sizes_towards_the_profile_whichever_cluster_holds_which():
+    """-H(m) + correction(m) = KL(m sorted || t) - log K: the same for any order of the clusters,
+    and no pull when the sizes are the profile's."""
+    from distcluster.core.objectives.prior import ClusterPrior
+
+    prior = ClusterPrior(3, "estimated")
+    prior.target.copy_(torch.tensor([0.5, 0.3, 0.2]))
+    m = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.3, 0.6]])  # the same sizes, clusters in another order
+    kl = (m[0] * (m[0] / prior.target).log()).sum()
+    torch.testing.assert_close((m * m.log()).sum(-1) + prior.correction(m), (kl - math.log(3)).expand(2))
+    at_profile = torch.tensor([0.2, 0.5, 0.3], requires_grad=True)
+    loss = (at_profile * at_profile.log()).sum() + prior.correction(at_profile)
+    (gradient,) = torch.autograd.grad(loss, at_profile)
+    torch.testing.assert_close(gradient, torch.full_like(gradient, 1 - math.log(3)))  # equal: no pull
+
+
+def blobs(sizes: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Well separated groups of the given sizes in 16 dimensions: (features, group of each)."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.eye(16)[:len(sizes)] * 5
+    groups = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return centres[groups] + 0.3 * torch.randn(len(groups), 16, generator=gen), groups
+
+
+def test_spherical_kmeans_finds_groups_of_very_different_sizes():
+    from distcluster.core.metrics import cluster_scores
+    from distcluster.core.objectives.prior import spherical_kmeans
+
+    features, groups = blobs([300, 120, 50, 30])
+    found = spherical_kmeans(features, 4, torch.Generator().manual_seed(1))
+    assert cluster_scores(groups.numpy(), found.numpy())["acc"] == 1.0
+
+
+def test_an_update_mixes_the_kmeans_sizes_largest_first_with_equal_sizes():
+    from distcluster.core.objectives.prior import ClusterPrior, estimate_weight
+
+    features, _ = blobs([50, 300, 30, 120])
+    prior = ClusterPrior(4, "estimated")
+    prior.update(features, 0.75, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(prior.target, 0.25 / 4 + 0.75 * torch.tensor([300, 120, 50, 30]) / 500)
+    assert estimate_weight(0, 40) == 0 and estimate_weight(5, 40) == 0.375 and estimate_weight(30, 40) == 0.75
+
+
+def test_a_relaxed_sinkhorn_lets_the_prototypes_share_unequally_and_keeps_each_sample_whole():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 8, generator=gen) + torch.linspace(0, 2, 8)  # the last prototypes favoured
+    exact = sinkhorn(scores, epsilon=0.5, iterations=200)
+    torch.testing.assert_close(sinkhorn(scores, epsilon=0.5, iterations=200, relaxation=1.0), exact)
+    free = sinkhorn(scores, epsilon=0.5, iterations=200, relaxation=0.0)
+    torch.testing.assert_close(free, (scores / 0.5).softmax(-1))  # no constraint on the prototypes
+    relaxed = sinkhorn(scores, epsilon=0.5, iterations=200, relaxation=0.5)
+    for codes in (free, relaxed):
+        torch.testing.assert_close(codes.sum(1), torch.ones(64))
+
+    def spread(codes):  # how far the prototypes' totals are from equal shares
+        return float((codes.sum(0) - 64 / 8).abs().sum())
+
+    assert spread(exact) < 0.1 < spread(relaxed) < spread(free)
+
+
+@pytest.mark.parametrize("objective", [IIC, IMCSwAV, CRLC])
+def test_an_unknown_prior_is_refused_and_config_refuses_it_in_one_line(objective):
+    with pytest.raises(ValueError, match="prior must be one of uniform, estimated"):
+        objective(12, 4, prior="balanced")
+    with pytest.raises(ConfigError, match="'prior'.*uniform, estimated"):
+        config.from_dict({"prior": "balanced"}).validate()

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from distcluster.commands.prepare import main as prepare_main
@@ -461,3 +463,46 @@ def test_read_only_grey_images_from_the_object_store_make_a_source_without_a_war
         warnings.simplefilter("error")  # torch warns when it wraps a read-only array
         source = ArraySource.from_hwc(images, None, "consensus")
     assert torch.equal(source.images[:, 0], torch.from_numpy(images[..., 0].copy()))
+
+
+def _layout_with_path_objects(names: list[str]):
+    """The layout rule as it was written with a PurePosixPath per file (0.4 GB at a million files):
+    the reference the string version must match."""
+    from pathlib import PurePosixPath
+
+    from distcluster.data.images import IMAGE_SUFFIXES
+
+    def is_image(path):
+        return (path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in path.parts)
+                and "__MACOSX" not in path.parts)
+
+    paths = [PurePosixPath(name) for name in names if is_image(PurePosixPath(name))]
+    if not paths:
+        return "no images"
+    prefix = 0
+    while all(len(p.parts) > prefix + 1 for p in paths) and len({p.parts[prefix] for p in paths}) == 1:
+        prefix += 1
+    loose = [p for p in paths if len(p.parts) == prefix + 1]
+    if loose and len(loose) != len(paths):
+        return "mixed"
+    members = sorted(str(p) for p in paths)
+    if loose:
+        return members, [-1] * len(members), None
+    class_names = sorted({PurePosixPath(m).parts[prefix] for m in members})
+    return members, [class_names.index(PurePosixPath(m).parts[prefix]) for m in members], class_names
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["a", "ab", "b", ".", "", ".h", "__MACOSX", "x.png", "y.JPG",
+                                          ".z.jpg", "w.txt", "v.", "a.b.jpeg"]), min_size=1, max_size=4)
+                .map("/".join).filter(lambda name: not name.startswith("/")), max_size=8))
+def test_the_folder_layout_is_the_path_object_rule_for_any_names(names):
+    """Relative names (a listing's, a zip's), with empty and '.' parts, hidden files, odd suffixes."""
+    from distcluster.common.errors import UserError
+    from distcluster.data.images import _folder_layout
+
+    try:
+        found = _folder_layout(names, "pile")
+    except UserError as exc:
+        found = "no images" if "no images" in str(exc) else "mixed"
+    assert found == _layout_with_path_objects(names)

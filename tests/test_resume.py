@@ -84,6 +84,7 @@ def _intact(folder: Path) -> bool:
     (["--objective", "iic"], "objective"),
     (["--set", "model.width=16"], "model.width"),
     (["--set", "imc_swav.temperature=0.2"], "imc_swav.temperature"),
+    (["--set", "prior=estimated"], "prior"),
     (["--set", "optim.name=sgd"], "optim.name"),
     (["--epochs", "1"], "epochs"),
 ])

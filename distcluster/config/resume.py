@@ -1,7 +1,7 @@
 """What may change between a checkpoint's config and the config that resumes it.
 
 Refused (a ConfigError naming the first such key, exit 2): anything that changes the network
-or the objective (`objective`, `clusters`, `model.*`, the objective sections, the optimiser
+or the objective (`objective`, `clusters`, `prior`, `model.*`, the objective sections, the optimiser
 kind and which parameters it decays); the saved weights and moments would not fit, or would
 mean something else. Fewer `epochs` than the checkpoint has trained is refused too.
 Everything else is allowed and reported: more epochs (a finished run goes on), the learning
@@ -18,7 +18,7 @@ from typing import Any
 from distcluster.common.errors import ResumeRefused
 from distcluster.config.schema import Config, flatten_keys
 
-REFUSED_ON_RESUME = ("objective", "clusters", "model.", "iic.", "imc_swav.", "crlc.", "optim.name",
+REFUSED_ON_RESUME = ("objective", "clusters", "prior", "model.", "iic.", "imc_swav.", "crlc.", "optim.name",
                      "optim.decay_1d")
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from distcluster.common.errors import ConfigError, check
 from distcluster.core.networks import ModelConfig
 from distcluster.core.objectives import ArgumentError, CRLCArguments, IICArguments, IMCSwAVArguments
+from distcluster.core.objectives.prior import PRIORS
 from distcluster.data.augment import AugmentConfig
 
 OBJECTIVES = ("iic", "imc_swav", "crlc")
@@ -97,6 +98,7 @@ class Config:
     data: str = "digits"
     max_samples: int = 0  # use only N images, a fixed random subset (0 = all)
     clusters: int = 10
+    prior: str = "uniform"  # cluster sizes the marginal terms pull towards: uniform | estimated
     epochs: int = 40
     steps_per_epoch: int = 0  # end each epoch after N steps (0 = one pass over the data)
     batch_size: int = 256  # global batch, split evenly over workers
@@ -133,6 +135,7 @@ class Config:
                f"must be one of {', '.join(OBJECTIVES)}")
         check(2 <= self.clusters <= MAX_CLUSTERS, "clusters", self.clusters,
                f"K must be in [2, {MAX_CLUSTERS}]")
+        check(self.prior in PRIORS, "prior", self.prior, f"must be one of {', '.join(PRIORS)}")
         check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         check(self.max_samples >= 0, "max_samples", self.max_samples, "must be >= 0")

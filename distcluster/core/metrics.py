@@ -176,6 +176,17 @@ def matched_sizes(y_true: np.ndarray, y_pred: np.ndarray, clusters: int) -> dict
             "unmatched_sizes": np.sort(unmatched)[::-1]}
 
 
+def size_error(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """How far the cluster sizes are from the class sizes, whichever cluster holds which
+    class: half the L1 distance between the two sorted lists of fractions (0: the same sizes;
+    at most 1 - 1/K for one cluster holding every image of K equal classes)."""
+    classes = np.sort(np.bincount(y_true))[::-1] / len(y_true)
+    clusters = np.sort(np.bincount(y_pred))[::-1] / len(y_pred)
+    width = max(len(classes), len(clusters))
+    return float(np.abs(np.pad(classes, (0, width - len(classes)))
+                        - np.pad(clusters, (0, width - len(clusters)))).sum() / 2)
+
+
 def stability_by_clusters(partitions: Mapping[int, list[np.ndarray]]) -> dict[int, float]:
     """For each number of clusters K, the mean ARI between every two of its partitions of the
     same images (runs that differ only in their seed): how reproducibly a model with K clusters

@@ -36,42 +36,45 @@ RAW_MAX_PIXELS = 96 * 96  # larger images are stored as JPEG (quality 90)
 
 @dataclass
 class ScanResult:
-    good: list[int]
-    sizes: list[tuple[int, int]]
+    """Arrays, not lists of Python numbers: 16 bytes an image, not about 100 (a million images)."""
+
+    good: np.ndarray  # (G,) int64: the collection's indices of the readable images
+    sizes: np.ndarray  # (G, 2) int64: their sizes as the collection gives them
     skipped: list[dict[str, Any]]
 
     def without(self, failed: dict[int, str], collection: Collection) -> ScanResult:
         """The images left after `failed` (index -> error) joined the skipped ones; UserError when
         none is left."""
-        kept = [(i, size) for i, size in zip(self.good, self.sizes, strict=True) if i not in failed]
+        kept = ~np.isin(self.good, np.fromiter(failed, np.int64, len(failed)))
         skipped = self.skipped + [_skipped(collection, i, error) for i, error in failed.items()]
-        if not kept:
+        if not kept.any():
             raise UserError(f"{collection.source}: no readable images ({len(skipped)} skipped)")
-        return ScanResult([i for i, _ in kept], [size for _, size in kept],
-                          sorted(skipped, key=lambda entry: entry["index"]))
+        skipped.sort(key=lambda entry: entry["index"])
+        return ScanResult(self.good[kept], self.sizes[kept], skipped)
 
 
 def _skipped(collection: Collection, index: int, error: object) -> dict[str, Any]:
-    return {"index": index, "path": collection.path(index), "error": str(error)}
+    return {"index": int(index), "path": collection.path(int(index)), "error": str(error)}
 
 
 def scan(collection: Collection, on_error: str, progress: bool = True) -> ScanResult:
     """Every image's size, from its header (no pixels decoded: the writer decodes each image
     once), and the images whose header is unreadable (fail or skip)."""
-    good, sizes, skipped = [], [], []
+    good, sizes, skipped = np.empty(len(collection), np.int64), np.empty((len(collection), 2), np.int64), []
+    count = 0
     for index in tqdm(range(len(collection)), desc="reading image sizes", unit="img", disable=not progress):
         try:
-            size = collection.size(index)
+            sizes[count] = collection.size(index)
         except BadImage as exc:
             if on_error == "fail":
                 raise CorruptImage(f"corrupt image {exc}") from None
             skipped.append(_skipped(collection, index, exc))
             continue
-        good.append(index)
-        sizes.append(size)
-    if not good:
+        good[count] = index
+        count += 1
+    if not count:
         raise UserError(f"{collection.source}: no readable images ({len(skipped)} skipped)")
-    return ScanResult(good, sizes, skipped)
+    return ScanResult(good[:count].copy(), sizes[:count].copy(), skipped)
 
 
 @dataclass
@@ -84,9 +87,9 @@ class Layout:
     write_mode: str
 
     @classmethod
-    def of(cls, sizes: list[tuple[int, int]], max_resolution: int, write_mode: str) -> Layout:
+    def of(cls, sizes: np.ndarray, max_resolution: int, write_mode: str) -> Layout:
         side = target_size(sizes, max_resolution)
-        shape = (side, side) if side else tuple(sizes[0])
+        shape = (side, side) if side else (int(sizes[0][0]), int(sizes[0][1]))
         if write_mode == "auto":
             write_mode = "raw" if shape[0] * shape[1] <= RAW_MAX_PIXELS else "jpg"
         return cls(side, shape, write_mode)
@@ -136,7 +139,7 @@ class _SizedForWriter:
     whether any image has colour (images.is_grey, the collection's channel rule).
     """
 
-    def __init__(self, collection: Collection, indices: list[int], layout: Layout, log: Path,
+    def __init__(self, collection: Collection, indices: np.ndarray, layout: Layout, log: Path,
                  stop_at_failure: bool) -> None:
         self.collection, self.indices, self.layout = collection, indices, layout
         self.failures, self.colour = log.with_suffix(".failures"), log.with_suffix(".colour")
@@ -199,7 +202,7 @@ class FitRange:
     failed), `failure_kind` ("" when it did not), `failure` and `colour` (the chunk's)."""
 
     collection: Collection
-    indices: list[int]  # position -> the collection's index
+    indices: np.ndarray  # (G,) position -> the collection's index
     layout: Layout
 
     def __call__(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -241,7 +244,7 @@ class _StreamedForWriter:
     position not yet in the ring is written black.
     """
 
-    def __init__(self, collection: Collection, indices: list[int], layout: Layout, slots: int,
+    def __init__(self, collection: Collection, indices: np.ndarray, layout: Layout, slots: int,
                  stop_at_failure: bool, batches: Iterator[dict[str, np.ndarray]]) -> None:
         self.collection, self.indices, self.layout = collection, indices, layout
         self.feeder = threading.Thread(target=self.feed, args=(batches,), daemon=True, name="decoded images")
@@ -394,7 +397,7 @@ def _refuse_failures(written: _Written) -> None:
 
 def _metadata(collection: Collection, found: ScanResult, layout: Layout, greyscale: bool,
               max_resolution: int) -> dict[str, Any]:
-    labels = [collection.label(i) for i in found.good]
+    labels = [collection.label(int(i)) for i in found.good]
     return {
         "version": METADATA_VERSION, "count": len(found.good), "image_shape": [*layout.shape, 3],
         "channels": 1 if greyscale else 3, "labelled": min(labels) >= 0,
@@ -402,7 +405,7 @@ def _metadata(collection: Collection, found: ScanResult, layout: Layout, greysca
         "source": collection.source, "format": collection.format, "write_mode": layout.write_mode,
         "resized_to": layout.side, "max_resolution": max_resolution,
         "skipped_count": len(found.skipped), "skipped": found.skipped,
-        "paths": [collection.path(i) for i in found.good] if collection.path(0) else None,
+        "paths": [collection.path(int(i)) for i in found.good] if collection.path(0) else None,
         "labels": labels,
     }
 

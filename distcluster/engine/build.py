@@ -34,7 +34,7 @@ class WorkerContext:
 def build_objective(cfg: Config, feature_dim: int) -> Objective:
     """cfg.objective's heads, with the arguments of its config section."""
     objective_class = {"iic": IIC, "imc_swav": IMCSwAV, "crlc": CRLC}[cfg.objective]
-    return objective_class(feature_dim, cfg.clusters, getattr(cfg, cfg.objective))
+    return objective_class(feature_dim, cfg.clusters, getattr(cfg, cfg.objective), prior=cfg.prior)
 
 
 def build_model(cfg: Config, channels: int) -> ClusterModel:

@@ -26,11 +26,14 @@ from distcluster.common.errors import ResumeRefused
 from distcluster.config import Config, resume_changes
 from distcluster.core import distributed as dist
 from distcluster.core.objectives import ObjectiveResult
-from distcluster.data.arrays import ImageSource
+from distcluster.core.objectives.prior import estimate_weight
+from distcluster.data.arrays import ImageSource, subset_indices
 from distcluster.data.augment import MultiCrop
 from distcluster.engine.build import WorkerContext, build_training_state, check_fits, input_spec
-from distcluster.engine.evaluation import Assignments, assign_shared, epoch_scores
+from distcluster.engine.evaluation import EVAL_BATCH, Assignments, assign_shared, epoch_scores
 from distcluster.engine.step import TrainingState, train_step
+
+PRIOR_SAMPLE = 4096  # images whose features estimate the cluster sizes (prior: estimated)
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,8 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
             logs.add(*train_step(state, crops, local_batch, state.step in inject))
     state.guard.raise_if_diverged(state.step, epoch + 1)
+    if cfg.prior == "estimated":  # every rank estimates (no one waits); rank 0's target is broadcast
+        estimate_cluster_sizes(state, source, augment)
     dist.broadcast_buffers(state.model)  # every rank now holds rank 0's model: one checkpoint for all
     state.epoch += 1
     metrics, head_losses, skipped = logs.means()
@@ -197,6 +202,19 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
                     "train/epoch_seconds": elapsed, "train/lr": state.lr,
                     "train/head": state.head, "train/skipped_steps": skipped})
     return metrics
+
+
+@torch.no_grad()
+def estimate_cluster_sizes(state: TrainingState, source: ImageSource, augment: MultiCrop) -> None:
+    """`prior: estimated`: a new profile of the cluster sizes from the backbone features of a
+    fixed sample of PRIOR_SAMPLE images (core/objectives/prior.py)."""
+    sample = source.take(subset_indices(len(source), PRIOR_SAMPLE)).to(state.device)
+    state.model.eval()
+    features = torch.cat([state.model.backbone(augment.whole(x)).float() for x in sample.split(EVAL_BATCH)])
+    state.model.train()
+    weight = estimate_weight(state.epoch + 1, state.cfg.epochs)
+    generator = torch.Generator().manual_seed(state.cfg.seed * 1_000 + state.epoch)
+    state.model.objective.prior.update(features, weight, generator)
 
 
 def _largest_peak_memory_gib(device: torch.device) -> float:

@@ -19,6 +19,7 @@ from distcluster.core.objectives.base import (
     settle,
     wide,
 )
+from distcluster.core.objectives.prior import ClusterPrior
 
 
 @dataclass
@@ -114,8 +115,8 @@ class CRLC(ObjectiveModule):
     logit_penalty * violation_penalty(logits, logit_bound). The defaults are the paper's.
     """
 
-    def __init__(self, feature_dim: int, clusters: int, arguments: CRLCArguments | None = None,
-                 **overrides: object) -> None:
+    def __init__(self, feature_dim: int, clusters: int, arguments: CRLCArguments | None = None, *,
+                 prior: str = "uniform", **overrides: object) -> None:
         super().__init__()
         require_sizes("CRLC", feature_dim, clusters)
         args = settle(CRLCArguments, arguments, overrides)
@@ -125,6 +126,7 @@ class CRLC(ObjectiveModule):
         self.logit_penalty = args.logit_penalty
         self.representation = mlp([feature_dim, args.hidden, args.projection_dim], batch_norm=False)
         self.cluster = ClusterHead(feature_dim, clusters, args.subheads, args.hidden)
+        self.prior = ClusterPrior(clusters, prior)
 
     def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
         f_a, f_b = features[0], features[1]  # CRLC contrasts two views
@@ -135,9 +137,12 @@ class CRLC(ObjectiveModule):
         logits = wide(torch.stack([self.cluster(f_a), self.cluster(f_b)]))  # (2, S, b, K)
         probs = logits.softmax(-1)
         cluster_nce = crlc_cluster_nce(*self._smooth(probs).unbind(0))  # (S,)
-        balance = entropy(global_mean_probs(probs)).mean(0)  # (S,): mean over the two views
+        marginals = global_mean_probs(probs)  # (2, S, K): one per view
+        balance = entropy(marginals).mean(0)  # (S,): mean over the two views
+        sizes = self.prior.correction(marginals)  # (2, S), zeros under the uniform prior: prior.py
         penalty = violation_penalty(logits, self.logit_bound).mean(0)  # (S,)
-        per_head = cluster_nce - self.entropy_weight * balance + self.logit_penalty * penalty
+        per_head = (cluster_nce - self.entropy_weight * balance + self.entropy_weight * sizes.mean(0)
+                    + self.logit_penalty * penalty)
         loss = self.feature_weight * feature_nce + per_head.mean()
         logs = {"feature_nce": feature_nce.detach(), "cluster_nce": cluster_nce.mean().detach(),
                 "marginal_entropy": balance.mean().detach()}

@@ -19,6 +19,7 @@ from distcluster.core.objectives.base import (
     settle,
     wide,
 )
+from distcluster.core.objectives.prior import ClusterPrior
 
 
 @dataclass
@@ -65,10 +66,15 @@ def global_joints(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
     return joint / joint.sum(dim=(-2, -1), keepdim=True)
 
 
-def iic_from_joints(joint: torch.Tensor, lamb: float) -> torch.Tensor:
-    """(..., K, K) unsymmetrised joints -> (...) IIC losses."""
+def iic_from_joints(joint: torch.Tensor, lamb: float, prior: ClusterPrior | None = None) -> torch.Tensor:
+    """(..., K, K) unsymmetrised joints -> (...) IIC losses; a `prior` (of the (..., K)
+    marginals) corrects both marginal terms."""
     joint = ((joint + joint.transpose(-1, -2)) / 2).clamp_min(EPS)  # as the authors' code
-    return weighted_information(joint, lamb, lamb)
+    loss = weighted_information(joint, lamb, lamb)
+    if prior is None:
+        return loss
+    marginal = joint.sum(-1) / joint.sum((-2, -1)).unsqueeze(-1)  # rows and columns alike
+    return loss + 2 * lamb * prior.correction(marginal)  # zeros under the uniform prior
 
 
 class IIC(ObjectiveModule):
@@ -85,34 +91,35 @@ class IIC(ObjectiveModule):
     the same. The defaults are the paper's.
     """
 
-    def __init__(self, feature_dim: int, clusters: int, arguments: IICArguments | None = None,
-                 **overrides: object) -> None:
+    def __init__(self, feature_dim: int, clusters: int, arguments: IICArguments | None = None, *,
+                 prior: str = "uniform", **overrides: object) -> None:
         super().__init__()
         require_sizes("IIC", feature_dim, clusters)
         args = settle(IICArguments, arguments, overrides)
         self.lamb, self.pairing, self.head_epochs = args.lamb, args.pairing, tuple(args.head_epochs)
         self.main = ClusterHead(feature_dim, clusters, args.subheads)
         self.over = ClusterHead(feature_dim, args.overclusters, args.subheads)
+        self.prior = ClusterPrior(clusters, prior)  # over-clusters stay equal in size
 
     def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
         main = torch.stack([wide(self.main(f)).softmax(-1) for f in features])  # (V, S, B, K)
         over = torch.stack([wide(self.over(f)).softmax(-1) for f in features])
-        per_head_main, per_head_over = self.per_subhead(main), self.per_subhead(over)  # (S,) each
+        per_head_main, per_head_over = self.per_subhead(main, self.prior), self.per_subhead(over)  # (S,)
         weight_main, weight_over = self.head_weights(epoch)
         loss = weight_main * per_head_main.mean() + weight_over * per_head_over.mean()
         logs = {"iic_main": per_head_main.mean().detach(), "iic_over": per_head_over.mean().detach()}
         return ObjectiveResult(loss, logs, per_head_main.detach())
 
-    def per_subhead(self, probs: torch.Tensor) -> torch.Tensor:
+    def per_subhead(self, probs: torch.Tensor, prior: ClusterPrior | None = None) -> torch.Tensor:
         """(V, S, B, K) probabilities of every crop -> (S,) loss of each sub-head."""
         if self.pairing == "anchor":
             anchors = probs[:1].expand_as(probs[1:])
             # Every pair holds the same B samples, so the mean of the normalised joints is
             # the joint of all the pairs pooled.
-            return iic_from_joints(global_joints(anchors, probs[1:]).mean(0), self.lamb)
+            return iic_from_joints(global_joints(anchors, probs[1:]).mean(0), self.lamb, prior)
         firsts, seconds = zip(*itertools.combinations(probs, 2), strict=True)  # IIC is symmetric
         joints = global_joints(torch.stack(firsts), torch.stack(seconds))
-        return iic_from_joints(joints, self.lamb).mean(0)
+        return iic_from_joints(joints, self.lamb, prior).mean(0)
 
     def head_weights(self, epoch: int) -> tuple[float, float]:
         """(main, over-clustering) weights in this epoch: the over-clustering head trains for

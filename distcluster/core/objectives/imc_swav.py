@@ -20,6 +20,7 @@ from distcluster.core.objectives.base import (
     settle,
     wide,
 )
+from distcluster.core.objectives.prior import ClusterPrior
 from distcluster.core.objectives.sinkhorn import sinkhorn
 
 
@@ -45,6 +46,9 @@ class IMCSwAVArguments:
     queue: int = argument(0, "embeddings of earlier batches' two large crops that join Sinkhorn "
                           "(SwAV's queue, for small per-step batches; 0: none)")
     queue_start_epoch: int = argument(1, "first epoch (from 0) whose Sinkhorn uses the queue")
+    sinkhorn_relaxation: float = argument(1.0, "1: every prototype gets an equal share of the batch; "
+                                          "r < 1 relaxes that into a KL penalty (unbalanced transport, "
+                                          "as P2OT does); 0: no constraint")
 
     def validate(self) -> None:
         """ArgumentError naming the first argument out of range."""
@@ -59,6 +63,8 @@ class IMCSwAVArguments:
                 "must be >= 1")
         for name in ("logit_penalty", "freeze_prototypes_steps", "queue", "queue_start_epoch"):
             require(getattr(self, name) >= 0, "IMCSwAV", name, getattr(self, name), "must be >= 0")
+        require(0 <= self.sinkhorn_relaxation <= 1, "IMCSwAV", "sinkhorn_relaxation",
+                self.sinkhorn_relaxation, "must be in [0, 1]")
 
 
 def swav_loss(codes: list[torch.Tensor], scores: list[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -112,8 +118,8 @@ class IMCSwAV(ObjectiveModule):
     the prototypes are frozen for the first `freeze_prototypes_steps` updates. The defaults
     are the paper's."""
 
-    def __init__(self, feature_dim: int, clusters: int, arguments: IMCSwAVArguments | None = None,
-                 **overrides: object) -> None:
+    def __init__(self, feature_dim: int, clusters: int, arguments: IMCSwAVArguments | None = None, *,
+                 prior: str = "uniform", **overrides: object) -> None:
         super().__init__()
         require_sizes("IMCSwAV", feature_dim, clusters)
         args = settle(IMCSwAVArguments, arguments, overrides)
@@ -126,7 +132,8 @@ class IMCSwAV(ObjectiveModule):
                               batch_norm=args.projection_nonlinear, relu=args.projection_nonlinear)
         self.prototypes = Prototypes(args.projection_dim, args.prototypes)
         self.classifier = mlp([feature_dim, args.classifier_hidden, args.classifier_hidden, clusters])
-        self.queue_start_epoch = args.queue_start_epoch
+        self.prior = ClusterPrior(clusters, prior)
+        self.queue_start_epoch, self.sinkhorn_relaxation = args.queue_start_epoch, args.sinkhorn_relaxation
         if args.queue:  # the newest last; the same on every rank (rows of the global batch)
             self.register_buffer("queue", torch.zeros(2, args.queue, args.projection_dim))
 
@@ -135,7 +142,8 @@ class IMCSwAV(ObjectiveModule):
         scores = [self.prototypes(e) for e in embeddings]
         large = torch.stack([u.detach() for u in scores[:2]])  # both large crops in one problem
         codes = list(sinkhorn(large, self.epsilon, self.sinkhorn_iterations,
-                              queued=self._queued_scores(epoch)).unbind(0))
+                              queued=self._queued_scores(epoch),
+                              relaxation=self.sinkhorn_relaxation).unbind(0))
         self._enqueue(torch.stack([e.detach() for e in embeddings[:2]]))
         swav = swav_loss(codes, scores, self.temperature)
 
@@ -144,7 +152,9 @@ class IMCSwAV(ObjectiveModule):
         p_y = logits.softmax(-1)
         p_u = torch.stack([(u.detach() / self.temperature).softmax(-1) for u in scores])
         joints = crop_pair_joints(p_y, p_u)  # (V, V, K, P)
-        per_pair = mi_from_joint(joints, self.entropy_weight)  # (V, V)
+        marginals = joints.sum(-1) / joints.sum((-2, -1)).unsqueeze(-1)  # the classifier's, (V, V, K)
+        sizes = self.prior.correction(marginals)  # zeros if uniform: prior.py
+        per_pair = mi_from_joint(joints, self.entropy_weight) + self.entropy_weight * sizes  # (V, V)
         if self.same_crop_pairs:
             mi = per_pair.mean()
         else:

@@ -1,0 +1,110 @@
+"""The cluster sizes the objectives' marginal terms pull towards (config `prior`).
+
+Each objective rewards spread-out clusters with w H(m), the entropy of a head's marginal m
+over the global batch (IIC's and IMC-SwAV's H(Y), CRLC's balance term). In the loss that is
+-w H(m) = w (KL(m || u) - log K): a pull towards equal sizes u, which splits a large group
+and merges small ones when the groups are not equal.
+
+- `uniform` (the papers', the default): -H(m), exactly the papers' losses.
+- `estimated`: the pull is towards a profile of sizes t instead, whichever cluster has which
+  size: -H(m) - sum_k m_(k) log(K t_(k)) = KL(m_sorted || t) - log K, m_(k) the k-th largest
+  share and t sorted the same way; as strong as the uniform pull, centred elsewhere. The
+  profile comes from the data, not from the heads (a target that follows the heads' own
+  marginal offers no resistance to a collapse: tried, it collapsed; one matched cluster by
+  cluster to the heads fed their sizes back, and small clusters died): after every epoch,
+  spherical k-means with K clusters on the backbone features of a fixed sample of images
+  (k-means has no term that favours equal sizes), its cluster sizes sorted. The profile is
+  mixed with equal sizes, t = (1 - a) u + a t_kmeans: a rises from 0 to ESTIMATE_WEIGHT over
+  the first RAMP_SHARE of the epochs (early features are too poor for k-means), and
+  1 - ESTIMATE_WEIGHT of the uniform pull keeps every cluster alive.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRIORS = ("uniform", "estimated")
+ESTIMATE_WEIGHT = 0.75  # the largest share of the k-means sizes in the target
+RAMP_SHARE = 0.25  # the share of the epochs over which that share rises from 0
+KMEANS_RESTARTS = 4
+KMEANS_ITERATIONS = 50
+
+
+def check_prior(prior: str) -> None:
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {', '.join(PRIORS)} (got {prior!r})")
+
+
+def estimate_weight(epochs_done: int, epochs: int) -> float:
+    """The share a of the k-means sizes in the target after `epochs_done` of `epochs`."""
+    return ESTIMATE_WEIGHT * min(1.0, epochs_done / max(1.0, RAMP_SHARE * epochs))
+
+
+class ClusterPrior(nn.Module):
+    """The size profile `clusters` clusters are pulled to; `correction(m)` is added to -H(m)."""
+
+    def __init__(self, clusters: int, prior: str = "uniform") -> None:
+        super().__init__()
+        check_prior(prior)
+        self.prior = prior
+        if prior == "estimated":  # a buffer: checkpointed, and rank 0's on every rank
+            self.register_buffer("target", torch.full((clusters,), 1.0 / clusters))  # largest first
+
+    def correction(self, marginals: torch.Tensor) -> torch.Tensor:
+        """What turns -H(m) into KL(m_sorted || t) - log K: -sum_k m_(k) log(K t_(k)).
+        marginals (..., K) -> (...); zeros under the uniform prior (adding them leaves the
+        papers' losses exactly as they were)."""
+        if self.prior == "uniform":
+            return marginals.new_zeros(marginals.shape[:-1]).detach()
+        largest_first = marginals.sort(dim=-1, descending=True).values
+        return -(largest_first * (self.target * marginals.shape[-1]).log()).sum(-1)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, weight: float, generator: torch.Generator) -> None:
+        """A new profile from features (n, D) of a sample: (1 - weight) u + weight * the k-means
+        cluster sizes, largest first."""
+        if self.prior == "uniform":
+            return
+        clusters = len(self.target)
+        found = spherical_kmeans(features, clusters, generator)
+        sizes = torch.bincount(found, minlength=clusters).sort(descending=True).values / len(found)
+        self.target.copy_((1 - weight) / clusters + weight * sizes.to(self.target))
+
+
+def spherical_kmeans(features: torch.Tensor, clusters: int, generator: torch.Generator,
+                     restarts: int = KMEANS_RESTARTS, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
+    """k-means of the L2-normalised rows of features (n, D) by cosine similarity, k-means++
+    seeded, the best of `restarts`: (n,) cluster of each row."""
+    x = F.normalize(features.double(), dim=-1)
+    best, best_fit = None, -float("inf")
+    for _ in range(restarts):
+        centres = _kmeans_plus_plus(x, clusters, generator)
+        for _ in range(iterations):
+            labels = (x @ centres.T).argmax(1)
+            moved = F.normalize(torch.zeros_like(centres).index_add_(0, labels, x), dim=-1)
+            empty = torch.bincount(labels, minlength=clusters) == 0
+            moved[empty] = centres[empty]  # an empty cluster keeps its centre
+            if torch.equal(moved, centres):
+                break
+            centres = moved
+        labels = (x @ centres.T).argmax(1)
+        fit = float((x * centres[labels]).sum())
+        if fit > best_fit:
+            best, best_fit = labels, fit
+    return best
+
+
+def _kmeans_plus_plus(x: torch.Tensor, clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """Centres drawn one by one with probability proportional to the cosine distance to the
+    nearest centre so far (Arthur and Vassilvitskii's seeding)."""
+    chosen = [int(torch.randint(len(x), (1,), generator=generator))]
+    distance = 1 - x @ x[chosen[0]]
+    for _ in range(clusters - 1):
+        weights = distance.clamp_min(0)
+        pick = torch.multinomial(weights if weights.sum() > 0 else torch.ones_like(weights), 1,
+                                 generator=generator)
+        chosen.append(int(pick))
+        distance = torch.minimum(distance, 1 - x @ x[chosen[-1]])
+    return x[chosen]
