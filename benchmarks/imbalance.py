@@ -93,7 +93,8 @@ def main() -> None:
                f"--per-class {args.per_class} --imbalance {args.imbalance:g} --seeds "
                + " ".join(map(str, args.seeds)) + " --priors " + " ".join(args.priors)
                + "".join(f" --set {o}" for o in args.overrides))
-    body = "\n".join([f"## Cluster-size priors on balanced and long-tailed {args.data} (issue 32)", "",
+    title = f"## Cluster-size priors on balanced and long-tailed {Path(args.data).stem} (issue 32)"
+    body = "\n".join([title, "",
                       f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Medians of "
                       f"{len(args.seeds)} seeds, recipe {args.recipe}, in-process.", "",
                       f"    {command}", "", *table, "",

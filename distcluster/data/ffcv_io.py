@@ -326,7 +326,7 @@ class BetonSource:
         return Loader(str(self.path), batch_size=batch, num_workers=self.threads,
                       order=order or OrderOption.SEQUENTIAL, distributed=distributed,
                       indices=self.indices if indices is None else indices, pipelines=pipelines,
-                      drop_last=order is not None, seed=0)
+                      drop_last=order is not None, seed=0, os_cache=True)  # LeanOSCacheManager
 
     def _read_labels(self) -> torch.Tensor:
         """From FILE.beton.labels.npy; files prepared before it: one pass over the label field."""
@@ -364,6 +364,7 @@ class BetonSource:
                 yield self._images(batch[0])
         finally:  # an epoch cut short (steps_per_epoch) stops FFCV's reading thread too
             batches.close()
+            self._train_loader.memory_manager.release_pages()
 
     def batches(self, size: int) -> Iterator[torch.Tensor]:
         yield from self.range_batches(0, len(self), size)

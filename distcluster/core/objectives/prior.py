@@ -15,8 +15,10 @@ and merges small ones when the groups are not equal.
   spherical k-means with K clusters on the backbone features of a fixed sample of images
   (k-means has no term that favours equal sizes), its cluster sizes sorted. The profile is
   mixed with equal sizes, t = (1 - a) u + a t_kmeans: a rises from 0 to ESTIMATE_WEIGHT over
-  the first RAMP_SHARE of the epochs (early features are too poor for k-means), and
-  1 - ESTIMATE_WEIGHT of the uniform pull keeps every cluster alive.
+  the first RAMP_SHARE of the epochs (early features are too poor for k-means), and every
+  cluster's target stays at least (1 - ESTIMATE_WEIGHT) / K. The soft marginal meets the
+  profile, but on long-tailed digits the smallest clusters still lost their images to larger
+  ones at argmax (benchmarks/RESULTS.md, imbalance-digits).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class ClusterPrior(nn.Module):
         if self.prior == "uniform":
             return
         clusters = len(self.target)
-        found = spherical_kmeans(features, clusters, generator)
+        found = spherical_kmeans(features.cpu(), clusters, generator)  # the CPU generator's device
         sizes = torch.bincount(found, minlength=clusters).sort(descending=True).values / len(found)
         self.target.copy_((1 - weight) / clusters + weight * sizes.to(self.target))
 
