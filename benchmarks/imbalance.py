@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_section  # noqa: E402
-from subsets import class_sizes, draw  # noqa: E402
+from subsets import class_sizes, subset  # noqa: E402
 
 from distcluster.core.metrics import cluster_scores, size_error  # noqa: E402
 from distcluster.data.sources import open_source, resolve_data  # noqa: E402
@@ -39,16 +39,15 @@ PRIORS = ("uniform", "estimated")
 def write_sets(spec: str, per_class: int, imbalance: float, folder: Path) -> dict[str, Path]:
     source = open_source(resolve_data(spec))
     labels = source.labels.numpy()
-    images = np.concatenate([b.permute(0, 2, 3, 1).numpy() for b in source.batches(1024)])
     classes = sorted(set(labels.tolist()))
     available = [int((labels == c).sum()) for c in classes]
     sets = {"balanced": [min(per_class, n) for n in available],
             "long-tailed": class_sizes(len(classes), per_class, imbalance)}
     paths = {}
     for name, sizes in sets.items():
-        kept = draw(labels, classes, sizes, seed=0)
+        images, classes_of = subset(source, classes, sizes, seed=0)
         paths[name] = folder / f"{name}.npz"
-        np.savez(paths[name], x=images[kept], y=labels[kept])
+        np.savez(paths[name], x=images, y=classes_of)
     return paths
 
 

@@ -45,6 +45,15 @@ def draw(labels: np.ndarray, classes: list[int], sizes: list[int], seed: int) ->
     return np.sort(np.concatenate(chosen))
 
 
+def subset(source, classes: list[int], sizes: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """x (N, H, W, C) uint8 and y renumbered 0..C-1 in the order of `classes`: only the drawn
+    images are read."""
+    labels = source.labels.numpy()
+    kept = draw(labels, classes, sizes, seed)
+    renumbered = {label: i for i, label in enumerate(classes)}
+    return source.take(kept).permute(0, 2, 3, 1).numpy(), np.array([renumbered[y] for y in labels[kept]])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data")
@@ -62,13 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     labels = source.labels.numpy()
     classes = args.classes if args.classes is not None else sorted(set(labels.tolist()) - {-1})
     sizes = class_sizes(len(classes), args.per_class, args.imbalance)
-    kept = draw(labels, classes, sizes, args.seed)
-    images = np.concatenate([b.permute(0, 2, 3, 1).numpy() for b in source.batches(1024)])[kept]
-    renumbered = {label: i for i, label in enumerate(classes)}
+    images, classes_of = subset(source, classes, sizes, args.seed)
     with atomic_file(Path(args.out)) as staging, open(staging, "wb") as handle:
-        np.savez(handle, x=images, y=np.array([renumbered[label] for label in labels[kept]]))
+        np.savez(handle, x=images, y=classes_of)
     named = dict(zip(map(str, classes), sizes, strict=True))
-    print(json.dumps({"images": int(len(kept)), "class_sizes": named}))
+    print(json.dumps({"images": len(images), "class_sizes": named}))
 
 
 if __name__ == "__main__":

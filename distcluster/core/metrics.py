@@ -192,7 +192,9 @@ def stability_by_clusters(partitions: Mapping[int, list[np.ndarray]]) -> dict[in
     same images (runs that differ only in their seed): how reproducibly a model with K clusters
     groups the data. ARI is adjusted for chance (about 0 for unrelated partitions at any K), so
     the criterion does not favour many or few clusters by itself; with the wrong K, runs split
-    a group or merge two in different ways and agree less. K with fewer than 2 runs: left out."""
+    a group or merge two in different ways and agree less. On weakly separated data, though,
+    the coarse splits are the reproducible ones (a 5-class CIFAR-10 subset at ACC 0.42: 3 was
+    the most stable). K with fewer than 2 runs: left out."""
     return {k: float(np.mean([adjusted_rand_index(a, b) for a, b in itertools.combinations(runs, 2)]))
             for k, runs in sorted(partitions.items()) if len(runs) >= 2}
 
