@@ -46,7 +46,7 @@ def network_only(model: Path, beton: Path, batch: int) -> tuple[int, float]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     decoded = ArraySource(torch.cat(list(source.batches(batch))), None, "decoded")  # not timed
     started = time.perf_counter()
-    for _rows in local_rows(loaded, decoded, None, 0, len(decoded), batch, device):
+    for _rows in local_rows(loaded, decoded, 0, len(decoded), batch, device):
         pass
     return len(decoded), time.perf_counter() - started
 

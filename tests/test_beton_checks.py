@@ -6,6 +6,7 @@ the test, to a real FFCV file."""
 import hashlib
 import json
 import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def bytes_read() -> int:
 def test_the_metadata_records_size_sha256_and_chunk_digests(beton):
     meta = json.loads(ffcv_io.metadata_path(beton).read_text())
     data = beton.read_bytes()
-    assert meta["version"] == 3 and meta["bytes"] == len(data) and meta["chunk_bytes"] == SMALL_CHUNK
+    assert meta["version"] == 4 and meta["bytes"] == len(data) and meta["chunk_bytes"] == SMALL_CHUNK
     assert meta["sha256"] == hashlib.sha256(data).hexdigest()
     assert meta["chunk_sha256"][1] == hashlib.sha256(data[SMALL_CHUNK:2 * SMALL_CHUNK]).hexdigest()[:16]
     count, sampled = chunks_of(beton)
@@ -335,18 +336,45 @@ def test_a_corrupt_image_stops_the_reading_or_with_skip_the_others_are_read_agai
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_image_paths_live_beside_the_metadata_and_are_checked_when_read(tmp_path):
     """The JSON every open parses holds no per-image list; predict's paths come from
-    FILE.beton.paths.json, refused when it changed."""
+    FILE.beton.paths (NUL-ended UTF-8), refused when it changed; a file prepared when the list
+    was JSON (metadata version 3) still gives its paths."""
     photo_folder(tmp_path / "photos", 4)
     assert prepare_main([str(tmp_path / "photos"), "--out", str(tmp_path / "p.beton"), "--quiet",
                          "--workers", "1", "--max-resolution", "20"]) == 0
     meta = read_metadata(tmp_path / "p.beton")
-    assert "paths" not in meta and meta["paths_file"] == "p.beton.paths.json"
-    source = BetonSource(tmp_path / "p.beton")
-    assert len(source.paths()) == 4 and all(Path(p).is_file() for p in source.paths())
-    sidecar = tmp_path / "p.beton.paths.json"
-    sidecar.write_text(sidecar.read_text().replace("a/", "b/", 1))
+    assert "paths" not in meta and meta["paths_file"] == "p.beton.paths"
+    paths = list(BetonSource(tmp_path / "p.beton").paths())
+    assert len(paths) == 4 and all(Path(p).is_file() for p in paths)
+    sidecar = tmp_path / "p.beton.paths"
+    assert sidecar.read_bytes() == b"".join(p.encode() + b"\0" for p in paths)
+
+    legacy = json.dumps(paths).encode()  # as version 3 wrote it
+    (tmp_path / "p.beton.paths.json").write_bytes(legacy)
+    meta_file = tmp_path / "p.beton.json"
+    meta_file.write_text(json.dumps({**meta, "version": 3, "paths_file": "p.beton.paths.json",
+                                     "paths_sha256": hashlib.sha256(legacy).hexdigest()}))
+    assert BetonSource(tmp_path / "p.beton").paths() == paths
+    meta_file.write_text(json.dumps(meta))
+
+    sidecar.write_bytes(sidecar.read_bytes().replace(b"a/", b"b/", 1))
     with pytest.raises(UserError, match="not the image list prepare wrote"):
         BetonSource(tmp_path / "p.beton").paths()
+
+
+def test_a_path_table_gives_every_name_back_as_written(tmp_path):
+    """Known answer: odd names (non-ASCII, spaces, undecodable bytes kept by surrogateescape)
+    come back whole, by position, by slice and through a subset."""
+    undecodable = b"\xff\xfe.jpg".decode("utf-8", "surrogateescape")
+    names = ["a/x.jpg", "b/ümlaut café.png", f"c/{undecodable}", "d/e/f.jpg"]
+    file = tmp_path / "p.beton.paths"
+    file.write_bytes(b"".join(n.encode("utf-8", "surrogateescape") + b"\0" for n in names))
+    with open(file, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    table = ffcv_io.PathTable(mapped, len(names))
+    assert len(table) == 4 and list(table) == names and table[1:3] == names[1:3] and table[-1] == names[-1]
+    assert list(table.subset(np.array([0, 3]))) == [names[0], names[3]]
+    with pytest.raises(ValueError, match="4 paths for 5 images"):
+        ffcv_io.PathTable(mapped, 5)
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -377,19 +405,32 @@ def test_an_open_reads_the_labels_from_their_checked_list_and_older_files_from_t
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
-def test_a_range_read_again_reuses_its_loader_and_only_the_last_ranges_is_kept(beton, monkeypatch):
-    """Every evaluation reads the same range (one loader for all of them); predict's actors read
-    a new range per chunk, and a loader kept for each grew with the chunks times the file."""
+def test_one_loader_per_batch_size_reads_every_pass_each_aimed_at_its_own_images(beton, monkeypatch):
+    """Each FFCV Loader compiles its pipeline anew (numba code is never freed: about 12 MB a
+    loader), and predict's actors read a new range per chunk: every pass of one batch size goes
+    through one loader, aimed at the pass's images, and gives exactly those images (the
+    fixture's, known); only a pass started inside another gets a loader of its own."""
     built = []
     real_loader = BetonSource._loader
     monkeypatch.setattr(BetonSource, "_loader", lambda self, *a, **k: (
-        built.append(k.get("indices")), real_loader(self, *a, **k))[1])
+        built.append(a[0]), real_loader(self, *a, **k))[1])
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8))
+    expected = images.permute(0, 3, 1, 2)  # the fixture's, as the source gives them
     source = BetonSource(beton)
-    first = [torch.cat(list(source.range_batches(0, 100, 32))) for _ in range(3)]
-    assert len(built) == 1 and all(torch.equal(first[0], again) for again in first[1:])
-    for start in range(0, 200, 20):
-        assert len(torch.cat(list(source.range_batches(start, start + 20, 8)))) == 20
-    assert len(built) == 11 and len(source._range_loaders) == 1
+    for _ in range(3):
+        assert torch.equal(torch.cat(list(source.range_batches(0, 100, 32))), expected[:100])
+    for start in range(0, 200, 30):  # 30 images (20 in the last range): 8, 8, 8, 6 (8, 8, 4)
+        batches = list(source.range_batches(start, min(start + 30, 200), 8))
+        assert [len(b) for b in batches] == ([8, 8, 8, 6] if start < 180 else [8, 8, 4])
+        assert torch.equal(torch.cat(batches), expected[start:start + 30])
+    assert torch.equal(source.take(np.array([150, 3, 77])), expected[[3, 77, 150]])
+    assert built == [32, 8, 1024]
+    outer = source.range_batches(0, 24, 8)
+    first = next(outer).clone()
+    inner = torch.cat(list(source.range_batches(100, 124, 8)))  # while the outer pass is open
+    assert torch.equal(torch.cat([first, *outer]), expected[:24]) and torch.equal(inner, expected[100:124])
+    assert built == [32, 8, 1024, 8]
+    assert torch.equal(torch.cat(list(source.range_batches(40, 60, 8))), expected[40:60]) and len(built) == 4
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -402,7 +443,7 @@ def test_loaders_read_the_file_without_ffcvs_per_image_tables(beton):
     source = BetonSource(beton)
     images = np.random.default_rng(1).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)  # the fixture's
     assert torch.equal(torch.cat(list(source.batches(64))), torch.from_numpy(images).permute(0, 3, 1, 2))
-    manager = next(iter(source._range_loaders.values())).memory_manager
+    manager = next(iter(source._idle_loaders.values())).memory_manager
     assert type(manager).__name__ == "LeanOSCacheManager" and "_page_tables" not in vars(manager)
     quasi = Loader(str(beton), batch_size=50, order=OrderOption.QUASI_RANDOM, drop_last=False,
                    pipelines={"image": None})

@@ -322,7 +322,7 @@ def test_max_samples_reads_a_fixed_random_subset_from_every_class_with_labels_an
     every = BetonSource(tmp_path / "sorted.beton").paths()
     source = BetonSource(tmp_path / "sorted.beton", max_samples=12)
     picked = subset_indices(60, 12)
-    assert len(source) == 12 and source.paths() == [every[i] for i in picked]
+    assert len(source) == 12 and list(source.paths()) == [every[i] for i in picked]
     images = torch.cat([b.clone() for b in source.batches(5)])
     assert images[:, 1, 0, 0].tolist() == picked.tolist()  # G = label * 20 + i = index when sorted
     assert (images[:, 0, 0, 0] // 80).tolist() == source.labels.tolist() == (picked // 20).tolist()

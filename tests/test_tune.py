@@ -189,6 +189,7 @@ def test_four_trials_one_stopped_early_by_asha(sweep):
     assert {(t["config"]["optim.lr"], t["config"]["clusters"]) for t in trials} == {
         (1e-3, 10), (1e-3, 12), (1e-6, 10), (1e-6, 12)}
     assert "trials" in done.stderr and "stopped early" in done.stdout  # progress bar and result line
+    assert not any(noise in done.stdout + done.stderr for noise in ("RayTrainWorker", "core_worker.cc"))
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`

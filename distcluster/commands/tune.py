@@ -168,7 +168,8 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
     tracker = RunTracker.start(uri, experiment, f"sweep-{space.name}", tags={"distcluster.space": space.name})
     try:
         with tracker.ending():
-            ray_train.init_ray()
+            # The trials' lines stay in Ray's logs: here the progress bar and the result alone
+            ray_train.init_ray(worker_output=False)
             concurrent, cpus = fit_on_cluster(space, settings)
             tracker.log_params({"space": space.name, "select": select, "metric": metric,
                                 "data": space.base["data"], "max_concurrent": concurrent,

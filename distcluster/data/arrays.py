@@ -9,7 +9,7 @@ source (distcluster.data.ffcv_io) follows the same protocol and the same order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -47,7 +47,7 @@ class ImageSource(Protocol):
     def range_batches(self, start: int, stop: int, size: int) -> Iterator[torch.Tensor]:
         """Images start ... stop - 1, in index order, `size` at a time."""
 
-    def paths(self) -> list[str] | None:
+    def paths(self) -> Sequence[str] | None:
         """The file each image came from, when known."""
 
     def take(self, indices: np.ndarray) -> torch.Tensor:
@@ -117,7 +117,7 @@ class ArraySource:
         rows = torch.from_numpy(subset_indices(len(self), STATS_SAMPLE))
         return channel_stats_of(self.images[rows].split(1024))
 
-    def paths(self) -> list[str] | None:
+    def paths(self) -> Sequence[str] | None:
         return None
 
     def epoch_batches(self, epoch: int, global_batch: int, world_size: int, rank: int,

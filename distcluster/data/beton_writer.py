@@ -9,14 +9,14 @@ and streamed to them in order through a bounded ring in shared memory (`_Streame
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
-import json
 import mmap
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from distcluster.common.files import atomic_file, file_digests, write_json_atomi
 from distcluster.data.ffcv_io import metadata_path, sidecar_path
 from distcluster.data.images import BadImage, Collection, fit_image, is_grey, target_size
 
-METADATA_VERSION = 3  # 2: the file's size and SHA-256 are recorded; 3: and its chunks' digests
+METADATA_VERSION = 4  # 2: the file's size and SHA-256; 3: its chunks' digests; 4: FILE.beton.paths
 CHUNK_BYTES = 4 << 20  # a .beton's digests are kept per 4 MiB chunk (~600 KB of JSON per 100 GB)
 RAW_MAX_PIXELS = 96 * 96  # larger images are stored as JPEG (quality 90)
 
@@ -333,7 +333,6 @@ def _write_images(collection: Collection, found: ScanResult, layout: Layout, tmp
     """The images `found.good` written to `tmp` by FFCV's writer: each one read and decoded once,
     by the writer's processes or, with a `decoder`, elsewhere and streamed to them."""
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     processes = workers or min(8, os.cpu_count() or 1)
     if decoder is None:
@@ -343,11 +342,54 @@ def _write_images(collection: Collection, found: ScanResult, layout: Layout, tmp
         slots = (processes + 1) * WRITER_CHUNK
         dataset = _StreamedForWriter(collection, found.good, layout, slots, stop_at_failure, batches)
     fields = {"image": RGBImageField(write_mode=layout.write_mode, jpeg_quality=90), "label": IntField()}
-    writer = DatasetWriter(str(tmp), fields, num_workers=processes)
+    writer = _lean_dataset_writer_class()(str(tmp), fields, num_workers=processes)
     quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     with quiet, dataset.writing():  # FFCV's writer draws its own progress bar
-        writer.from_indexed_dataset(dataset, chunksize=WRITER_CHUNK)
+        writer.write_all(dataset, WRITER_CHUNK)
     return dataset.written()
+
+
+@functools.cache
+def _lean_dataset_writer_class() -> type:
+    from ffcv.writer import DatasetWriter
+
+    class LeanDatasetWriter(DatasetWriter):
+        """FFCV's writer without its per-image Python objects. FFCV 1.0.2 queues every image as
+        an (index, numpy int) tuple and keeps every allocation as a tuple, turned into one small
+        array each at the end: about 0.3 GB for a million images, in this process and, forked,
+        in its workers. Here the queue holds (start, stop) ranges and each worker keeps its
+        allocations as one array; the file written is the same."""
+
+        def write_all(self, dataset: Any, chunk: int) -> None:
+            count = len(dataset)
+            ranges = ((start, min(start + chunk, count)) for start in range(0, count, chunk))
+            self._write_common(count, ranges, _write_ranges, (dataset,))
+
+        def finalize(self, allocations: list[np.ndarray]) -> None:
+            super().finalize([np.concatenate(allocations)] if allocations else [])
+
+    return LeanDatasetWriter
+
+
+def _write_ranges(queue: Any, metadata_memory: Any, metadata_type: np.dtype, fields: dict, allocator: Any,
+                  done: Any, allocations_queue: Any, dataset: Any) -> None:
+    """One writer process (ffcv.writer.worker_job_indexed_dataset with ranges for chunks): the
+    images of each (start, stop) range from the queue, then its allocation table, one array."""
+    from ffcv.types import ALLOC_TABLE_TYPE
+    from ffcv.writer import handle_sample
+
+    metadata = np.frombuffer(metadata_memory.buf, dtype=metadata_type)
+    tables = [np.empty(0, ALLOC_TABLE_TYPE)]
+    with allocator:  # pages written when the block ends
+        while (todo := queue.get()) is not None:
+            for position in range(*todo):
+                handle_sample(dataset[position], position, metadata_type.names, metadata, allocator, fields)
+            # Between images no allocation can be taken back (only the current image's are)
+            tables.append(np.array(allocator.allocations, ALLOC_TABLE_TYPE))
+            allocator.allocations.clear()
+            with done.get_lock():
+                done.value += todo[1] - todo[0]
+    allocations_queue.put([np.concatenate(tables)])
 
 
 def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on_error: str = "fail",
@@ -380,10 +422,9 @@ def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on
         metadata = _metadata(collection, found, layout, written.greyscale, max_resolution)
         metadata.update(_digests(tmp))
         metadata_path(out).unlink(missing_ok=True)  # an old JSON must not vouch for the new file
-    paths, labels = metadata.pop("paths"), metadata.pop("labels")
-    if paths is not None:  # the lists are written before the JSON that vouches for them
-        metadata.update(_write_sidecar(out, "paths", json.dumps(paths).encode()))
-    metadata.update(_write_sidecar(out, "labels", _labels_npy(labels)))
+    if collection.path(0):  # the lists are written before the JSON that vouches for them
+        metadata.update(_write_sidecar(out, "paths", _packed_paths(collection, found.good)))
+    metadata.update(_write_sidecar(out, "labels", [_labels_npy(_labels(collection, found))]))
     write_json_atomic(metadata_path(out), metadata)
     return metadata
 
@@ -395,19 +436,29 @@ def _refuse_failures(written: _Written) -> None:
         raise CorruptImage(f"corrupt image {next(iter(written.corrupt.values()))}")
 
 
+def _labels(collection: Collection, found: ScanResult) -> np.ndarray:
+    return np.fromiter((collection.label(int(i)) for i in found.good), np.int32, len(found.good))
+
+
 def _metadata(collection: Collection, found: ScanResult, layout: Layout, greyscale: bool,
               max_resolution: int) -> dict[str, Any]:
-    labels = [collection.label(int(i)) for i in found.good]
+    labels = _labels(collection, found)
     return {
         "version": METADATA_VERSION, "count": len(found.good), "image_shape": [*layout.shape, 3],
-        "channels": 1 if greyscale else 3, "labelled": min(labels) >= 0,
-        "label_names": collection.class_names, "num_classes": len(set(labels) - {-1}),
+        "channels": 1 if greyscale else 3, "labelled": bool(labels.min() >= 0),
+        "label_names": collection.class_names, "num_classes": int(np.unique(labels[labels >= 0]).size),
         "source": collection.source, "format": collection.format, "write_mode": layout.write_mode,
         "resized_to": layout.side, "max_resolution": max_resolution,
         "skipped_count": len(found.skipped), "skipped": found.skipped,
-        "paths": [collection.path(int(i)) for i in found.good] if collection.path(0) else None,
-        "labels": labels,
     }
+
+
+def _packed_paths(collection: Collection, indices: np.ndarray, block: int = 4096) -> Iterator[bytes]:
+    """FILE.beton.paths's bytes, `block` images at a time: each path in UTF-8 (undecodable file
+    names kept byte for byte), ended by a NUL byte, which no path contains."""
+    for start in range(0, len(indices), block):
+        yield b"".join(collection.path(int(i)).encode("utf-8", "surrogateescape") + b"\0"
+                       for i in indices[start:start + block])
 
 
 def _digests(beton: Path) -> dict[str, Any]:
@@ -417,15 +468,18 @@ def _digests(beton: Path) -> dict[str, Any]:
             "chunk_sha256": digests.chunk_sha256}
 
 
-def _write_sidecar(out: Path, kind: str, content: bytes) -> dict[str, str]:
-    """FILE.beton.KIND written atomically; the metadata's keys that vouch for it."""
-    path = sidecar_path(out, kind)
-    with atomic_file(path) as staging:
-        staging.write_bytes(content)
-    return {f"{kind}_file": path.name, f"{kind}_sha256": hashlib.sha256(content).hexdigest()}
+def _write_sidecar(out: Path, kind: str, blocks: Iterable[bytes]) -> dict[str, str]:
+    """FILE.beton.KIND written atomically from its blocks of bytes; the metadata's keys that
+    vouch for it."""
+    path, digest = sidecar_path(out, kind), hashlib.sha256()
+    with atomic_file(path) as staging, open(staging, "wb") as file:
+        for block in blocks:
+            digest.update(block)
+            file.write(block)
+    return {f"{kind}_file": path.name, f"{kind}_sha256": digest.hexdigest()}
 
 
-def _labels_npy(labels: list[int]) -> bytes:
+def _labels_npy(labels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(labels, dtype=np.int32), allow_pickle=False)
+    np.save(buffer, labels, allow_pickle=False)
     return buffer.getvalue()

@@ -18,12 +18,11 @@ checks every chunk.
 from __future__ import annotations
 
 import functools
-import gc
 import hashlib
 import io
 import json
 import mmap
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +49,20 @@ def metadata_path(beton: Path) -> Path:
 
 
 # Per-image lists beside FILE.beton, each checked by the SHA-256 its metadata records: the
-# source file of every image (FILE.beton.paths.json, tens of bytes an image: 40 MB for a
-# million, read only by what needs it: predict's rows) and every label (FILE.beton.labels.npy,
-# int32, read at an open instead of a pass over the .beton's label field).
-SIDECARS = {"paths": (".paths.json", "image list"), "labels": (".labels.npy", "label list")}
+# source file of every image (FILE.beton.paths: each path in UTF-8, ended by a NUL byte; tens
+# of bytes an image, read only by what needs it: predict's rows) and every label
+# (FILE.beton.labels.npy, int32, read at an open instead of a pass over the label field).
+SIDECARS = {"paths": (".paths", "image list"), "labels": (".labels.npy", "label list")}
+PATHS_JSON_BEFORE = 4  # metadata versions before it wrote the image list as JSON (.paths.json)
 
 
 def sidecar_path(beton: Path, kind: str) -> Path:
     return beton.with_name(beton.name + SIDECARS[kind][0])
 
 
-def _read_sidecar(beton: Path, metadata: dict[str, Any], kind: str) -> bytes:
+def _read_sidecar(beton: Path, metadata: dict[str, Any], kind: str, path: Path | None = None) -> bytes:
     """FILE.beton.KIND's bytes, refused (UserError) unless their SHA-256 is the one recorded."""
-    path = sidecar_path(beton, kind)
+    path = path or sidecar_path(beton, kind)
     try:
         content = path.read_bytes()
     except OSError as exc:
@@ -70,6 +70,55 @@ def _read_sidecar(beton: Path, metadata: dict[str, Any], kind: str) -> bytes:
     if hashlib.sha256(content).hexdigest() != metadata.get(f"{kind}_sha256"):
         raise _not_written(path, kind)
     return content
+
+
+def _mapped_sidecar(beton: Path, metadata: dict[str, Any], kind: str) -> mmap.mmap:
+    """FILE.beton.KIND mapped read-only (its pages stay the page cache's, not this process's
+    memory), refused unless its SHA-256 is the one recorded."""
+    path = sidecar_path(beton, kind)
+    try:
+        with open(path, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
+        raise UserError(f"{path}: unreadable ({getattr(exc, 'strerror', None) or exc}); "
+                        "prepare the data again") from None
+    if hashlib.sha256(mapped).hexdigest() != metadata.get(f"{kind}_sha256"):
+        raise _not_written(path, kind)
+    return mapped
+
+
+class PathTable(Sequence):
+    """Every image's source path, from FILE.beton.paths mapped in memory: 8 bytes an image in
+    this process (where each path ends), not a Python string each. A sequence of str."""
+
+    SCAN_BYTES = 1 << 24  # the file is searched for its NUL bytes this much at a time
+
+    def __init__(self, mapped: mmap.mmap, count: int, rows: np.ndarray | None = None) -> None:
+        self.mapped, self.rows = mapped, rows
+        self.ends = np.concatenate([np.flatnonzero(np.frombuffer(mapped, np.uint8, min(
+            self.SCAN_BYTES, len(mapped) - start), start) == 0) + start
+            for start in range(0, len(mapped), self.SCAN_BYTES)])
+        mapped.madvise(mmap.MADV_DONTNEED)  # read again, a page at a time, as paths are asked for
+        if len(self.ends) != count:
+            raise ValueError(f"{len(self.ends)} paths for {count} images")
+
+    def subset(self, rows: np.ndarray) -> PathTable:
+        table = PathTable.__new__(PathTable)
+        table.mapped, table.ends, table.rows = self.mapped, self.ends, rows
+        return table
+
+    def __len__(self) -> int:
+        return len(self.ends) if self.rows is None else len(self.rows)
+
+    def __getitem__(self, item: int | slice) -> str | list[str]:
+        if isinstance(item, slice):
+            return [self[i] for i in range(*item.indices(len(self)))]
+        if not -len(self) <= item < len(self):
+            raise IndexError(f"path {item} of {len(self)}")
+        item %= len(self)
+        row = int(item if self.rows is None else self.rows[item])
+        start = int(self.ends[row - 1]) + 1 if row else 0
+        return self.mapped[start:int(self.ends[row])].decode("utf-8", "surrogateescape")
 
 
 def _not_written(path: Path, kind: str) -> UserError:
@@ -244,6 +293,30 @@ def use_lean_os_cache() -> None:
     ffcv.loader.loader.OSCacheManager = _lean_os_cache_manager_class()
 
 
+@functools.cache
+def _aimed_order_class():
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class AimedOrder(TraversalOrder):
+        """Whatever images the loader's next pass is aimed at (`target`, set by
+        BetonSource._pass with the loader's `first_traversal_order`, from which FFCV counts
+        the batches), in the order given."""
+
+        def __init__(self) -> None:  # noqa: D107 - no super(): no loader yet (see GlobalBatchOrder)
+            self.target = None
+
+        def __call__(self, loader) -> AimedOrder:
+            self.loader, self.indices, self.seed = loader, loader.indices, loader.seed
+            self.distributed, self.sampler = False, None
+            self.target = loader.indices
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            return self.target
+
+    return AimedOrder
+
+
 def _traversal_order_class():
     from ffcv.traversal_order.base import TraversalOrder
 
@@ -288,22 +361,35 @@ class BetonSource:
         self.indices = subset_indices(self.metadata["count"], max_samples)  # the images read
         self.threads = threads or TORCH_THREADS
         self._train_loader = None
-        self._range_loaders: dict[tuple[int, int, int], Any] = {}
+        self._idle_loaders: dict[int, Any] = {}  # by batch size, for _pass
         self.labels = self._read_labels() if self.metadata["labelled"] else None
 
     @property
     def channels(self) -> int:
         return self.metadata["channels"]
 
-    def paths(self) -> list[str] | None:
+    def paths(self) -> Sequence[str] | None:
         """Source file of each image (folders and zips), else None; read when first asked for."""
-        paths = self.metadata.get("paths") or (self._read_paths() if "paths_file" in self.metadata else None)
+        if self.metadata.get("version", 0) >= PATHS_JSON_BEFORE:
+            return self._path_table() if "paths_file" in self.metadata else None
+        paths = self.metadata.get("paths")  # before FILE.beton.paths.json, in the metadata itself
+        if not paths and "paths_file" in self.metadata:
+            paths = self._read_json_paths()
         return [paths[i] for i in self.indices] if paths else None
 
-    def _read_paths(self) -> list[str]:
-        paths = json.loads(_read_sidecar(self.path, self.metadata, "paths"))
+    def _path_table(self) -> PathTable:
+        try:
+            table = PathTable(_mapped_sidecar(self.path, self.metadata, "paths"), self.metadata["count"])
+        except ValueError:
+            raise _not_written(sidecar_path(self.path, "paths"), "paths") from None
+        return table if len(self.indices) == self.metadata["count"] else table.subset(self.indices)
+
+    def _read_json_paths(self) -> list[str]:
+        """Files prepared before FILE.beton.paths: the image list as JSON."""
+        path = self.path.with_name(self.path.name + ".paths.json")
+        paths = json.loads(_read_sidecar(self.path, self.metadata, "paths", path))
         if not isinstance(paths, list) or len(paths) != self.metadata["count"]:
-            raise _not_written(sidecar_path(self.path, "paths"), "paths")
+            raise _not_written(path, "paths")
         return paths
 
     @property
@@ -314,7 +400,7 @@ class BetonSource:
         return len(self.indices)
 
     def _loader(self, batch: int, fields: tuple[str, ...], order=None, distributed: bool = False,
-                indices: np.ndarray | None = None):
+                indices: np.ndarray | None = None, drop_last: bool = False):
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToTensor, ToTorchImage
@@ -326,7 +412,7 @@ class BetonSource:
         return Loader(str(self.path), batch_size=batch, num_workers=self.threads,
                       order=order or OrderOption.SEQUENTIAL, distributed=distributed,
                       indices=self.indices if indices is None else indices, pipelines=pipelines,
-                      drop_last=order is not None, seed=0, os_cache=True)  # LeanOSCacheManager
+                      drop_last=drop_last, seed=0, os_cache=True)  # LeanOSCacheManager
 
     def _read_labels(self) -> torch.Tensor:
         """From FILE.beton.labels.npy; files prepared before it: one pass over the label field."""
@@ -343,9 +429,7 @@ class BetonSource:
         return batch[:, :1] if self.channels == 1 else batch
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        sample = self.indices[subset_indices(len(self), STATS_SAMPLE)]
-        loader = self._loader(1024, ("image",), indices=sample)
-        return channel_stats_of(self._images(batch[0]) for batch in _released(loader))
+        return channel_stats_of(self._pass(1024, self.indices[subset_indices(len(self), STATS_SAMPLE)]))
 
     def epoch_batches(self, epoch: int, global_batch: int, world_size: int, rank: int,
                       seed: int) -> Iterator[torch.Tensor]:
@@ -356,7 +440,8 @@ class BetonSource:
                 raise RuntimeError(f"rank/world size {rank}/{world_size} disagree with the process group")
         if self._train_loader is None:
             order = _traversal_order_class()(global_batch, seed)
-            self._train_loader = self._loader(global_batch // world_size, ("image",), order, distributed)
+            self._train_loader = self._loader(global_batch // world_size, ("image",), order, distributed,
+                                              drop_last=True)
         self._train_loader.next_epoch = epoch
         batches = iter(self._train_loader)
         try:
@@ -371,25 +456,32 @@ class BetonSource:
 
     def take(self, indices: np.ndarray) -> torch.Tensor:
         wanted = self.indices[np.sort(np.asarray(indices, dtype=np.int64))]
-        return torch.cat([self._images(batch[0]).clone()
-                          for batch in _released(self._loader(1024, ("image",), indices=wanted))])
+        return torch.cat([images.clone() for images in self._pass(1024, wanted)])
 
     def range_batches(self, start: int, stop: int, size: int) -> Iterator[torch.Tensor]:
         # FFCV refills the same memory for the next batches: a copy may be kept by the caller
         # (training batches in epoch_batches are used up at once and are not copied).
-        # Evaluations read the same range every epoch: its loader is kept. Only the last range's
-        # is: predict's actors read a new range for every chunk, and each loader holds tables
-        # of the whole file (a cache of them grew with the chunks times the file). A loader and
-        # its traversal order refer to each other: only the cycle collector frees one, so it
-        # runs as soon as one is dropped (1M images: 2.8 GB an actor held before).
-        key = (start, stop, size)
-        if key not in self._range_loaders:
-            if self._range_loaders:
-                self._range_loaders.clear()
-                gc.collect()
-            self._range_loaders[key] = self._loader(size, ("image",), indices=self.indices[start:stop])
-        for batch in _released(self._range_loaders[key]):
-            yield self._images(batch[0]).clone()
+        for images in self._pass(size, self.indices[start:stop]):
+            yield images.clone()
+
+    def _pass(self, batch: int, indices: np.ndarray) -> Iterator[torch.Tensor]:
+        """The images at `indices` (the file's), in that order, `batch` at a time, in FFCV's
+        memory (refilled by the next batches). One loader per batch size serves every pass,
+        aimed at each pass's images: each new FFCV Loader compiles its pipeline with numba, whose
+        code is never freed (about 12 MB a loader; predict's actors built one for each chunk, so
+        their memory grew with the data). A loader in use is not shared: a pass started during
+        another gets its own."""
+        loader = self._idle_loaders.pop(batch, None) or self._loader(
+            batch, ("image",), _aimed_order_class()(), indices=indices)
+        loader.traversal_order.target = loader.first_traversal_order = indices
+        batches = iter(loader)
+        try:
+            for images, *_ in _released(loader, batches):
+                yield self._images(images)
+        finally:  # a pass left early stops FFCV's reading thread too
+            batches.close()
+            loader.memory_manager.release_pages()
+            self._idle_loaders[batch] = loader
 
 
 def _released(loader, batches: Iterable | None = None) -> Iterator:

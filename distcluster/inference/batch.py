@@ -30,7 +30,7 @@ from distcluster.common.files import atomic_file
 from distcluster.data.arrays import ImageSource
 from distcluster.engine.exported import LoadedModel, load_model, model_files, probabilities
 
-Rows = dict[str, np.ndarray]  # index, path, cluster, confidence: one entry per image
+Rows = dict[str, np.ndarray]  # index, (path,) cluster, confidence: one entry per image
 CHUNK_BATCHES = 8  # an actor's task: at most this many batches of images
 SHARD_ROWS = 1_000_000  # rows per parquet file when the output is a folder
 
@@ -67,25 +67,31 @@ def open_inputs(args: argparse.Namespace) -> Inputs:
 
 
 def assign_all(inputs: Inputs, args: argparse.Namespace) -> Iterator[Rows]:
-    """Rows of every image in index order, from this process or from args.workers actors."""
+    """Rows of every image in index order, from this process or from args.workers actors; the
+    paths are joined here (the actors hold no per-image list)."""
     if args.workers == 0:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return local_rows(inputs.model, inputs.source, inputs.source.paths(), 0, len(inputs.source),
-                          args.batch_size, device, progress=not args.quiet)
-    return ray_rows(inputs.model_files, inputs.data, len(inputs.source), args.workers, args.batch_size,
-                    args.gpu)
+        rows = local_rows(inputs.model, inputs.source, 0, len(inputs.source), args.batch_size, device,
+                          progress=not args.quiet)
+    else:
+        rows = ray_rows(inputs.model_files, inputs.data, len(inputs.source), args.workers, args.batch_size,
+                        args.gpu)
+    paths = inputs.source.paths()
+    for part in rows:
+        names = [paths[int(i)] for i in part["index"]] if paths else [None] * len(part["index"])
+        yield {"index": part["index"], "path": np.array(names, dtype=object), "cluster": part["cluster"],
+               "confidence": part["confidence"]}
 
 
-def local_rows(loaded: LoadedModel, source: ImageSource, paths: list[str] | None, start: int, stop: int,
-               batch: int, device: torch.device, progress: bool = False) -> Iterator[Rows]:
-    """Rows of images [start, stop), one batch at a time; `paths`: source.paths(), read once."""
+def local_rows(loaded: LoadedModel, source: ImageSource, start: int, stop: int, batch: int,
+               device: torch.device, progress: bool = False) -> Iterator[Rows]:
+    """Rows of images [start, stop) without their paths, one batch at a time."""
     with tqdm(total=stop - start, desc="assigning", unit="img", disable=not progress) as bar:
         for images in source.range_batches(start, stop, batch):
             best = probabilities(loaded, images, device).max(1)
             end = start + len(images)
-            names = paths[start:end] if paths else [None] * len(images)
-            yield {"index": np.arange(start, end), "path": np.array(names, dtype=object),
-                   "cluster": best.indices.numpy(), "confidence": best.values.numpy().round(6)}
+            yield {"index": np.arange(start, end), "cluster": best.indices.numpy(),
+                   "confidence": best.values.numpy().round(6)}
             bar.update(len(images))
             start = end
 
@@ -102,14 +108,13 @@ class ChunkAssigner:
                 (Path(folder) / name).write_bytes(content)
             self.loaded = load_model(Path(folder))
         self.source = open_source(data, threads=threads)
-        self.paths = self.source.paths()  # once: a list of every image's path
         self.batch, self.chunk = batch, chunk
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, chunks: dict[str, np.ndarray]) -> Rows:
         starts = [int(chunk) * self.chunk for chunk in chunks["id"]]
         parts = [rows for start in starts for rows in local_rows(
-            self.loaded, self.source, self.paths, start, min(start + self.chunk, len(self.source)),
+            self.loaded, self.source, start, min(start + self.chunk, len(self.source)),
             self.batch, self.device)]
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
@@ -170,9 +175,7 @@ class _ArrowWriter:
     def write(self, rows: Rows) -> None:
         import pyarrow as pa
 
-        # Through Ray Data a missing path arrives as NaN: written, like None, as an empty field.
-        paths = [p if isinstance(p, str) else None for p in rows["path"]]
-        table = pa.table({**rows, "path": pa.array(paths, pa.string())})
+        table = pa.table({**rows, "path": pa.array(list(rows["path"]), pa.string())})
         if self.writer is None:
             self.writer = self._open(table.schema)
         self.writer.write_table(table)
