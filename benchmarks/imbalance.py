@@ -10,7 +10,8 @@ decaying exponentially from --per-class to --per-class / --imbalance, classes in
 order). Trains the recipe in-process (`--workers 0`) on each with `prior: uniform` and
 `prior: estimated`, every seed, and reports the median ACC, NMI and size error (core.metrics:
 half the L1 distance between the sorted cluster and class size fractions). Prints a table and
-updates the `imbalance-<data>` section of RESULTS.md.
+updates the `imbalance-<data>` section of RESULTS.md (`imbalance-<data>-KEY=VALUE...` with
+--set).
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def main() -> None:
                       "Size error: half the L1 distance between the sorted cluster-size and class-size "
                       "fractions (0: the same sizes)."])
     print(body)
-    write_section(f"imbalance-{Path(args.data).stem}", body)
+    # runs with --set overrides get a section of their own beside the plain one
+    write_section("-".join([f"imbalance-{Path(args.data).stem}", *args.overrides]), body)
 
 
 if __name__ == "__main__":

@@ -220,8 +220,9 @@ def main() -> None:
     rows = [measure(count, args.steps, args.folder, args.keep) for count in args.sizes]
     body = "\n".join([
         "## Scale: cost per image from 10k to 1M images (issue 33)", "",
-        f"Machine: {machine()}. Synthetic 32x32 JPEGs in 10 class folders; cifar10-cpu recipe, "
-        f"{args.steps} training steps of {BATCH} images. Times are wall clock of the user's command.", "",
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Synthetic 32x32 JPEGs in 10 class "
+        f"folders; cifar10-cpu recipe, {args.steps} training steps of {BATCH} images. Times are wall "
+        "clock of the user's command.", "",
         f"    .venv/bin/python benchmarks/scale.py --sizes {' '.join(map(str, args.sizes))} "
         f"--steps {args.steps}",
         "", *time_table(rows), "",
