@@ -18,12 +18,13 @@ import argparse
 import itertools
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import machine, write_section  # noqa: E402
 
 from distcluster.core.metrics import contingency, mutual_information, stability_by_clusters  # noqa: E402
 
@@ -90,7 +91,8 @@ def main() -> None:
     name = args.name or args.folder.name
     body = "\n".join([f"## Criteria for K on the trials of one sweep: {name} (issue 32)", "",
                       f"    .venv/bin/python benchmarks/choose_k_criteria.py SWEEP_FOLDER --name {name}", "",
-                      f"Seeds per K: {', '.join(f'{k}: {len(v)}' for k, v in sorted(found.items()))}.", "",
+                      f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. The sweep's trials, seeds "
+                      f"per K: {', '.join(f'{k}: {len(v)}' for k, v in sorted(found.items()))}.", "",
                       *table(criteria(found))])
     print(body)
     write_section(f"choose-k-criteria-{name}", body)

@@ -454,8 +454,7 @@ class BetonSource:
             for batch in _released(self._train_loader, batches):
                 yield self._images(batch[0])
         finally:  # an epoch cut short (steps_per_epoch) stops FFCV's reading thread too
-            batches.close()
-            self._train_loader.memory_manager.release_pages()
+            _stop(self._train_loader, batches)
 
     def batches(self, size: int) -> Iterator[torch.Tensor]:
         yield from self.range_batches(0, len(self), size)
@@ -485,9 +484,19 @@ class BetonSource:
             for images, *_ in _released(loader, batches):
                 yield self._images(images)
         finally:  # a pass left early stops FFCV's reading thread too
-            batches.close()
-            loader.memory_manager.release_pages()
+            _stop(loader, batches)
             self._idle_loaders[batch] = loader
+
+
+STOP_WAIT_SECONDS = 30  # FFCV's reading thread sees a stop within 0.5 s (its queue's timeout)
+
+
+def _stop(loader, batches) -> None:
+    """End a pass's FFCV reading thread, then release the file's pages: a thread still reading
+    when they were released would map one more batch's pages (a pass left early)."""
+    batches.close()
+    batches.join(timeout=STOP_WAIT_SECONDS)
+    loader.memory_manager.release_pages()
 
 
 def _released(loader, batches: Iterable) -> Iterator:
