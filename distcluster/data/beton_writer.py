@@ -419,12 +419,13 @@ def write_beton(collection: Collection, out: Path, max_resolution: int = 256, on
             written = _write_images(collection, found, layout, tmp, workers, progress, True, decoder)
             written.errors += written.corrupt.values()  # read well the first time: not to be skipped
         _refuse_failures(written)
-        metadata = _metadata(collection, found, layout, written.greyscale, max_resolution)
+        labels = _labels(collection, found)
+        metadata = _metadata(collection, found, labels, layout, written.greyscale, max_resolution)
         metadata.update(_digests(tmp))
         metadata_path(out).unlink(missing_ok=True)  # an old JSON must not vouch for the new file
     if collection.path(0):  # the lists are written before the JSON that vouches for them
         metadata.update(_write_sidecar(out, "paths", _packed_paths(collection, found.good)))
-    metadata.update(_write_sidecar(out, "labels", [_labels_npy(_labels(collection, found))]))
+    metadata.update(_write_sidecar(out, "labels", [_labels_npy(labels)]))
     write_json_atomic(metadata_path(out), metadata)
     return metadata
 
@@ -440,9 +441,8 @@ def _labels(collection: Collection, found: ScanResult) -> np.ndarray:
     return np.fromiter((collection.label(int(i)) for i in found.good), np.int32, len(found.good))
 
 
-def _metadata(collection: Collection, found: ScanResult, layout: Layout, greyscale: bool,
+def _metadata(collection: Collection, found: ScanResult, labels: np.ndarray, layout: Layout, greyscale: bool,
               max_resolution: int) -> dict[str, Any]:
-    labels = _labels(collection, found)
     return {
         "version": METADATA_VERSION, "count": len(found.good), "image_shape": [*layout.shape, 3],
         "channels": 1 if greyscale else 3, "labelled": bool(labels.min() >= 0),
