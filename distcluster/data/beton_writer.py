@@ -356,9 +356,10 @@ def _lean_dataset_writer_class() -> type:
     class LeanDatasetWriter(DatasetWriter):
         """FFCV's writer without its per-image Python objects. FFCV 1.0.2 queues every image as
         an (index, numpy int) tuple and keeps every allocation as a tuple, turned into one small
-        array each at the end: about 0.3 GB for a million images, in this process and, forked,
-        in its workers. Here the queue holds (start, stop) ranges and each worker keeps its
-        allocations as one array; the file written is the same."""
+        array each at the end, in this process and, forked, in its workers (with the JSON image
+        list this replaced: 74 MB more peak memory at 200,000 images, measured). Here the queue
+        holds (start, stop) ranges and each worker keeps its allocations as one array; the file
+        written is the same."""
 
         def write_all(self, dataset: Any, chunk: int) -> None:
             count = len(dataset)
