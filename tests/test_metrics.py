@@ -8,6 +8,7 @@ from distcluster.core.metrics import (
     matched_sizes,
     normalized_mutual_info,
     recommended_clusters,
+    selection_quality,
     size_error,
     stability_by_clusters,
 )
@@ -223,3 +224,24 @@ def test_size_error_is_zero_for_the_same_sizes_in_any_order_and_grows_with_a_spl
     assert size_error(labels, np.repeat([2, 0, 1], [60, 30, 10])) == 0.0  # names do not matter
     assert size_error(labels, np.repeat([0, 1, 2], [34, 33, 33])) == pytest.approx(0.26)  # forced equal
     assert size_error(np.repeat([0, 1], [50, 50]), np.zeros(100, int)) == pytest.approx(0.5)  # 1 - 1/K
+
+
+def test_selection_quality_of_a_score_that_ranks_trials_as_acc_does_and_one_that_does_not():
+    label_free, acc = [0.1, 0.5, 0.9, 0.3], [0.2, 0.4, 0.6, 0.3]
+    assert selection_quality(label_free, acc, picked=2) == pytest.approx(
+        {"spearman": 1.0, "picked_acc": 0.6, "best_acc": 0.6, "gap": 0.0})
+    reversed_score = [-v for v in label_free]
+    assert selection_quality(reversed_score, acc, picked=0) == pytest.approx(
+        {"spearman": -1.0, "picked_acc": 0.2, "best_acc": 0.6, "gap": 0.4})
+    assert selection_quality([0.1, 0.2], [0.3, 0.4], picked=1)["spearman"] is None  # too few to rank
+
+
+def test_the_plot_of_the_label_free_score_against_acc_is_written(tmp_path):
+    from PIL import Image
+
+    from distcluster.tracking import plots
+
+    points = {"a": (0.4, 0.30), "b": (0.7, 0.41), "c": (0.9, 0.45)}
+    plots.label_free_vs_acc(points, "c", "held_out_acc", 1.0, tmp_path / "s.png")
+    plots.label_free_vs_acc(points, "a", "acc", None, tmp_path / "none.png")  # too few to rank
+    assert Image.open(tmp_path / "s.png").size[0] > 200 and (tmp_path / "none.png").stat().st_size > 0

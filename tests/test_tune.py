@@ -15,13 +15,15 @@ from mlflow.tracking import MlflowClient
 from servers import RAY, mlflow_server
 
 from distcluster.cluster.search_space import load_space, space_names
-from distcluster.cluster.sweep import Sweep, TrialRecord, choose_clusters
+from distcluster.cluster.sweep import Sample, Sweep, TrialRecord, choose_clusters
 from distcluster.commands.tune import main as tune_main
 from distcluster.common.errors import UserError
+from distcluster.data.arrays import ArraySource, subset_indices
+from distcluster.data.images import digits_arrays
 
 NAME = "digits-sweep"
 PACKAGED = {"digits-smoke", "digits-imc-swav", "digits-choose-k", "cifar10-imc-swav", "cifar10-iic",
-            "cifar10-crlc", "cifar10-cpu-choose-k"}
+            "cifar10-crlc", "cifar10-cpu-choose-k", "cifar10-cpu"}
 
 
 def tune(*argv: str, cwd, env=None) -> subprocess.CompletedProcess:
@@ -134,14 +136,48 @@ def test_other_mistakes_exit_2_with_one_line_and_leave_nothing(argv, needle, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("held_out, needle", [
+    ({"x": np.zeros((20, 8, 8), np.uint8)}, "has no labels: it scores trials by ACC"),
+    ({"x": np.random.default_rng(0).integers(0, 255, (20, 8, 8, 3), np.uint8), "y": np.zeros(20, np.int64)},
+     "has 3-channel images, the training data 1-channel ones"),
+])
+def test_eval_data_that_cannot_score_trials_exits_2_before_anything_starts(held_out, needle, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "held-out.npz", **held_out)
+    assert tune_main(["--space", "digits-smoke", "--eval-data", "held-out.npz"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert needle in error and len(error.splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["held-out.npz"]
+
+
+def test_a_drawn_sample_holds_the_chosen_images_with_their_labels():
+    images, labels = digits_arrays()
+    sample = Sample.draw(ArraySource.from_hwc(images, labels, "digits"), 50, seed=3)
+    rows = [int(np.flatnonzero((images == image).all(axis=(1, 2, 3)))[0]) for image in sample.images]
+    assert len(set(rows)) == 50 and rows == sorted(rows)  # distinct images, in the source's order
+    assert list(sample.labels) == list(labels[rows])
+    assert np.array_equal(Sample.draw(ArraySource.from_hwc(images, labels, "digits"), 50, seed=3).images,
+                          sample.images)  # the same draw for the same seed
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, ray_cluster):
     folder = tmp_path_factory.mktemp("tune")
+    held_out = write_held_out_digits(folder / "held-out.npz")
     with mlflow_server(folder) as uri:
         done = tune("--space", "digits-smoke", "--register", NAME, "--tracking-uri", uri,
-                    "--output", str(folder / "out"), cwd=folder, env=ray_cluster.env)
+                    "--eval-data", held_out, "--output", str(folder / "out"), cwd=folder, env=ray_cluster.env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         yield folder, uri, json.loads((folder / "out" / "tune_summary.json").read_text()), done
+
+
+def write_held_out_digits(path) -> str:
+    """The 797 digits digits-smoke does not train on (it keeps 1,000: max_samples)."""
+    images, labels = digits_arrays()
+    rest = np.setdiff1d(np.arange(len(images)), subset_indices(len(images), 1000))
+    np.savez(path, x=images[rest], y=labels[rest])
+    return str(path)
 
 
 def reserved_placement_groups(ray_cluster) -> list[dict]:
@@ -181,7 +217,7 @@ def test_release_removes_what_the_job_still_reserves_while_it_runs(ray_cluster):
 def test_four_trials_one_stopped_early_by_asha(sweep):
     _, _, summary, done = sweep
     trials = summary["trials"]
-    assert len(trials) == 4 and summary["select"] == "labels" and summary["metric"] == "acc"
+    assert len(trials) == 4 and summary["select"] == "labels" and summary["metric"] == "held_out_acc"
     stopped = [t for t in trials if t["status"] == "stopped_early"]
     assert len(stopped) >= 1 and summary["stopped_early"] == len(stopped)
     assert all(t["epochs"] < 6 for t in stopped)
@@ -189,17 +225,29 @@ def test_four_trials_one_stopped_early_by_asha(sweep):
     assert {(t["config"]["optim.lr"], t["config"]["clusters"]) for t in trials} == {
         (1e-3, 10), (1e-3, 12), (1e-6, 10), (1e-6, 12)}
     assert "trials" in done.stderr and "stopped early" in done.stdout  # progress bar and result line
-    assert not any(noise in done.stdout + done.stderr for noise in ("RayTrainWorker", "core_worker.cc"))
+    noise = ("RayTrainWorker", "core_worker.cc", "(raylet)")
+    assert not any(line in done.stdout + done.stderr for line in noise)
+    # The result alone on stdout: no banner of Tune's, the trial lines on stderr.
+    first_words = [line.split()[0] for line in done.stdout.splitlines()]
+    assert first_words == ["registered", "best", "without", "model:"]
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
-def test_the_best_trial_has_the_highest_acc_and_both_scores_are_recorded(sweep):
-    _, _, summary, _ = sweep
+def test_the_best_trial_has_the_highest_held_out_acc_and_every_score_is_recorded(sweep):
+    folder, uri, summary, _ = sweep
     completed = [t for t in summary["trials"] if t["status"] == "completed"]
-    assert all(0 <= t["view_mi"] <= 1 and 0 < t["acc"] <= 1 for t in completed)
+    assert all(0 <= t["view_mi"] <= 1 and 0 < t["acc"] <= 1 and 0 < t["held_out_acc"] <= 1 for t in completed)
     assert all(0 <= t["consensus"] <= 1 for t in completed)
+    assert all(t["held_out_acc"] is None for t in summary["trials"] if t["status"] != "completed")
     best = summary["best"]
-    assert best["acc"] == max(t["acc"] for t in completed) and best["metric"] == best["acc"]
+    assert best["held_out_acc"] == max(t["held_out_acc"] for t in completed)
+    assert best["metric"] == best["held_out_acc"]
+    # The held-out score is what evaluate reports for that model on those images.
+    done = subprocess.run([sys.executable, "-m", "distcluster.evaluate", "--model", best["model_uri"],
+                           "--data", str(folder / "held-out.npz"), "--tracking-uri", uri, "--quiet"],
+                          capture_output=True, text=True, cwd=folder, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["acc"] == pytest.approx(best["held_out_acc"], abs=1e-9)
     assert best["full_config"]["optim"]["lr"] == best["config"]["optim.lr"]
     assert best["full_config"]["clusters"] == best["config"]["clusters"]
 
@@ -222,10 +270,16 @@ def test_mlflow_holds_one_parent_with_four_child_runs(sweep):
         assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= trial["epochs"]
         if trial["status"] == "completed":
             assert run.info.status == "FINISHED"
+            assert run.data.metrics["final/held_out_acc"] == trial["held_out_acc"]
             assert_logged_model(client, run.info.run_id)
         else:
             assert run.info.status == "KILLED" and run.data.tags["distcluster.status"] == "stopped_early"
-    assert {a.path for a in client.list_artifacts(parent, "sweep")} == {"sweep/trials.csv", "sweep/sweep.png"}
+    assert {a.path for a in client.list_artifacts(parent, "sweep")} == {
+        "sweep/trials.csv", "sweep/sweep.png", "sweep/label_free_vs_acc.png"}
+    quality = summary["label_free_vs_acc"]
+    assert quality["acc"] == "held_out_acc" and quality["trials"] == len(quality["points"]) >= 2
+    assert quality["gap"] == quality["best_acc"] - quality["picked_acc"] >= 0
+    assert client.get_run(parent).data.metrics["label_free/gap"] == pytest.approx(quality["gap"])
     table = pd.read_csv(client.download_artifacts(parent, "sweep/trials.csv"))
     assert sorted(table["trial_id"]) == sorted(t["trial_id"] for t in summary["trials"])
 

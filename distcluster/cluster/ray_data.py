@@ -37,7 +37,7 @@ def ordered_quiet_data() -> None:
 def decoded_on_cluster(decoders: int, nodes: Counter) -> partial:
     """A data.beton_writer.Decoder running `decoders` tasks at once on the Ray cluster (RAY_ADDRESS,
     else a local instance, joined now); `nodes` counts the images each node decoded."""
-    init_ray(worker_output=False)  # before FFCV's writer forks its processes
+    init_ray()  # before FFCV's writer forks its processes
     return partial(_decoded_in_order, decoders=decoders, nodes=nodes)
 
 

@@ -46,6 +46,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from distcluster.cluster.ray_messages import route_driver_messages
 from distcluster.cluster.run_monitor import RunMonitor
 from distcluster.common.errors import ResumeRefused, RunFailed, UserError
 from distcluster.config import Config, from_dict
@@ -82,15 +83,15 @@ class RayRun:
     starts: list[dict[str, Any]]  # {"time", "epoch" it resumed at, "workers"}, in order
 
 
-def init_ray(worker_output: bool = True) -> None:
+def init_ray() -> None:
     """Join RAY_ADDRESS when set (as under `ray job submit`), else start a local instance.
-    `worker_output`: Ray prints here what every process of the job writes, its own included
-    (`log_to_driver`); False for commands that print what the user needs themselves (training
-    relays its workers' lines, predict and evaluate need none), Ray's messages staying in its
-    logs."""
+    What Ray's processes write stays in Ray's logs (`log_to_driver` off: training relays its
+    workers' lines itself, the other commands need none), and so do the hints Ray's nodes
+    publish to the driver (ray_messages): the command's stdout is its own."""
     if ray.is_initialized():
         return
     use_fast_controller_poll(os.environ)
+    route_driver_messages()
     env = ray_env(os.environ)
     runtime_env = {"env_vars": env} if env else None
     address = os.environ.get("RAY_ADDRESS")
@@ -98,15 +99,13 @@ def init_ray(worker_output: bool = True) -> None:
         check_ray_address(address)
         # Ray's own logging would print "Connecting to existing Ray cluster" lines on stderr,
         # before a later one-line error.
-        ray.init(address=address, configure_logging=False, runtime_env=runtime_env,
-                 log_to_driver=worker_output)
+        ray.init(address=address, configure_logging=False, runtime_env=runtime_env, log_to_driver=False)
     else:  # never join whatever a stale address file points at
         # Ray announces on stderr that the instance it starts for us has token auth (the safe
         # default): noise that would break a later one-line error.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         _own_ray_temp_dir()
-        ray.init(address="local", configure_logging=False, runtime_env=runtime_env,
-                 log_to_driver=worker_output)
+        ray.init(address="local", configure_logging=False, runtime_env=runtime_env, log_to_driver=False)
 
 
 def ray_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -465,7 +464,7 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
     """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data.
     `callbacks`: Ray Train UserCallbacks (Tune's TuneReportCallback in a sweep); `offered_cpus`:
     each worker's share of the cluster when others run beside it (see cpus_per_worker)."""
-    init_ray(worker_output=False)
+    init_ray()
     resources = ray.cluster_resources()
     warn_if_oversubscribed(cfg, resources)
     cpus = cpus_per_worker(cfg, resources, offered_cpus)

@@ -11,17 +11,21 @@ most (`choose_clusters`).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from distcluster.cluster.search_space import SearchSpace, SweepSettings
 from distcluster.common.errors import RunFailed
-from distcluster.common.files import write_atomic_dir
-from distcluster.core.metrics import consensus, recommended_clusters, stability_by_clusters
+from distcluster.common.files import write_atomic_dir, write_json_atomic
+from distcluster.core.metrics import cluster_scores, consensus, recommended_clusters, stability_by_clusters
 from distcluster.data.arrays import ArraySource, ImageSource, gather_images
 from distcluster.engine.checkpoint import newest_valid_checkpoint
 from distcluster.engine.evaluation import assign_checkpoint
@@ -29,6 +33,8 @@ from distcluster.tracking.outputs import log_model_and_plots
 from distcluster.tracking.runs import RunTracker
 
 CONSENSUS_IMAGES = 2000  # images every finished model assigns, to compare the models
+HELD_OUT_IMAGES = 10_000  # at most this many --eval-data images score each finished model
+HELD_OUT_SCORES = "held_out.json"  # in a finished trial's folder
 TRIAL_TAG = "distcluster.trial_id"
 DRIVER_CPUS = 0.01
 CHOOSING_CLUSTERS = {"clusters", "seed"}  # the searched keys of a space that chooses K
@@ -47,6 +53,29 @@ class Sweep:
     output: str
     cpus_per_worker: float
     consensus_images: np.ndarray  # (n, H, W, C) uint8: every finished model assigns them
+    held_out: Sample | None = None  # labelled images no trial trains on (tune --eval-data)
+
+
+@dataclass
+class Sample:
+    """Images drawn once by the sweep's driver and decoded in one pass; Ray's object store hands
+    them to the trials."""
+
+    images: np.ndarray  # (n, H, W, C) uint8
+    labels: np.ndarray | None  # (n,)
+
+    @classmethod
+    def draw(cls, source: ImageSource, count: int, seed: int) -> Sample:
+        chosen = np.random.default_rng(seed).choice(len(source), min(len(source), count), replace=False)
+        indices = np.sort(chosen)
+        found = gather_images(source, indices)
+        labels = None if source.labels is None else source.labels[torch.from_numpy(indices)].numpy()
+        return cls(np.stack([found[int(i)] for i in indices]), labels)
+
+    def clusters(self, state: dict[str, Any], name: str) -> np.ndarray:
+        """A finished trial's clusters of these images."""
+        sample = ArraySource.from_hwc(self.images, None, name)
+        return assign_checkpoint(state, sample).clusters.astype(np.int32)
 
 
 def run_trial(sampled: dict[str, Any], sweep: Sweep) -> None:
@@ -71,24 +100,18 @@ def run_trial(sampled: dict[str, Any], sweep: Sweep) -> None:
             raise RuntimeError(f"trial {trial_id} ended without a readable checkpoint")
         state = found[0]
         log_model_and_plots(tracker, state, folder)
-        clusters = assign_sample(state, sweep)
+        clusters = Sample(sweep.consensus_images, None).clusters(state, "consensus")
         write_atomic_dir(folder / "consensus", lambda d: np.save(d / "clusters.npy", clusters))
+        if sweep.held_out is not None:
+            scores = score_held_out(state, sweep.held_out)
+            tracker.log_metrics({f"final/{k}": v for k, v in scores.items()}, 0)
+            write_json_atomic(folder / HELD_OUT_SCORES, scores)
 
 
-def assign_sample(state: dict[str, Any], sweep: Sweep) -> np.ndarray:
-    """The trial's clusters of the consensus images (decoded once, by the sweep's driver)."""
-    sample = ArraySource.from_hwc(sweep.consensus_images, None, "consensus")
-    return assign_checkpoint(state, sample).clusters.astype(np.int32)
-
-
-def consensus_images(source: ImageSource, seed: int) -> np.ndarray:
-    """Up to CONSENSUS_IMAGES images, drawn once per sweep and decoded in one pass, that every
-    trial's model assigns (Ray's object store hands them to the trials)."""
-    count = min(len(source), CONSENSUS_IMAGES)
-    chosen = np.random.default_rng(seed).choice(len(source), count, replace=False)
-    indices = sorted(int(i) for i in chosen)
-    found = gather_images(source, np.asarray(indices))
-    return np.stack([found[i] for i in indices])
+def score_held_out(state: dict[str, Any], held_out: Sample) -> dict[str, float]:
+    """ACC, NMI and ARI of a finished trial on the held-out images, as `held_out_<score>`."""
+    found = held_out.clusters(state, "held-out")
+    return {f"held_out_{k}": v for k, v in cluster_scores(held_out.labels, found).items()}
 
 
 def fit_on_cluster(space: SearchSpace, sweep: SweepSettings) -> tuple[int, float]:
@@ -133,7 +156,8 @@ def trial_progress(total: int, metric: str):
             keys = dict.fromkeys((metric, "eval/view_mi", "eval/acc"))  # the metric first, once
             shown = " ".join(f"{k.split('/')[1]}={r[k]:.4f}" for k in keys
                              if isinstance(r.get(k), float))
-            self.bar.write(f"trial {trial.trial_id} {how} at epoch {r.get('epoch', 0)}: {shown}")
+            line = f"trial {trial.trial_id} {how} at epoch {r.get('epoch', 0)}: {shown}"
+            self.bar.write(line, file=sys.stderr)
             self.bar.update()
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -164,10 +188,11 @@ def run_tuner(sweep: Sweep, settings: SweepSettings, concurrent: int, out: Path)
     if settings.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search = OptunaSearch(seed=seed)
-    else:
-        # The same draws on every run; a searcher given to Tune keeps its own concurrency limit.
-        search = BasicVariantGenerator(random_state=seed, max_concurrent=concurrent)
+        search, limit = OptunaSearch(seed=seed), concurrent
+    else:  # the same draws on every run; it keeps its own concurrency limit (Tune warns if given one)
+        search, limit = BasicVariantGenerator(random_state=seed, max_concurrent=concurrent), None
+    # Tune's new output engine prints its banner on stdout even at verbose=0; the old one, nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
         # The driver only waits on its TorchTrainer: the workers hold the CPUs (Ray
         # refuses an empty request, hence a sliver).
@@ -175,7 +200,7 @@ def run_tuner(sweep: Sweep, settings: SweepSettings, concurrent: int, out: Path)
         param_space=param_space(sweep.space),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler,
                                     search_alg=search, num_samples=settings.samples,
-                                    max_concurrent_trials=concurrent),
+                                    max_concurrent_trials=limit),
         run_config=tune.RunConfig(name="tune", storage_path=str(out.resolve() / "ray"), verbose=0,
                                   callbacks=[trial_progress(trial_count(sweep.space, settings.samples),
                                                        sweep.metric)]),
@@ -194,6 +219,7 @@ class TrialRecord:
     run_id: str | None
     model_uri: str | None
     consensus: float | None = None  # the label-free score, of finished trials only
+    held_out_acc: float | None = None  # ACC on the --eval-data images, of finished trials only
 
     def value(self, field: str) -> float | None:
         return getattr(self, field)
@@ -208,7 +234,8 @@ def trial_records(results, sweep: Sweep, tracker: RunTracker) -> list[TrialRecor
     for result in results:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        model = Path(sweep.output) / "trials" / trial_id / "model" / "MLmodel"  # written at the end
+        folder = Path(sweep.output) / "trials" / trial_id
+        model = folder / "model" / "MLmodel"  # written at the end
         status = "failed" if result.error else "completed" if model.is_file() else "stopped_early"
         run = run_of.get(trial_id)
         if run is not None and status != "completed":
@@ -219,8 +246,14 @@ def trial_records(results, sweep: Sweep, tracker: RunTracker) -> list[TrialRecor
             trial_id, dict(result.config), status, int(metrics.get("epoch", 0)),
             metrics.get("eval/view_mi"), metrics.get("eval/acc"),
             run.info.run_id if run else None,
-            f"runs:/{run.info.run_id}/model" if run and status == "completed" else None))
+            f"runs:/{run.info.run_id}/model" if run and status == "completed" else None,
+            held_out_acc=_held_out_acc(folder) if status == "completed" else None))
     return sorted(records, key=lambda r: r.trial_id)
+
+
+def _held_out_acc(folder: Path) -> float | None:
+    scores = folder / HELD_OUT_SCORES
+    return json.loads(scores.read_text())["held_out_acc"] if scores.is_file() else None
 
 
 def _partition(record: TrialRecord, sweep: Sweep) -> np.ndarray:

@@ -21,12 +21,14 @@ from typing import Any
 from distcluster import config as configuration
 from distcluster.cluster.search_space import SEARCHES, SearchSpace, SweepSettings, load_space, space_names
 from distcluster.cluster.sweep import (
+    CONSENSUS_IMAGES,
+    HELD_OUT_IMAGES,
+    Sample,
     Sweep,
     TrialRecord,
     best_trial,
     choose_clusters,
     clusters_of,
-    consensus_images,
     fit_on_cluster,
     run_tuner,
     score_consensus,
@@ -36,6 +38,7 @@ from distcluster.commands.cli import PREPARE_HINT, ArgumentParser, run_command
 from distcluster.common.errors import ConfigError, UserError
 from distcluster.common.files import write_atomic_dir, write_json_atomic
 from distcluster.config import apply_override
+from distcluster.core.metrics import selection_quality
 from distcluster.data.arrays import ImageSource
 from distcluster.data.sources import open_source, resolve_data
 from distcluster.engine.build import check_fits, set_cpu_speedups
@@ -54,6 +57,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--space", required=True,
                    help=f"search space name or YAML file (spaces: {', '.join(space_names())})")
     p.add_argument("--data", help="data SPEC for every trial (default: the space's)")
+    p.add_argument("--eval-data", metavar="SPEC",
+                   help="labelled images no trial trains on (e.g. a held-out part of the same pile): every "
+                        "finished trial is scored on them, and --select labels ranks by that ACC")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config key for every trial, e.g. --set seed=1 (repeatable)")
     p.add_argument("--samples", type=int, help="trials to sample (with grid_search: grid repeats)")
@@ -94,15 +100,32 @@ def _best(records: list[TrialRecord], ranked_by: str, choice: dict[str, Any] | N
     return best_trial([r for r in records if clusters_of(r, sweep) == choice["k"]], ranked_by)
 
 
+def _label_free_quality(records: list[TrialRecord], choice: dict[str, Any] | None,
+                        sweep: Sweep) -> dict[str, Any] | None:
+    """Where the trials have labels: how well the label-free score ranks the finished trials by
+    ACC (held-out ACC with --eval-data), and the gap between the trial it picks and the best."""
+    acc = "held_out_acc" if any(r.held_out_acc is not None for r in records) else "acc"
+    done = [r for r in records if r.status == "completed" and r.consensus is not None
+            and r.value(acc) is not None]
+    if len(done) < 2:
+        return None
+    picked = _best(done, "consensus", choice, sweep)
+    quality = selection_quality([r.consensus for r in done], [r.value(acc) for r in done], done.index(picked))
+    return {"acc": acc, "trials": len(done), "picked": picked.trial_id,
+            "best": max(done, key=lambda r: r.value(acc)).trial_id, **quality,
+            "points": {r.trial_id: [r.consensus, r.value(acc)] for r in done}}
+
+
 def _log_sweep(tracker: RunTracker, records: list[TrialRecord], params: list[str], ranked_by: str,
-               out: Path, choice: dict[str, Any] | None) -> None:
-    """The parent run gets the trial table, a plot of the metric against every parameter and,
-    where the sweep chose the number of clusters, the stability of each K (a plot, a metric
-    stepped by K) and the recommendation."""
+               out: Path, choice: dict[str, Any] | None, quality: dict[str, Any] | None) -> None:
+    """The parent run gets the trial table, a plot of the metric against every parameter, one of
+    the label-free score against ACC (with labels) and, where the sweep chose the number of
+    clusters, the stability of each K (a plot, a metric stepped by K) and the recommendation."""
     import pandas as pd
 
     rows = [{"trial_id": r.trial_id, "status": r.status, "epochs": r.epochs, "view_mi": r.view_mi,
-             "consensus": r.consensus, "acc": r.acc, **r.config} for r in records]
+             "consensus": r.consensus, "acc": r.acc, "held_out_acc": r.held_out_acc, **r.config}
+            for r in records]
 
     def write(folder: Path) -> None:
         pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
@@ -110,9 +133,15 @@ def _log_sweep(tracker: RunTracker, records: list[TrialRecord], params: list[str
         plots.sweep(rows, params, "acc" if ranked_by == "acc" else "view_mi", folder / "sweep.png")
         if choice is not None:
             plots.stability(choice["stability"], choice["k"], folder / "choose_clusters.png")
+        if quality is not None:
+            plots.label_free_vs_acc(quality["points"], quality["picked"], quality["acc"], quality["spearman"],
+                                    folder / "label_free_vs_acc.png")
 
     write_atomic_dir(out / "sweep", write)
     tracker.log_artifacts(out / "sweep", "sweep")
+    if quality is not None:
+        tracker.log_metrics({f"label_free/{k}": quality[k] for k in ("spearman", "gap")
+                             if quality[k] is not None}, 0)
     if choice is not None:
         for k, value in choice["stability"].items():
             tracker.log_metrics({"stability": value}, int(k))
@@ -128,7 +157,7 @@ def _checked_sweep(args: argparse.Namespace) -> tuple[SearchSpace, SweepSettings
     settings = _sweep_settings(space, args)
     if args.register is not None:
         configuration.check_model_name(args.register)
-    data = resolve_data(space.base["data"])
+    data = resolve_data(space.base["data"], max_resolution=space.base["max_resolution"])
     source = open_source(data, space.base["max_samples"])
     for cfg in space.extreme_configs():
         check_fits(cfg, source)
@@ -136,6 +165,19 @@ def _checked_sweep(args: argparse.Namespace) -> tuple[SearchSpace, SweepSettings
             raise ConfigError("workers", cfg.workers, "tune runs every trial on Ray Train workers: "
                                                       "must be >= 1")
     return space, settings, data, source
+
+
+def _held_out(spec: str | None, space: SearchSpace, source: ImageSource) -> Sample | None:
+    """--eval-data, checked (labelled, as many channels as the training images) and drawn once."""
+    if spec is None:
+        return None
+    held_out = open_source(resolve_data(spec, max_resolution=space.base["max_resolution"]))
+    if held_out.labels is None:
+        raise UserError(f"--eval-data {spec} has no labels: it scores trials by ACC")
+    if held_out.channels != source.channels:
+        raise UserError(f"--eval-data {spec} has {held_out.channels}-channel images, the training data "
+                        f"{source.channels}-channel ones")
+    return Sample.draw(held_out, HELD_OUT_IMAGES, space.base["seed"])
 
 
 def _selection(select: str | None, space: SearchSpace, source: ImageSource) -> str:
@@ -156,7 +198,10 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
     set_cpu_speedups()
     space, settings, data, source = _checked_sweep(args)
     select = _selection(args.select, space, source)
+    held_out = _held_out(args.eval_data, space, source)
     metric, ranked_by = METRICS[select], RANKED_BY[select]
+    if held_out is not None and select == "labels":
+        ranked_by = "held_out_acc"
     uri = resolve_tracking_uri(args.tracking_uri or space.base["tracking_uri"])
     check_reachable(uri)
     ray_train.use_fast_controller_poll(os.environ)  # a bad value said before anything is written
@@ -169,25 +214,28 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with tracker.ending():
             # The trials' lines stay in Ray's logs: here the progress bar and the result alone
-            ray_train.init_ray(worker_output=False)
+            ray_train.init_ray()
             concurrent, cpus = fit_on_cluster(space, settings)
             tracker.log_params({"space": space.name, "select": select, "metric": metric,
-                                "data": space.base["data"], "max_concurrent": concurrent,
+                                "data": space.base["data"], "eval_data": args.eval_data,
+                                "max_concurrent": concurrent,
                                 **{k: v for k, v in dataclasses.asdict(settings).items()
                                    if k != "max_concurrent"},
                                 **{f"space.{d.key}": f"{d.kind}{list(d.values)}" for d in space.dimensions}})
             sweep = Sweep(space, data, metric, uri, experiment, tracker.run_id, str(out.resolve()), cpus,
-                          consensus_images(source, space.base["seed"]))
+                          Sample.draw(source, CONSENSUS_IMAGES, space.base["seed"]).images, held_out)
             results = run_tuner(sweep, settings, concurrent, out)
             records = trial_records(results, sweep, tracker)
             score_consensus(records, sweep, tracker)
             choice = choose_clusters(records, sweep)
             best = _best(records, ranked_by, choice, sweep)
-            _log_sweep(tracker, records, [d.key for d in space.dimensions], ranked_by, out, choice)
+            quality = _label_free_quality(records, choice, sweep)
+            _log_sweep(tracker, records, [d.key for d in space.dimensions], ranked_by, out, choice, quality)
             version = _register_champion(tracker, best, args.register) if args.register else None
             summary = _summary(space, select, ranked_by, records, best, tracker, args.register, version,
                                time.perf_counter() - started)
             summary["recommended_clusters"] = choice
+            summary["label_free_vs_acc"] = quality
             stopped_early = sum(r.status == "stopped_early" for r in records)
             tracker.log_metrics({f"best/{ranked_by}": best.value(ranked_by),
                                  "trials_stopped_early": stopped_early}, 0)
@@ -207,7 +255,7 @@ def _summary(space: SearchSpace, select: str, ranked_by: str, records: list[Tria
              tracker: RunTracker, name: str | None, version: str | None, wall: float) -> dict[str, Any]:
     def row(r: TrialRecord) -> dict[str, Any]:
         return {"trial_id": r.trial_id, "status": r.status, "epochs": r.epochs, "config": r.config,
-                "view_mi": r.view_mi, "consensus": r.consensus, "acc": r.acc,
+                "view_mi": r.view_mi, "consensus": r.consensus, "acc": r.acc, "held_out_acc": r.held_out_acc,
                 "run_id": r.run_id, "model_uri": r.model_uri}
 
     return {
@@ -236,6 +284,12 @@ def _print_result(summary: dict[str, Any], out: Path) -> None:
     if choice is not None:
         print(f"recommended clusters: {choice['k']} (stability of each K, the mean ARI between its seeds' "
               "runs: " + ", ".join(f"{k}: {v:.3f}" for k, v in choice["stability"].items()) + ")")
+    quality = summary["label_free_vs_acc"]
+    if quality is not None:
+        rho = "n/a" if quality["spearman"] is None else f"{quality['spearman']:.3f}"
+        print(f"without labels the pick would be {quality['picked']}: {quality['acc']} "
+              f"{quality['picked_acc']:.4f}, best {quality['best_acc']:.4f} (gap {quality['gap']:.4f}; "
+              f"Spearman of consensus and {quality['acc']} over {quality['trials']} finished trials: {rho})")
     print(f"model: {summary['model_uri']}   summary: {out / 'tune_summary.json'}")
 
 

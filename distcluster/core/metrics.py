@@ -161,6 +161,18 @@ def consensus(partitions: list[np.ndarray], weights: list[float]) -> list[float]
     return scores
 
 
+def selection_quality(label_free: list[float], acc: list[float], picked: int) -> dict[str, float | None]:
+    """How well a label-free score ranks trials (one value of each list per trial) by ACC:
+    Spearman's rho between the two (None with fewer than 3 trials or a constant list), the
+    ACC of the trial picked without labels (index `picked`), the best ACC, and their gap."""
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(label_free, acc).statistic) if len(acc) >= 3 else math.nan
+    best = max(acc)
+    return {"spearman": None if math.isnan(rho) else rho, "picked_acc": acc[picked], "best_acc": best,
+            "gap": best - acc[picked]}
+
+
 def matched_sizes(y_true: np.ndarray, y_pred: np.ndarray, clusters: int) -> dict[str, np.ndarray]:
     """Each class's size (largest first: `classes`, `class_sizes`) beside the size of the cluster
     matched to it (`matched_sizes`, 0 where none is), and the sizes of the clusters matched to

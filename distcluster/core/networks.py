@@ -4,7 +4,7 @@ Backbones map images (B, C, H, W) to features (B, D)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +23,9 @@ BACKBONES = ("small_cnn", "resnet18", "resnet34")
 class ModelConfig:
     backbone: str = "resnet18"
     width: int = 64  # small_cnn only: channels of the first stage
+    # The backbone sees the images' edges alone (SobelEdges): no colour to cluster by, as IIC
+    # feeds CIFAR. Off by default.
+    sobel: bool = False
     # BatchNorm statistics over the global batch (true), per worker (false), or auto: global on
     # GPUs (SyncBatchNorm over NCCL), per worker on CPUs (two gloo collectives per layer cost more
     # than they give there). Only global statistics make N workers equal one process in training.
@@ -32,6 +35,7 @@ class ModelConfig:
         check(self.backbone in BACKBONES, "model.backbone", self.backbone,
                f"must be one of {', '.join(BACKBONES)}")
         check(self.width >= 4, "model.width", self.width, "must be >= 4")
+        check(isinstance(self.sobel, bool), "model.sobel", self.sobel, "must be true or false")
         check(isinstance(self.sync_batchnorm, bool) or self.sync_batchnorm == "auto",
                "model.sync_batchnorm", self.sync_batchnorm, "must be true, false or auto")
 
@@ -73,7 +77,36 @@ def cifar_resnet(depth: int, in_channels: int) -> nn.Module:
     return net
 
 
+class SobelEdges(nn.Module):
+    """(B, C, H, W) -> (B, 2, H, W): the horizontal and vertical Sobel gradients of the mean of
+    the channels. Fixed, not trained (a buffer, kept in the state dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        dx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+        self.register_buffer("kernels", torch.stack([dx, dx.t()]).unsqueeze(1))  # (2, 1, 3, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grey = images.mean(dim=1, keepdim=True)
+        return nn.functional.conv2d(grey, self.kernels.to(grey.dtype), padding=1)
+
+
+class OnEdges(nn.Module):
+    """A backbone fed SobelEdges of the images."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.edges = SobelEdges()
+        self.backbone = backbone
+        self.feature_dim = backbone.feature_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.edges(images))
+
+
 def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
+    if cfg.sobel:
+        return OnEdges(build_backbone(replace(cfg, sobel=False), 2))
     if cfg.backbone == "small_cnn":
         return SmallConvNet(in_channels, cfg.width)
     return cifar_resnet(int(cfg.backbone.removeprefix("resnet")), in_channels)

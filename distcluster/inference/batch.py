@@ -127,7 +127,7 @@ def ray_rows(model_files: dict[str, bytes], data: str, total: int, workers: int,
     from distcluster.cluster.ray_data import ordered_quiet_data
     from distcluster.cluster.ray_train import init_ray, share_cpus
 
-    init_ray(worker_output=False)  # the actors' output and Ray's stay in Ray's logs: stdout is the command's
+    init_ray()  # the actors' output and Ray's stay in Ray's logs: stdout is the command's
     if gpu and ray.cluster_resources().get("GPU", 0) < 1:  # else the actors would wait for ever
         raise UserError("--gpu: the Ray cluster has no GPU for the predict actors")
     ordered_quiet_data()

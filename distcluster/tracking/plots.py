@@ -234,3 +234,22 @@ def stability(by_k: Mapping[str, float], chosen: int, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def label_free_vs_acc(points: Mapping[str, tuple[float, float]], picked: str, acc_name: str,
+                      rho: float | None, path: Path) -> None:
+    """Each finished trial's label-free score against its ACC, the trial picked without labels
+    marked: a sweep whose score ranks trials well lies on a rising line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    xs, ys = zip(*points.values(), strict=True)
+    ax.scatter(xs, ys, s=30, color="C0")
+    ax.plot(*points[picked], "o", color="C3", markersize=10, label=f"picked without labels: {picked}")
+    shown_rho = "n/a" if rho is None else f"{rho:.2f}"
+    ax.set(xlabel="label-free score (consensus)", ylabel=acc_name,
+           title=f"{len(points)} finished trials, Spearman {shown_rho}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -40,8 +40,12 @@ def environment_restored(names: tuple[str, ...]) -> Iterator[None]:
 def quiet_store_setup() -> None:
     """MLflow's INFO lines while it creates or upgrades a sqlite store's tables ("Creating initial
     MLflow database tables...") stay out of the user's terminal; warnings still show. After
-    mlflow's import, which configures its loggers."""
+    mlflow's import, which configures its loggers. Nor does MLflow print a "View run ... at"
+    link on stdout for every run it ends on a server (every trial of a sweep): the commands
+    print their run's id or model URI with their result."""
     import mlflow  # noqa: F401 - its logging set up first
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)

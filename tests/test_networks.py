@@ -1,0 +1,40 @@
+"""Backbone inputs: the Sobel edge front (`model.sobel`) with known answers, and a run on it."""
+
+import torch
+from recorder import Recorder
+
+from distcluster.config import from_dict, load_recipe
+from distcluster.core.networks import ModelConfig, SobelEdges, build_backbone
+from distcluster.data.arrays import load_source
+from distcluster.engine.build import WorkerContext
+from distcluster.engine.loop import train_loop
+
+
+def test_sobel_sees_a_vertical_edge_in_x_only_and_nothing_in_flat_colour():
+    step = torch.zeros(1, 3, 6, 6)
+    step[..., 3:] = 3.0  # every channel steps from 0 to 3 between columns 2 and 3: a grey step of 3
+    edges = SobelEdges()(step)
+    assert edges.shape == (1, 2, 6, 6)
+    inner = edges[0, :, 1:-1, 1:-1]  # away from the zero padding
+    # dx = left - right, weighted 1, 2, 1 down the 3 rows: -3 * 4 = -12 on both sides of the step
+    assert torch.equal(inner[0], torch.tensor([[0.0, -12.0, -12.0, 0.0]] * 4))
+    assert torch.equal(inner[1], torch.zeros(4, 4))
+    flat = torch.rand(1, 3, 1, 1).expand(1, 3, 6, 6)  # one colour, whatever it is
+    assert torch.allclose(SobelEdges()(flat)[0, :, 1:-1, 1:-1], torch.zeros(2, 4, 4), atol=1e-6)
+
+
+def test_the_edge_front_is_fixed_and_feeds_the_backbone_two_channels():
+    net = build_backbone(ModelConfig(backbone="small_cnn", width=8, sobel=True), in_channels=3)
+    assert net.backbone.layers[0].in_channels == 2 and net.feature_dim == 64
+    assert "edges.kernels" in net.state_dict()
+    assert all(not name.startswith("edges") for name, _ in net.named_parameters())  # never trained
+    assert net(torch.rand(4, 3, 16, 16)).shape == (4, 64)
+
+
+def test_a_run_on_edges_trains_and_evaluates():
+    values = {**load_recipe("digits-crlc"), "epochs": 2, "batch_size": 128, "precision": "fp32",
+              "model": {**load_recipe("digits-crlc")["model"], "sobel": True}}
+    recorder = Recorder()
+    train_loop(from_dict(values), load_source("digits", 256), WorkerContext(), recorder, log=lambda s: None)
+    last = recorder.epochs[-1]
+    assert torch.isfinite(torch.tensor(last["train/loss"])) and 0 < last["eval/acc"] <= 1
