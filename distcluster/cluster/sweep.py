@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from distcluster.cluster.search_space import SearchSpace, SweepSettings
 from distcluster.common.errors import RunFailed
@@ -69,7 +68,7 @@ class Sample:
         chosen = np.random.default_rng(seed).choice(len(source), min(len(source), count), replace=False)
         indices = np.sort(chosen)
         found = gather_images(source, indices)
-        labels = None if source.labels is None else source.labels[torch.from_numpy(indices)].numpy()
+        labels = None if source.labels is None else source.labels.numpy()[indices]
         return cls(np.stack([found[int(i)] for i in indices]), labels)
 
     def clusters(self, state: dict[str, Any], name: str) -> np.ndarray:

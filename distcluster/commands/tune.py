@@ -129,8 +129,10 @@ def _log_sweep(tracker: RunTracker, records: list[TrialRecord], params: list[str
 
     def write(folder: Path) -> None:
         pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
-        # Every trial has view_mi and, with labels, ACC; only finished ones have a consensus.
-        plots.sweep(rows, params, "acc" if ranked_by == "acc" else "view_mi", folder / "sweep.png")
+        # Every trial has view_mi and, with labels, ACC; only finished ones have a consensus
+        # and a held-out ACC.
+        shown = ranked_by if ranked_by in ("acc", "held_out_acc") else "view_mi"
+        plots.sweep(rows, params, shown, folder / "sweep.png")
         if choice is not None:
             plots.stability(choice["stability"], choice["k"], folder / "choose_clusters.png")
         if quality is not None:
@@ -277,6 +279,7 @@ def _print_result(summary: dict[str, Any], out: Path) -> None:
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in best["config"].items())
     acc = f", ACC {best['acc']:.4f}" if best["acc"] is not None else ""
+    acc += f", held-out ACC {best['held_out_acc']:.4f}" if best["held_out_acc"] is not None else ""
     print(f"best of {len(summary['trials'])} trials ({summary['stopped_early']} stopped early) by "
           f"{summary['metric']}: {best['trial_id']} {shown}: consensus {best['consensus']:.4f}, "
           f"view_mi {best['view_mi']:.4f}{acc}")
