@@ -26,7 +26,7 @@ SCORES = ("consensus", "view_mi")  # label-free, each finished trial has both
 
 
 def shown(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else "n/a" if value is None else str(value)
 
 
 def trial_table(trials: list[dict], acc: str) -> list[str]:
@@ -35,16 +35,18 @@ def trial_table(trials: list[dict], acc: str) -> list[str]:
              f"{acc} |", "|---" * (len(keys) + 5) + "|"]
     for t in sorted(trials, key=lambda t: -t[acc]):
         lines.append(f"| {t['trial_id']} | " + " | ".join(shown(v) for v in t["config"].values())
-                     + f" | {t['consensus']:.4f} | {t['view_mi']:.4f} | {t['acc']:.4f} | {t[acc]:.4f} |")
+                     + f" | {t['consensus']:.4f} | {t['view_mi']:.4f} | {shown(t['acc'])} | {t[acc]:.4f} |")
     return lines
 
 
-def ranking_lines(trials: list[dict], acc: str) -> list[str]:
+def ranking_lines(trials: list[dict], acc: str, tune_pick: str | None) -> list[str]:
+    """`tune_pick`: the trial tune picked without labels (at the recommended K, ties by view_mi)."""
     accs = [t[acc] for t in trials]
+    ids = [t["trial_id"] for t in trials]
     lines = []
     for score in SCORES:
         values = [t[score] for t in trials]
-        picked = values.index(max(values))
+        picked = ids.index(tune_pick) if score == "consensus" and tune_pick else values.index(max(values))
         q = selection_quality(values, accs, picked)
         rho = "n/a" if q["spearman"] is None else f"{q['spearman']:.3f}"
         lines.append(f"- {score}: Spearman with {acc} **{rho}**; its pick {trials[picked]['trial_id']} "
@@ -63,6 +65,10 @@ def main() -> None:
     summary = json.loads((args.folder / "tune_summary.json").read_text())
     trials = [t for t in summary["trials"] if t["status"] == "completed"]
     acc = "held_out_acc" if all(t.get("held_out_acc") is not None for t in trials) else "acc"
+    if len(trials) < 2 or any(t[acc] is None for t in trials):
+        raise SystemExit(f"{args.folder}: fewer than 2 finished trials, or trials without labels: "
+                         "nothing to rank")
+    quality = summary.get("label_free_vs_acc")
     minutes = args.minutes or summary["wall_seconds"] / 60
     body = "\n".join([
         f"## Sweep: {summary['space']} ({args.name})\n",
@@ -70,7 +76,7 @@ def main() -> None:
         f"trials finished, {summary['stopped_early']} stopped early; {minutes:.1f} min).\n",
         *trial_table(trials, acc), "",
         "How the label-free scores rank the finished trials:\n",
-        *ranking_lines(trials, acc),
+        *ranking_lines(trials, acc, quality["picked"] if quality else None),
     ])
     print(body)
     write_section(f"tune-{args.name}", body)

@@ -4,9 +4,9 @@ import torch
 from recorder import Recorder
 
 from distcluster.config import from_dict, load_recipe
-from distcluster.core.networks import ModelConfig, SobelEdges, build_backbone
+from distcluster.core.networks import ModelConfig, OnEdges, SobelEdges, build_backbone
 from distcluster.data.arrays import load_source
-from distcluster.engine.build import WorkerContext
+from distcluster.engine.build import WorkerContext, build_model
 from distcluster.engine.loop import train_loop
 
 
@@ -34,6 +34,7 @@ def test_the_edge_front_is_fixed_and_feeds_the_backbone_two_channels():
 def test_a_run_on_edges_trains_and_evaluates():
     values = {**load_recipe("digits-crlc"), "epochs": 2, "batch_size": 128, "precision": "fp32",
               "model": {**load_recipe("digits-crlc")["model"], "sobel": True}}
+    assert isinstance(build_model(from_dict(values), 1).backbone, OnEdges)  # the config reaches the model
     recorder = Recorder()
     train_loop(from_dict(values), load_source("digits", 256), WorkerContext(), recorder, log=lambda s: None)
     last = recorder.epochs[-1]

@@ -29,9 +29,9 @@ def test_any_other_message_goes_to_stderr(capsys):
     assert printed.out == "" and "a worker died: killed for memory" in printed.err
 
 
-# Twenty tasks waiting at once make Ray start twenty workers on a 2-CPU instance: 10x its guess
-# at startup concurrency, so the raylet publishes its worker-pool hint (it did at 8 in every
-# sweep on 2 cores). The script waits for the hint to reach the logger, an event, not a time.
+# Tasks waiting at once make Ray start a worker each: past 4x its guess at startup concurrency
+# (the CPU count) the raylet publishes its worker-pool hint (at 8 workers in every sweep on 2
+# cores; 20 tasks there). The script waits for the hint to reach the logger, an event, not a time.
 ROUTED = """
 import glob, logging, os, sys, threading, time
 import ray
@@ -53,7 +53,7 @@ def wait_for(path):
         time.sleep(0.05)
 
 done = sys.argv[1]
-tasks = [wait_for.remote(done) for _ in range(20)]
+tasks = [wait_for.remote(done) for _ in range(4 * os.cpu_count() + 12)]  # past 4x Ray's guess
 assert seen.wait(240), "Ray published no worker-pool hint"
 open(done, "w").close()
 ray.get(tasks)

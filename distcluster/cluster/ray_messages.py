@@ -37,12 +37,17 @@ def show(message: dict[str, Any]) -> None:
 
 
 def _listen(worker: Any, threads_stopped: threading.Event) -> None:
-    """Ray's loop (subscribe, poll, keep this job's messages and the cluster's), each one shown."""
+    """Ray's loop (an autoscaler error kept from before, then subscribe, poll, keep this job's
+    messages and the cluster's), each one shown."""
     from ray._raylet import JobID
 
     worker.gcs_error_subscriber.subscribe()
     ours = frozenset([worker.current_job_id.binary(), JobID.nil().binary()])
     try:
+        if ray_worker._internal_kv_initialized():  # an autoscaler error from before the subscription
+            found = ray_worker._internal_kv_get(ray_worker.ray_constants.DEBUG_AUTOSCALING_ERROR)
+            if found is not None:
+                show({"type": "autoscaler", "error_message": found.decode()})
         while not threads_stopped.is_set():
             _, message = worker.gcs_error_subscriber.poll()
             if message is not None and message["job_id"] in (None, *ours):

@@ -174,6 +174,8 @@ def _held_out(spec: str | None, space: SearchSpace, source: ImageSource) -> Samp
     if spec is None:
         return None
     held_out = open_source(resolve_data(spec, max_resolution=space.base["max_resolution"]))
+    if len(held_out) == 0:
+        raise UserError(f"--eval-data {spec} holds no images")
     if held_out.labels is None:
         raise UserError(f"--eval-data {spec} has no labels: it scores trials by ACC")
     if held_out.channels != source.channels:
@@ -219,8 +221,8 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
             ray_train.init_ray()
             concurrent, cpus = fit_on_cluster(space, settings)
             tracker.log_params({"space": space.name, "select": select, "metric": metric,
-                                "data": space.base["data"], "eval_data": args.eval_data,
-                                "max_concurrent": concurrent,
+                                "data": space.base["data"], "max_concurrent": concurrent,
+                                **({"eval_data": args.eval_data} if args.eval_data else {}),
                                 **{k: v for k, v in dataclasses.asdict(settings).items()
                                    if k != "max_concurrent"},
                                 **{f"space.{d.key}": f"{d.kind}{list(d.values)}" for d in space.dimensions}})
