@@ -25,7 +25,7 @@ from distcluster.cluster.search_space import SearchSpace, SweepSettings
 from distcluster.common.errors import RunFailed
 from distcluster.common.files import write_atomic_dir, write_json_atomic
 from distcluster.core.metrics import cluster_scores, consensus, recommended_clusters, stability_by_clusters
-from distcluster.data.arrays import ArraySource, ImageSource, gather_images
+from distcluster.data.arrays import ArraySource, ImageSource
 from distcluster.engine.checkpoint import newest_valid_checkpoint
 from distcluster.engine.evaluation import assign_checkpoint
 from distcluster.tracking.outputs import log_model_and_plots
@@ -67,9 +67,8 @@ class Sample:
     def draw(cls, source: ImageSource, count: int, seed: int) -> Sample:
         chosen = np.random.default_rng(seed).choice(len(source), min(len(source), count), replace=False)
         indices = np.sort(chosen)
-        found = gather_images(source, indices)
         labels = None if source.labels is None else source.labels.numpy()[indices]
-        return cls(np.stack([found[int(i)] for i in indices]), labels)
+        return cls(np.ascontiguousarray(source.take(indices).permute(0, 2, 3, 1).numpy()), labels)
 
     def clusters(self, state: dict[str, Any], name: str) -> np.ndarray:
         """A finished trial's clusters of these images."""
