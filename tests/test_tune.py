@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from servers import RAY, mlflow_server
 
 from distcluster.cluster.search_space import load_space, space_names
-from distcluster.cluster.sweep import Sample, Sweep, TrialRecord, choose_clusters
+from distcluster.cluster.sweep import Sample, Sweep, TrialRecord, choose_clusters, param_space
 from distcluster.commands.tune import main as tune_main
 from distcluster.common.errors import UserError
 from distcluster.data.arrays import ArraySource, subset_indices
@@ -49,6 +49,14 @@ def test_a_space_draws_typed_values_into_a_full_config(tmp_path):
     drawn = (cfg.objective, cfg.epochs, cfg.crlc.temperature, cfg.augment.crops[0].size)
     assert drawn == ("crlc", 3, 0.25, 6)
     assert space.sweep.samples == 3 and space.sweep.grace_period == 2  # the rest defaults
+
+
+def test_the_smoke_grid_runs_a_learning_trial_before_each_stalled_one():
+    from ray.tune.search.variant_generator import generate_variants
+
+    order = [(config["optim.lr"], config["seed"]) for _, config in generate_variants(
+        param_space(load_space("digits-smoke")))]
+    assert order == [(1e-3, 0), (1e-6, 0), (1e-3, 1), (1e-6, 1)]  # what its ASHA rung relies on
 
 
 def finished_trials(folder, partitions: dict[str, tuple[dict, np.ndarray]]) -> list[TrialRecord]:
@@ -220,10 +228,12 @@ def test_four_trials_one_stopped_early_by_asha(sweep):
     assert len(trials) == 4 and summary["select"] == "labels" and summary["metric"] == "held_out_acc"
     stopped = [t for t in trials if t["status"] == "stopped_early"]
     assert len(stopped) >= 1 and summary["stopped_early"] == len(stopped)
-    assert all(t["epochs"] < 6 for t in stopped)
-    assert all(t["epochs"] == 6 for t in trials if t["status"] == "completed")
-    assert {(t["config"]["optim.lr"], t["config"]["clusters"]) for t in trials} == {
-        (1e-3, 10), (1e-3, 12), (1e-6, 10), (1e-6, 12)}
+    assert all(t["epochs"] < 5 for t in stopped)
+    completed = [t for t in trials if t["status"] == "completed"]
+    assert all(t["epochs"] == 5 for t in completed)
+    assert sum(t["config"]["optim.lr"] == 1e-3 for t in completed) == 2  # both learning trials finish
+    assert {(t["config"]["optim.lr"], t["config"]["seed"]) for t in trials} == {
+        (1e-3, 0), (1e-3, 1), (1e-6, 0), (1e-6, 1)}
     assert "trials" in done.stderr and "stopped early" in done.stdout  # progress bar and result line
     noise = ("RayTrainWorker", "core_worker.cc", "(raylet)")
     assert not any(line in done.stdout + done.stderr for line in noise)
@@ -249,7 +259,7 @@ def test_the_best_trial_has_the_highest_held_out_acc_and_every_score_is_recorded
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["acc"] == pytest.approx(best["held_out_acc"], abs=1e-9)
     assert best["full_config"]["optim"]["lr"] == best["config"]["optim.lr"]
-    assert best["full_config"]["clusters"] == best["config"]["clusters"]
+    assert best["full_config"]["seed"] == best["config"]["seed"]
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -301,4 +311,4 @@ def test_champion_alias_points_at_the_best_trial_and_predict_uses_it(sweep, tmp_
 
 
 def best_clusters(summary) -> int:
-    return summary["best"]["config"]["clusters"]
+    return summary["best"]["full_config"]["clusters"]
