@@ -1,13 +1,47 @@
-"""Backbone inputs: the Sobel edge front (`model.sobel`) with known answers, and a run on it."""
+"""Backbones: the small CNN's stages, the Sobel edge front (`model.sobel`) with known answers, and a
+run on it."""
 
+import pytest
 import torch
 from recorder import Recorder
 
 from distcluster.config import from_dict, load_recipe
+from distcluster.common.errors import UserError
 from distcluster.core.networks import ModelConfig, OnEdges, SobelEdges, build_backbone
 from distcluster.data.arrays import load_source
 from distcluster.engine.build import WorkerContext, build_model
 from distcluster.engine.loop import train_loop
+
+
+@pytest.mark.parametrize("stages, side", [(1, 20), (2, 20), (3, 20), (4, 16)])
+def test_each_stage_doubles_the_channels_and_halves_the_side(stages, side):
+    net = build_backbone(ModelConfig(backbone="small_cnn", width=8, stages=stages), in_channels=3)
+    convs = [m for m in net.layers if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8 * 2 ** (i // 2) for i in range(2 * stages)]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.layers) == stages - 1
+    features = 4 * convs[-1].out_channels  # the last stage's channels, 2x2 pooled
+    assert net.feature_dim == features and net(torch.rand(2, 3, side, side)).shape == (2, features)
+
+
+def test_the_default_keeps_the_layout_models_were_saved_with():
+    # Models logged before `model.stages` existed hold these keys: they still load.
+    keys = list(build_backbone(ModelConfig(backbone="small_cnn", width=8), 3).state_dict())
+    assert [k for k in keys if k.endswith(".weight")] == [
+        "layers.0.weight", "layers.1.weight", "layers.3.weight", "layers.4.weight",
+        "layers.7.weight", "layers.8.weight", "layers.10.weight", "layers.11.weight"]
+
+
+@pytest.mark.parametrize("stages", [0, 5, 2.5, True])
+def test_an_impossible_stage_count_is_a_user_error(stages):
+    with pytest.raises(UserError, match="model.stages"):
+        ModelConfig(backbone="small_cnn", stages=stages).validate()
+
+
+def test_more_stages_than_the_smallest_crop_can_halve_is_a_user_error():
+    values = load_recipe("digits-crlc")  # 8 px crops: 3 stages (2 halvings to 2x2), not 4
+    from_dict({**values, "model": {**values["model"], "stages": 3}}).validate()
+    with pytest.raises(UserError, match="'model.stages'.*at least 16 px \\(the smallest is 8\\)"):
+        from_dict({**values, "model": {**values["model"], "stages": 4}}).validate()
 
 
 def test_sobel_sees_a_vertical_edge_in_x_only_and_nothing_in_flat_colour():

@@ -126,6 +126,16 @@ def test_the_config_comparison_allows_what_is_safe_and_names_what_is_not():
             "backbone": "resnet18"}}), trained_epochs=4)
 
 
+def test_a_checkpoint_from_before_model_stages_counts_as_two_stages():
+    current = config.from_dict(config.load_recipe("digits-crlc"))
+    older = current.to_dict()
+    del older["model"]["stages"]  # as a checkpoint written before the key existed
+    assert config.resume_changes(older, current, trained_epochs=1).changed == {}
+    deeper = config.from_dict({**current.to_dict(), "model": {**current.to_dict()["model"], "stages": 3}})
+    with pytest.raises(ConfigError, match="'model.stages'.*trained with 2"):
+        config.resume_changes(older, deeper, trained_epochs=1)
+
+
 def _agree(rank: int, world: int, init_file: str, folder: str) -> None:
     """Rank 0 sees checkpoints of epochs 1 and 2; rank 1 sees one of epoch 3 (or none) that it
     would pick if it chose for itself. Each writes what it resumes from."""

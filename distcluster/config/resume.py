@@ -32,11 +32,16 @@ class ResumeChanges:
         return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in self.changed.items())
 
 
+# Network keys added after checkpoints were written, with the value those checkpoints were
+# trained with: a resume that changes them is refused like any other network change.
+SAVED_BEFORE_THEY_EXISTED = {"model.sobel": False, "model.stages": 2}
+
+
 def resume_changes(saved: dict[str, Any], current: Config, trained_epochs: int) -> ResumeChanges:
     """The allowed changes from `saved` (a checkpoint's config, as Config.to_dict wrote it) to
-    `current`; ResumeRefused (a ConfigError) for the first refused one. Keys one side lacks (a version apart)
-    are not compared."""
-    before, now = dict(flatten_keys(saved)), current.flat()
+    `current`; ResumeRefused (a ConfigError) for the first refused one. Other keys one side lacks
+    (a version apart) are not compared."""
+    before, now = {**SAVED_BEFORE_THEY_EXISTED, **dict(flatten_keys(saved))}, current.flat()
     changed = {k: (before[k], now[k]) for k in now if k in before and _differs(before[k], now[k])}
     for key, (old, new) in changed.items():
         if not any(key == r or (r.endswith(".") and key.startswith(r)) for r in REFUSED_ON_RESUME):
