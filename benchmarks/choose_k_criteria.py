@@ -4,7 +4,7 @@
 
 SWEEP_FOLDER is a `tune --space ...-choose-k` output folder (tune_summary.json and every
 trial's clusters of the consensus images). For every K, over its seeds' pairs: stability as the
-sweep computes it (mean ARI, core.metrics.stability_by_clusters), the mean mutual information
+sweep computes it (mean AMI, core.metrics.stability_by_clusters), the mean mutual information
 between two seeds' clusterings (nats: how much of the grouping the seeds reproduce) and that
 over the mean entropy of the clusterings, and PAC (the share of image pairs that the seeds
 put together sometimes but not almost always, co-assignment in (0.1, 0.9): lower is better;
@@ -72,7 +72,7 @@ PICK = {"stability": max, "mi": max, "mi_share": max, "pac": min}
 
 def table(rows: dict[int, dict[str, float]]) -> list[str]:
     picks = {name: choose(rows, key=lambda k, n=name: rows[k][n]) for name, choose in PICK.items()}
-    labels = {"stability": "stability (mean ARI, the sweep's)", "mi": "mutual information (nats)",
+    labels = {"stability": "stability (mean AMI, the sweep's)", "mi": "mutual information (nats)",
               "mi_share": "mutual information / entropy", "pac": "PAC (lower is better)"}
     lines = ["| criterion | " + " | ".join(f"K={k}" for k in rows) + " | picks |",
              "|---|" + "---|" * (len(rows) + 1)]

@@ -5,8 +5,8 @@ import pytest
 import torch
 from recorder import Recorder
 
-from distcluster.config import from_dict, load_recipe
 from distcluster.common.errors import UserError
+from distcluster.config import from_dict, load_recipe
 from distcluster.core.networks import ModelConfig, OnEdges, SobelEdges, build_backbone
 from distcluster.data.arrays import load_source
 from distcluster.engine.build import WorkerContext, build_model

@@ -287,7 +287,7 @@ def _print_result(summary: dict[str, Any], out: Path) -> None:
           f"view_mi {best['view_mi']:.4f}{acc}")
     choice = summary["recommended_clusters"]
     if choice is not None:
-        print(f"recommended clusters: {choice['k']} (stability of each K, the mean ARI between its seeds' "
+        print(f"recommended clusters: {choice['k']} (stability of each K, the mean AMI between its seeds' "
               "runs: " + ", ".join(f"{k}: {v:.3f}" for k, v in choice["stability"].items()) + ")")
     quality = summary["label_free_vs_acc"]
     if quality is not None:

@@ -23,7 +23,7 @@ BACKBONES = ("small_cnn", "resnet18", "resnet34")
 class ModelConfig:
     backbone: str = "resnet18"
     width: int = 64  # small_cnn only: channels of the first stage
-    stages: int = 2  # small_cnn only (like width): stages of two conv layers, each after the first at half size
+    stages: int = 2  # small_cnn only: stages of two conv layers, each after the first at half size
     # The backbone sees the images' edges alone (SobelEdges): no colour to cluster by, as IIC
     # feeds CIFAR. Off by default.
     sobel: bool = False

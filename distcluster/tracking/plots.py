@@ -229,7 +229,7 @@ def stability(by_k: Mapping[str, float], chosen: int, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 3.0))
     ax.plot(ks, values, "o-", color="C0")
     ax.plot([chosen], [by_k[str(chosen)]], "o", color="C3", markersize=10, label=f"recommended: {chosen}")
-    ax.set(xlabel="clusters (K)", ylabel="stability (mean ARI between seeds)", xticks=ks)
+    ax.set(xlabel="clusters (K)", ylabel="stability (mean AMI between seeds)", xticks=ks)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
