@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -187,6 +189,21 @@ def test_stability_is_one_for_relabelled_runs_near_zero_for_unrelated_ones_and_n
     unrelated = [rng.integers(0, 8, 1000) for _ in range(3)]
     assert abs(stability_by_clusters({8: unrelated})[8]) < 0.02  # chance-adjusted: no bias to K
     assert recommended_clusters(stability) == 4
+
+
+def test_equally_noisy_runs_of_the_true_k_beat_runs_that_merge_groups_where_ari_would_not():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(6), 200)
+
+    def noisy(labels: np.ndarray, k: int) -> np.ndarray:  # 30% of the images in a random cluster
+        moved = rng.random(len(labels)) < 0.3
+        return np.where(moved, rng.integers(0, k, len(labels)), labels)
+
+    runs = {2: [noisy(groups // 3, 2) for _ in range(3)], 6: [noisy(groups, 6) for _ in range(3)]}
+    assert recommended_clusters(stability_by_clusters(runs)) == 6
+    by_ari = {k: np.mean([adjusted_rand_index(a, b) for a, b in itertools.combinations(r, 2)])
+              for k, r in runs.items()}
+    assert max(by_ari, key=by_ari.get) == 2  # why the criterion is AMI, not ARI
 
 
 def test_the_recommendation_is_the_most_stable_k_and_the_smaller_on_a_tie():
