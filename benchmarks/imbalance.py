@@ -1,17 +1,17 @@
-"""The uniform and the estimated cluster-size prior on balanced and long-tailed data.
+"""The cluster-size priors (uniform, estimated, calibrated) on balanced and long-tailed data.
 
     .venv/bin/python benchmarks/imbalance.py [--data digits] [--recipe digits-imc-swav]
-        [--per-class 170] [--imbalance 10] [--seeds 0 1 2] [--priors uniform estimated]
-        [--set KEY=VALUE ...]
+        [--per-class 170] [--imbalance 10] [--seeds 0 1 2] [--priors uniform estimated calibrated]
+        [--sets balanced long-tailed] [--set KEY=VALUE ...]
 
-Makes two sets from the labelled data SPEC with benchmarks/subsets.py's rule: the balanced
-one (every class at --per-class images, or all the class has) and a long-tailed one (sizes
-decaying exponentially from --per-class to --per-class / --imbalance, classes in their label
-order). Trains the recipe in-process (`--workers 0`) on each with `prior: uniform` and
-`prior: estimated`, every seed, and reports the median ACC, NMI and size error (core.metrics:
-half the L1 distance between the sorted cluster and class size fractions). Prints a table and
-updates the `imbalance-<data>` section of RESULTS.md (`imbalance-<data>-KEY=VALUE...` with
---set).
+Makes two sets from the labelled data SPEC with benchmarks/subsets.py's rule (or those named
+by --sets): the balanced one (every class at --per-class images, or all the class has) and a
+long-tailed one (sizes decaying exponentially from --per-class to --per-class / --imbalance,
+classes in their label order). Trains the recipe in-process (`--workers 0`) on each with
+every `prior` asked for (all by default), every seed, and reports the median ACC, NMI and
+size error (core.metrics: half the L1 distance between the sorted cluster and class size
+fractions). Prints a table and updates the `imbalance-<data>` section of RESULTS.md
+(`imbalance-<data>-<sets>-<per class>` with --sets, `...-KEY=VALUE...` with --set).
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ from common import machine, write_section  # noqa: E402
 from subsets import class_sizes, subset  # noqa: E402
 
 from distcluster.core.metrics import cluster_scores, size_error  # noqa: E402
+from distcluster.core.objectives.prior import PRIORS  # noqa: E402
 from distcluster.data.sources import open_source, resolve_data  # noqa: E402
 
-PRIORS = ("uniform", "estimated")
+SETS = ("balanced", "long-tailed")
 
 
-def write_sets(spec: str, per_class: int, imbalance: float, folder: Path) -> dict[str, Path]:
+def write_sets(spec: str, per_class: int, imbalance: float, folder: Path,
+               names: tuple[str, ...] = SETS) -> dict[str, Path]:
     source = open_source(resolve_data(spec))
     labels = source.labels.numpy()
     classes = sorted(set(labels.tolist()))
@@ -46,6 +48,8 @@ def write_sets(spec: str, per_class: int, imbalance: float, folder: Path) -> dic
             "long-tailed": class_sizes(len(classes), per_class, imbalance)}
     paths = {}
     for name, sizes in sets.items():
+        if name not in names:
+            continue
         images, classes_of = subset(source, classes, sizes, seed=0)
         paths[name] = folder / f"{name}.npz"
         np.savez(paths[name], x=images, y=classes_of)
@@ -73,12 +77,14 @@ def main() -> None:
     parser.add_argument("--imbalance", type=float, default=10.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--priors", nargs="+", default=list(PRIORS), choices=PRIORS)
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for name, data in write_sets(args.data, args.per_class, args.imbalance, folder).items():
+        sets = write_sets(args.data, args.per_class, args.imbalance, folder, tuple(args.sets))
+        for name, data in sets.items():
             for prior in args.priors:
                 runs = [train(data, args.recipe, prior, seed, folder, args.overrides) for seed in args.seeds]
                 median = {k: statistics.median(r[k] for r in runs) for k in ("acc", "nmi", "size_error")}
@@ -92,8 +98,9 @@ def main() -> None:
     command = (f".venv/bin/python benchmarks/imbalance.py --data {args.data} --recipe {args.recipe} "
                f"--per-class {args.per_class} --imbalance {args.imbalance:g} --seeds "
                + " ".join(map(str, args.seeds)) + " --priors " + " ".join(args.priors)
+               + ("" if tuple(args.sets) == SETS else " --sets " + " ".join(args.sets))
                + "".join(f" --set {o}" for o in args.overrides))
-    title = f"## Cluster-size priors on balanced and long-tailed {Path(args.data).stem} (issue 32)"
+    title = f"## Cluster-size priors on {' and '.join(args.sets)} {Path(args.data).stem} (issue 32)"
     body = "\n".join([title, "",
                       f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Medians of "
                       f"{len(args.seeds)} seeds, recipe {args.recipe}, in-process.", "",
@@ -102,7 +109,8 @@ def main() -> None:
                       "fractions (0: the same sizes)."])
     print(body)
     # runs with --set overrides get a section of their own beside the plain one
-    write_section("-".join([f"imbalance-{Path(args.data).stem}", *args.overrides]), body)
+    sets = [] if tuple(args.sets) == SETS else [*args.sets, str(args.per_class)]
+    write_section("-".join([f"imbalance-{Path(args.data).stem}", *sets, *args.overrides]), body)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Pieces of the training loop with known answers."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,7 +53,8 @@ def test_steps_per_epoch_ends_each_epoch_after_that_many_steps():
 @pytest.mark.parametrize("objective", ["iic", "imc_swav", "crlc"])
 def test_the_estimated_prior_sets_new_target_sizes_after_every_epoch(objective):
     """After epoch e the profile is (1 - w) u + w * the k-means sizes, w ramping up (prior.py): it
-    sums to 1, is sorted, keeps (1 - w) / K for each cluster, and is not the uniform one."""
+    sums to 1, is sorted, keeps (1 - w) / K for each cluster, and is not the uniform one; under
+    `calibrated` every sub-head has an assignment shift too."""
     from recorder import Recorder
 
     from distcluster.core.objectives.prior import estimate_weight
@@ -60,15 +62,18 @@ def test_the_estimated_prior_sets_new_target_sizes_after_every_epoch(objective):
     from distcluster.engine.loop import train_loop
 
     cfg = config.from_dict({**config.load_recipe(f"digits-{objective.replace('_', '-')}"), "epochs": 4,
-                            "batch_size": 128, "steps_per_epoch": 2, "eval_every": 0, "prior": "estimated",
+                            "batch_size": 128, "steps_per_epoch": 2, "eval_every": 0, "prior": "calibrated",
                             "model": {"backbone": "small_cnn", "width": 4}})
     recorder = Recorder()
     train_loop(cfg, load_source("digits", 512), WorkerContext(), recorder, log=lambda _: None)
-    target = recorder.reports[-1].checkpoint()["model"]["objective.prior.target"]
+    weights = recorder.reports[-1].checkpoint()["model"]
+    target, shift = weights["objective.prior.target"], weights["objective.prior.assignment_shift"]
     floor = (1 - estimate_weight(4, 4)) / cfg.clusters
     assert float(target.sum()) == pytest.approx(1)
     assert torch.equal(target, target.sort(descending=True).values)
     assert target.min() >= floor - 1e-6 and (target - 1 / cfg.clusters).abs().max() > 0.01
+    subheads = getattr(getattr(cfg, cfg.objective), "subheads", 1)
+    assert shift.shape == (subheads, cfg.clusters) and torch.isfinite(shift).all() and shift.abs().max() > 0
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -103,3 +108,25 @@ def test_an_epoch_cut_short_stops_ffcvs_reading_thread(tmp_path):
     for reader in readers:
         reader.join(timeout=max(0.0, deadline - time.monotonic()))
     assert not any(reader.is_alive() for reader in readers)
+
+
+def test_a_calibrated_models_export_assigns_as_its_training_did(tmp_path):
+    """prior: calibrated shifts the assignments; the exported model (safetensors + JSON, what
+    predict and the MLflow model load) carries the shift and gives the run's own clusters."""
+    from recorder import Recorder
+
+    from distcluster.data.arrays import load_source
+    from distcluster.engine.exported import assignment_table, export_model, load_model
+    from distcluster.engine.loop import train_loop
+
+    cfg = config.from_dict({**config.load_recipe("digits-imc-swav"), "epochs": 2, "max_samples": 512,
+                            "batch_size": 128, "precision": "fp32", "prior": "calibrated",
+                            "model": {"backbone": "small_cnn", "width": 8}})
+    source = load_source("digits", 512)
+    recorder = Recorder()
+    train_loop(cfg, source, WorkerContext(), recorder, log=lambda _: None)
+    state = recorder.reports[-1].checkpoint()
+    assert state["model"]["objective.prior.assignment_shift"].abs().max() > 0
+    export_model(state, tmp_path)
+    table = assignment_table(load_model(tmp_path), source.images.permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(table["cluster"].to_numpy(), state["assignments"]["clusters"].numpy())

@@ -190,7 +190,7 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
             logs.add(*train_step(state, crops, local_batch, state.step in inject))
     state.guard.raise_if_diverged(state.step, epoch + 1)
-    if cfg.prior == "estimated":  # every rank estimates (no one waits); rank 0's target is broadcast
+    if cfg.prior != "uniform":  # every rank estimates (no one waits); rank 0's target is broadcast
         estimate_cluster_sizes(state, source, augment)
     dist.broadcast_buffers(state.model)  # every rank now holds rank 0's model: one checkpoint for all
     state.epoch += 1
@@ -206,15 +206,19 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
 
 @torch.no_grad()
 def estimate_cluster_sizes(state: TrainingState, source: ImageSource, augment: MultiCrop) -> None:
-    """`prior: estimated`: a new profile of the cluster sizes from the backbone features of a
-    fixed sample of PRIOR_SAMPLE images (core/objectives/prior.py)."""
+    """`prior: estimated` or `calibrated`: a new profile of the cluster sizes from the backbone
+    features of a fixed sample of PRIOR_SAMPLE images; `calibrated`: the heads' assignments
+    calibrated on the same sample (core/objectives/prior.py)."""
     sample = source.take(subset_indices(len(source), PRIOR_SAMPLE)).to(state.device)
-    state.model.eval()
+    objective = state.model.objective
+    state.model.eval()  # the heads' batch norms too
     features = torch.cat([state.model.backbone(augment.whole(x)).float() for x in sample.split(EVAL_BATCH)])
+    probs = objective.cluster_probs(features)
     state.model.train()
     weight = estimate_weight(state.epoch + 1, state.cfg.epochs)
     generator = torch.Generator().manual_seed(state.cfg.seed * 1_000 + state.epoch)
-    state.model.objective.prior.update(features, weight, generator)
+    objective.prior.update(features, weight, generator)
+    objective.prior.calibrate(probs)
 
 
 def _largest_peak_memory_gib(device: torch.device) -> float:

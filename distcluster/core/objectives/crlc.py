@@ -126,7 +126,7 @@ class CRLC(ObjectiveModule):
         self.logit_penalty = args.logit_penalty
         self.representation = mlp([feature_dim, args.hidden, args.projection_dim], batch_norm=False)
         self.cluster = ClusterHead(feature_dim, clusters, args.subheads, args.hidden)
-        self.prior = ClusterPrior(clusters, prior)
+        self.prior = ClusterPrior(clusters, prior, args.subheads)
 
     def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
         f_a, f_b = features[0], features[1]  # CRLC contrasts two views
@@ -153,4 +153,4 @@ class CRLC(ObjectiveModule):
         return (1 - a) * probs + a / probs.shape[-1]
 
     def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
-        return self.cluster(features).softmax(-1)
+        return self.prior.assigned(self.cluster(features)).softmax(-1)

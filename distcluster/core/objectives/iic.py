@@ -99,7 +99,7 @@ class IIC(ObjectiveModule):
         self.lamb, self.pairing, self.head_epochs = args.lamb, args.pairing, tuple(args.head_epochs)
         self.main = ClusterHead(feature_dim, clusters, args.subheads)
         self.over = ClusterHead(feature_dim, args.overclusters, args.subheads)
-        self.prior = ClusterPrior(clusters, prior)  # over-clusters stay equal in size
+        self.prior = ClusterPrior(clusters, prior, args.subheads)  # over-clusters stay equal in size
 
     def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
         main = torch.stack([wide(self.main(f)).softmax(-1) for f in features])  # (V, S, B, K)
@@ -131,4 +131,4 @@ class IIC(ObjectiveModule):
         return (1.0, 0.0) if main_turn else (0.0, 1.0)
 
     def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
-        return wide(self.main(features)).softmax(-1)
+        return self.prior.assigned(wide(self.main(features))).softmax(-1)

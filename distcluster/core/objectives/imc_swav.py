@@ -189,4 +189,4 @@ class IMCSwAV(ObjectiveModule):
         self.prototypes.normalize_(applied)
 
     def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
-        return wide(self.classifier(features)).softmax(-1).unsqueeze(0)
+        return self.prior.assigned(wide(self.classifier(features)).unsqueeze(0)).softmax(-1)

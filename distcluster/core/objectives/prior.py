@@ -17,8 +17,16 @@ and merges small ones when the groups are not equal.
   mixed with equal sizes, t = (1 - a) u + a t_kmeans: a rises from 0 to ESTIMATE_WEIGHT over
   the first RAMP_SHARE of the epochs (early features are too poor for k-means), and every
   cluster's target stays at least (1 - ESTIMATE_WEIGHT) / K. The soft marginal meets the
-  profile, but on long-tailed digits the smallest clusters still lost their images to larger
-  ones at argmax (benchmarks/RESULTS.md, imbalance-digits).
+  profile, but an image's most likely cluster is rarely a small one: on long-tailed digits
+  the smallest clusters held their share of the probability mass and almost no image at
+  argmax (benchmarks/RESULTS.md, imbalance-digits).
+- `calibrated`: `estimated`, and the assignments calibrated: after each estimate, a shift b
+  (one per sub-head and cluster) is fitted on the same sample so that argmax(log p + b) gives
+  each cluster the share of the images the head's soft marginal gives it, and `assigned` adds
+  b to the logits of every assignment (evaluation, predict, exported models). It moves the
+  decision boundaries between clusters, not the training: the losses, so the trained weights,
+  are those of `estimated`. It helps where the profile is right (long-tailed digits) and
+  hurts where weak features give k-means a wrong one (small CIFAR-10 sets): a separate value.
 """
 
 from __future__ import annotations
@@ -27,11 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRIORS = ("uniform", "estimated")
+PRIORS = ("uniform", "estimated", "calibrated")
+CALIBRATED = "calibrated"
 ESTIMATE_WEIGHT = 0.75  # the largest share of the k-means sizes in the target
 RAMP_SHARE = 0.25  # the share of the epochs over which that share rises from 0
 KMEANS_RESTARTS = 4
 KMEANS_ITERATIONS = 50
+CALIBRATION_TEMPERATURE = 0.02  # argmax, smoothed enough for the shares to move continuously with b
+CALIBRATION_ITERATIONS = 300
 
 
 def check_prior(prior: str) -> None:
@@ -45,14 +56,17 @@ def estimate_weight(epochs_done: int, epochs: int) -> float:
 
 
 class ClusterPrior(nn.Module):
-    """The size profile `clusters` clusters are pulled to; `correction(m)` is added to -H(m)."""
+    """The size profile `clusters` clusters are pulled to; `correction(m)` is added to -H(m).
+    Under `calibrated`, also the shift of each of the `heads` sub-heads' assignment logits."""
 
-    def __init__(self, clusters: int, prior: str = "uniform") -> None:
+    def __init__(self, clusters: int, prior: str = "uniform", heads: int = 1) -> None:
         super().__init__()
         check_prior(prior)
         self.prior = prior
-        if prior == "estimated":  # a buffer: checkpointed, and rank 0's on every rank
+        if prior != "uniform":  # buffers: checkpointed, and rank 0's on every rank
             self.register_buffer("target", torch.full((clusters,), 1.0 / clusters))  # largest first
+        if prior == CALIBRATED:
+            self.register_buffer("assignment_shift", torch.zeros(heads, clusters))
 
     def correction(self, marginals: torch.Tensor) -> torch.Tensor:
         """What turns -H(m) into KL(m_sorted || t) - log K: -sum_k m_(k) log(K t_(k)).
@@ -73,6 +87,35 @@ class ClusterPrior(nn.Module):
         found = spherical_kmeans(features.cpu(), clusters, generator)  # the CPU generator's device
         sizes = torch.bincount(found, minlength=clusters).sort(descending=True).values / len(found)
         self.target.copy_((1 - weight) / clusters + weight * sizes.to(self.target))
+
+    def assigned(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (S, B, K) of the sub-heads, shifted for assignment (unchanged unless calibrated)."""
+        if self.prior != CALIBRATED:
+            return logits
+        return logits + self.assignment_shift.unsqueeze(-2).to(logits)
+
+    @torch.no_grad()
+    def calibrate(self, probs: torch.Tensor) -> None:
+        """A new assignment shift from probabilities (S, n, K) of a sample, as `assigned` gave
+        them (the current shift is taken out first); nothing unless calibrated."""
+        if self.prior != CALIBRATED:
+            return
+        logits = probs.double().clamp_min(1e-300).log() - self.assignment_shift.unsqueeze(-2).double()
+        self.assignment_shift.copy_(fitted_shift(logits))
+
+
+def fitted_shift(logits: torch.Tensor, temperature: float = CALIBRATION_TEMPERATURE,
+                 iterations: int = CALIBRATION_ITERATIONS) -> torch.Tensor:
+    """b (S, K) such that argmax(logits + b) gives each cluster the share of the n rows of
+    logits (S, n, K) that its soft marginal, mean softmax(logits), gives it. argmax is smoothed
+    to softmax(./temperature); each iteration moves b_k by temperature * log(wanted / got), a
+    step that matches the shares' own sensitivity to b_k. A cluster with no mass keeps its place."""
+    wanted = logits.softmax(-1).mean(-2).clamp_min(1e-12)
+    shift = torch.zeros_like(wanted)
+    for _ in range(iterations):
+        got = ((logits + shift.unsqueeze(-2)) / temperature).softmax(-1).mean(-2).clamp_min(1e-12)
+        shift += temperature * (wanted.log() - got.log())
+    return (shift - shift.mean(-1, keepdim=True)).float()
 
 
 def spherical_kmeans(features: torch.Tensor, clusters: int, generator: torch.Generator,
