@@ -66,7 +66,12 @@ def train(data: Path, recipe: str, prior: str, seed: int, folder: Path, override
     state = torch.load(out / "checkpoint" / "checkpoint.pt", weights_only=True)
     clusters = state["assignments"]["clusters"].numpy()
     labels = np.load(data)["y"]
-    return {**cluster_scores(labels, clusters), "size_error": size_error(labels, clusters)}
+    return {**cluster_scores(labels, clusters), "size_error": size_error(labels, clusters),
+            "sizes": largest_first(clusters), "class_sizes": largest_first(labels)}
+
+
+def largest_first(groups: np.ndarray) -> str:
+    return " ".join(str(n) for n in sorted(np.bincount(groups).tolist(), reverse=True))
 
 
 def main() -> None:
@@ -91,10 +96,14 @@ def main() -> None:
                 rows.append((name, prior, median, runs))
                 print(name, prior, {k: round(v, 4) for k, v in median.items()},
                       [round(r["acc"], 3) for r in runs], flush=True)
-    table = ["| set | prior | ACC | NMI | size error | ACC of each seed |", "|---|---|---|---|---|---|"]
-    for name, prior, median, runs in rows:
+    table = ["| set | prior | ACC | NMI | size error | ACC of each seed | sizes, seed "
+             f"{args.seeds[0]} |", "|---|---|---|---|---|---|---|"]
+    for i, (name, prior, median, runs) in enumerate(rows):
+        if i == 0 or rows[i - 1][0] != name:
+            table.append(f"| {name} | (classes) | | | | | {runs[0]['class_sizes']} |")
         table.append(f"| {name} | {prior} | {median['acc']:.3f} | {median['nmi']:.3f} | "
-                     f"{median['size_error']:.3f} | " + ", ".join(f"{r['acc']:.3f}" for r in runs) + " |")
+                     f"{median['size_error']:.3f} | " + ", ".join(f"{r['acc']:.3f}" for r in runs)
+                     + f" | {runs[0]['sizes']} |")
     command = (f".venv/bin/python benchmarks/imbalance.py --data {args.data} --recipe {args.recipe} "
                f"--per-class {args.per_class} --imbalance {args.imbalance:g} --seeds "
                + " ".join(map(str, args.seeds)) + " --priors " + " ".join(args.priors)
@@ -106,7 +115,7 @@ def main() -> None:
                       f"{len(args.seeds)} seeds, recipe {args.recipe}, in-process.", "",
                       f"    {command}", "", *table, "",
                       "Size error: half the L1 distance between the sorted cluster-size and class-size "
-                      "fractions (0: the same sizes)."])
+                      "fractions (0: the same sizes). Sizes: images per cluster (or class), largest first."])
     print(body)
     # runs with --set overrides get a section of their own beside the plain one
     sets = [] if tuple(args.sets) == SETS else [*args.sets, str(args.per_class)]

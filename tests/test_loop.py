@@ -50,8 +50,9 @@ def test_steps_per_epoch_ends_each_epoch_after_that_many_steps():
         config.from_dict({"steps_per_epoch": -1}).validate()
 
 
+@pytest.mark.parametrize("prior", ["estimated", "calibrated"])
 @pytest.mark.parametrize("objective", ["iic", "imc_swav", "crlc"])
-def test_the_estimated_prior_sets_new_target_sizes_after_every_epoch(objective):
+def test_a_fitted_prior_sets_new_target_sizes_after_every_epoch(objective, prior):
     """After epoch e the profile is (1 - w) u + w * the k-means sizes, w ramping up (prior.py): it
     sums to 1, is sorted, keeps (1 - w) / K for each cluster, and is not the uniform one; under
     `calibrated` every sub-head has an assignment shift too."""
@@ -62,18 +63,23 @@ def test_the_estimated_prior_sets_new_target_sizes_after_every_epoch(objective):
     from distcluster.engine.loop import train_loop
 
     cfg = config.from_dict({**config.load_recipe(f"digits-{objective.replace('_', '-')}"), "epochs": 4,
-                            "batch_size": 128, "steps_per_epoch": 2, "eval_every": 0, "prior": "calibrated",
+                            "batch_size": 128, "steps_per_epoch": 2, "eval_every": 0, "prior": prior,
                             "model": {"backbone": "small_cnn", "width": 4}})
     recorder = Recorder()
     train_loop(cfg, load_source("digits", 512), WorkerContext(), recorder, log=lambda _: None)
     weights = recorder.reports[-1].checkpoint()["model"]
-    target, shift = weights["objective.prior.target"], weights["objective.prior.assignment_shift"]
+    target = weights["objective.prior.target"]
     floor = (1 - estimate_weight(4, 4)) / cfg.clusters
     assert float(target.sum()) == pytest.approx(1)
     assert torch.equal(target, target.sort(descending=True).values)
     assert target.min() >= floor - 1e-6 and (target - 1 / cfg.clusters).abs().max() > 0.01
-    subheads = getattr(getattr(cfg, cfg.objective), "subheads", 1)
-    assert shift.shape == (subheads, cfg.clusters) and torch.isfinite(shift).all() and shift.abs().max() > 0
+    if prior == "calibrated":
+        shift = weights["objective.prior.assignment_shift"]
+        subheads = getattr(getattr(cfg, cfg.objective), "subheads", 1)
+        assert shift.shape == (subheads, cfg.clusters)
+        assert torch.isfinite(shift).all() and shift.abs().max() > 0
+    else:
+        assert "objective.prior.assignment_shift" not in weights
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -127,6 +133,13 @@ def test_a_calibrated_models_export_assigns_as_its_training_did(tmp_path):
     train_loop(cfg, source, WorkerContext(), recorder, log=lambda _: None)
     state = recorder.reports[-1].checkpoint()
     assert state["model"]["objective.prior.assignment_shift"].abs().max() > 0
-    export_model(state, tmp_path)
-    table = assignment_table(load_model(tmp_path), source.images.permute(0, 2, 3, 1).numpy())
+    for name in ("model", "unshifted"):
+        (tmp_path / name).mkdir()
+    export_model(state, tmp_path / "model")
+    images = source.images.permute(0, 2, 3, 1).numpy()
+    table = assignment_table(load_model(tmp_path / "model"), images)
     assert np.array_equal(table["cluster"].to_numpy(), state["assignments"]["clusters"].numpy())
+    state["model"]["objective.prior.assignment_shift"].zero_()  # the heads' own argmax differs
+    export_model(state, tmp_path / "unshifted")
+    unshifted = assignment_table(load_model(tmp_path / "unshifted"), images)
+    assert (unshifted["cluster"] != table["cluster"]).sum() > 10

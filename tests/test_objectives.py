@@ -244,15 +244,16 @@ def test_the_estimated_prior_pulls_the_sorted_sizes_towards_the_profile_whicheve
 
 
 def test_calibrated_assignments_give_each_cluster_its_soft_share_of_the_images():
-    """Logits whose argmax favours the first cluster (0.68 of the images for 0.56 of the mass):
-    after `calibrate`, argmax of the assigned logits gives every cluster its soft share."""
+    """Two sub-heads whose argmax favours a cluster more than their probabilities do (the first
+    head: 0.68 of the images for 0.56 of the mass): after `calibrate`, argmax of each head's
+    assigned logits gives every cluster that head's soft share."""
     from distcluster.core.objectives.prior import ClusterPrior
 
     gen = torch.Generator().manual_seed(0)
     groups = torch.multinomial(torch.tensor([0.5, 0.3, 0.2]), 4000, replacement=True, generator=gen)
-    logits = (0.8 * torch.randn(4000, 3, generator=gen) + F.one_hot(groups, 3)
-              + torch.tensor([0.8, 0.0, -0.5])).expand(2, -1, -1)  # two sub-heads, (S, n, K)
-    soft = logits.softmax(-1).mean(1)
+    shared = 0.8 * torch.randn(4000, 3, generator=gen) + F.one_hot(groups, 3)
+    logits = torch.stack([shared + torch.tensor([0.8, 0.0, -0.5]), shared + torch.tensor([-0.6, 0.0, 1.0])])
+    soft = logits.softmax(-1).mean(1)  # (S, K): different for the two heads
 
     def hard(x):
         return torch.stack([torch.bincount(h.argmax(-1), minlength=3) / 4000 for h in x])
@@ -266,6 +267,17 @@ def test_calibrated_assignments_give_each_cluster_its_soft_share_of_the_images()
     for other in ("uniform", "estimated"):  # they assign by the heads' own argmax
         assert torch.equal(ClusterPrior(3, other).assigned(logits), logits)
     assert set(ClusterPrior(3, "estimated").state_dict()) == {"target"}  # its checkpoints are as before
+
+
+@pytest.mark.parametrize(("objective", "subheads"), [(IIC, 3), (IMCSwAV, 1), (CRLC, 3)])
+def test_every_objective_assigns_through_the_calibrated_shift_of_each_sub_head(objective, subheads):
+    torch.manual_seed(0)
+    built = objective(12, 4, prior="calibrated", **({} if subheads == 1 else {"subheads": subheads})).eval()
+    features = torch.randn(32, 12)
+    unshifted = built.cluster_probs(features)
+    shift = torch.arange(subheads * 4, dtype=torch.float32).view(subheads, 4) / 5
+    built.prior.assignment_shift.copy_(shift)
+    torch.testing.assert_close(built.cluster_probs(features), (unshifted.log() + shift[:, None]).softmax(-1))
 
 
 def blobs(sizes: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +326,7 @@ def test_a_relaxed_sinkhorn_lets_the_prototypes_share_unequally_and_keeps_each_s
 
 @pytest.mark.parametrize("objective", [IIC, IMCSwAV, CRLC])
 def test_an_unknown_prior_is_refused_and_config_refuses_it_in_one_line(objective):
-    with pytest.raises(ValueError, match="prior must be one of uniform, estimated"):
+    with pytest.raises(ValueError, match="prior must be one of uniform, estimated, calibrated"):
         objective(12, 4, prior="balanced")
     with pytest.raises(ConfigError, match="'prior'.*uniform, estimated"):
         config.from_dict({"prior": "balanced"}).validate()

@@ -98,7 +98,7 @@ class Config:
     data: str = "digits"
     max_samples: int = 0  # use only N images, a fixed random subset (0 = all)
     clusters: int = 10
-    prior: str = "uniform"  # cluster sizes the marginal terms pull towards: uniform | estimated | calibrated
+    prior: str = "uniform"  # cluster sizes pulled to: uniform | estimated | calibrated (matched at argmax)
     epochs: int = 40
     steps_per_epoch: int = 0  # end each epoch after N steps (0 = one pass over the data)
     batch_size: int = 256  # global batch, split evenly over workers

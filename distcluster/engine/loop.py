@@ -33,7 +33,7 @@ from distcluster.engine.build import WorkerContext, build_training_state, check_
 from distcluster.engine.evaluation import EVAL_BATCH, Assignments, assign_shared, epoch_scores
 from distcluster.engine.step import TrainingState, train_step
 
-PRIOR_SAMPLE = 4096  # images whose features estimate the cluster sizes (prior: estimated)
+PRIOR_SAMPLE = 4096  # images whose features refit the prior (estimated or calibrated) each epoch
 
 
 @dataclass(frozen=True)
@@ -190,8 +190,8 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
             logs.add(*train_step(state, crops, local_batch, state.step in inject))
     state.guard.raise_if_diverged(state.step, epoch + 1)
-    if cfg.prior != "uniform":  # every rank estimates (no one waits); rank 0's target is broadcast
-        estimate_cluster_sizes(state, source, augment)
+    if cfg.prior != "uniform":  # every rank refits (no one waits); rank 0's target and shift are broadcast
+        refit_prior(state, source, augment)
     dist.broadcast_buffers(state.model)  # every rank now holds rank 0's model: one checkpoint for all
     state.epoch += 1
     metrics, head_losses, skipped = logs.means()
@@ -205,20 +205,21 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
 
 
 @torch.no_grad()
-def estimate_cluster_sizes(state: TrainingState, source: ImageSource, augment: MultiCrop) -> None:
+def refit_prior(state: TrainingState, source: ImageSource, augment: MultiCrop) -> None:
     """`prior: estimated` or `calibrated`: a new profile of the cluster sizes from the backbone
-    features of a fixed sample of PRIOR_SAMPLE images; `calibrated`: the heads' assignments
-    calibrated on the same sample (core/objectives/prior.py)."""
+    features of a fixed sample of PRIOR_SAMPLE images; under `calibrated` the heads'
+    assignments are calibrated on the same sample (core/objectives/prior.py)."""
     sample = source.take(subset_indices(len(source), PRIOR_SAMPLE)).to(state.device)
     objective = state.model.objective
     state.model.eval()  # the heads' batch norms too
     features = torch.cat([state.model.backbone(augment.whole(x)).float() for x in sample.split(EVAL_BATCH)])
-    probs = objective.cluster_probs(features)
+    if state.cfg.prior == "calibrated":
+        probs = torch.cat([objective.cluster_probs(f) for f in features.split(EVAL_BATCH)], 1)  # (S, n, K)
+        objective.prior.calibrate(probs)
     state.model.train()
     weight = estimate_weight(state.epoch + 1, state.cfg.epochs)
     generator = torch.Generator().manual_seed(state.cfg.seed * 1_000 + state.epoch)
     objective.prior.update(features, weight, generator)
-    objective.prior.calibrate(probs)
 
 
 def _largest_peak_memory_gib(device: torch.device) -> float:

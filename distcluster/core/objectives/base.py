@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distcluster.core.objectives.prior import ClusterPrior
+
 
 @dataclass
 class ObjectiveResult:
@@ -29,8 +31,11 @@ class Objective(Protocol):
         """features: the backbone's (B, D) features of every crop, in crop order; `step`
         (optimiser updates so far) and `epoch` drive schedules inside the objective."""
 
+    prior: ClusterPrior  # the cluster sizes it pulls towards, refitted by the loop after each epoch
+
     def cluster_probs(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, D) features of whole images -> (S, B, K) probabilities of the S sub-heads."""
+        """(B, D) features of whole images -> (S, B, K) probabilities of the S sub-heads, as
+        assigned (under `prior: calibrated`, with the prior's shift)."""
 
     def on_after_backward(self, step: int) -> None:
         """Between backward and the update (IMC-SwAV: frozen prototypes drop their gradient)."""

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 PRIORS = ("uniform", "estimated", "calibrated")
-CALIBRATED = "calibrated"
 ESTIMATE_WEIGHT = 0.75  # the largest share of the k-means sizes in the target
 RAMP_SHARE = 0.25  # the share of the epochs over which that share rises from 0
 KMEANS_RESTARTS = 4
@@ -65,7 +64,7 @@ class ClusterPrior(nn.Module):
         self.prior = prior
         if prior != "uniform":  # buffers: checkpointed, and rank 0's on every rank
             self.register_buffer("target", torch.full((clusters,), 1.0 / clusters))  # largest first
-        if prior == CALIBRATED:
+        if prior == "calibrated":
             self.register_buffer("assignment_shift", torch.zeros(heads, clusters))
 
     def correction(self, marginals: torch.Tensor) -> torch.Tensor:
@@ -90,7 +89,7 @@ class ClusterPrior(nn.Module):
 
     def assigned(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (S, B, K) of the sub-heads, shifted for assignment (unchanged unless calibrated)."""
-        if self.prior != CALIBRATED:
+        if self.prior != "calibrated":
             return logits
         return logits + self.assignment_shift.unsqueeze(-2).to(logits)
 
@@ -98,7 +97,7 @@ class ClusterPrior(nn.Module):
     def calibrate(self, probs: torch.Tensor) -> None:
         """A new assignment shift from probabilities (S, n, K) of a sample, as `assigned` gave
         them (the current shift is taken out first); nothing unless calibrated."""
-        if self.prior != CALIBRATED:
+        if self.prior != "calibrated":
             return
         logits = probs.double().clamp_min(1e-300).log() - self.assignment_shift.unsqueeze(-2).double()
         self.assignment_shift.copy_(fitted_shift(logits))
@@ -109,7 +108,9 @@ def fitted_shift(logits: torch.Tensor, temperature: float = CALIBRATION_TEMPERAT
     """b (S, K) such that argmax(logits + b) gives each cluster the share of the n rows of
     logits (S, n, K) that its soft marginal, mean softmax(logits), gives it. argmax is smoothed
     to softmax(./temperature); each iteration moves b_k by temperature * log(wanted / got), a
-    step that matches the shares' own sensitivity to b_k. A cluster with no mass keeps its place."""
+    step no larger than the shares' own sensitivity to b_k allows (the shares move at most
+    1/temperature times as fast as b). The temperature is in logit units: on nearly flat
+    heads (logits within a few hundredths) the hard shares only come within about 0.02."""
     wanted = logits.softmax(-1).mean(-2).clamp_min(1e-12)
     shift = torch.zeros_like(wanted)
     for _ in range(iterations):
