@@ -133,10 +133,15 @@ def run_one(args, recipe: str, seed: int | None) -> dict:
     return {"recipe": recipe, "seed": seed, "stopped": stopped, "curves": curves}
 
 
+def recipe_label(recipe: str) -> str:
+    """A packaged recipe's name, or a recipe file's name without folder and suffix."""
+    return Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
+
+
 def cached_run(args, recipe: str, seed: int | None) -> dict:
     """run_one, or its result saved by an earlier invocation in --keep (a long sweep survives
     an interruption)."""
-    saved = Path(args.keep) / f"{recipe}-seed{seed}.json" if args.keep else None
+    saved = Path(args.keep) / f"{recipe_label(recipe)}-seed{seed}.json" if args.keep else None
     if saved is not None and saved.is_file():
         print(f"{recipe} seed {seed}: reusing {saved}")
         return json.loads(saved.read_text())
@@ -208,9 +213,9 @@ def main() -> None:
         check_eval_data(args.eval_data)
     runs = [(recipe, seed) for recipe in args.recipe for seed in (args.seeds or [None])]
     if args.cached_only:
-        runs = [(r, s) for r, s in runs if (Path(args.keep) / f"{r}-seed{s}.json").is_file()]
+        runs = [(r, s) for r, s in runs if (Path(args.keep) / f"{recipe_label(r)}-seed{s}.json").is_file()]
     results = [cached_run(args, recipe, seed) for recipe, seed in runs]
-    name = "-".join(args.recipe)
+    name = "-".join(recipe_label(r) for r in args.recipe)
     image = RESULTS.with_name(f"time_to_accuracy-{name}.png")
     shown = "held out" if args.eval_data else "training images"
     plots.held_out_curves({f"{r['recipe']} seed {r['seed']}": r["curves"][shown] for r in results}, image,

@@ -27,10 +27,21 @@ def test_the_learning_rate_warms_up_linearly_per_update_as_imc_swavs_code():
 def test_one_schedule_per_update_combines_epoch_warm_up_milestones_and_step_warm_up():
     optim = config.from_dict({"optim": {"lr": 1.0, "warmup_epochs": 2, "warmup_steps": 10,
                                         "milestones": [3, 5], "gamma": 0.1}}).optim
-    at = {(epoch, step): learning_rate(optim, epoch, step) for epoch, step in
+    at = {(epoch, step): learning_rate(optim, epoch, step, 10) for epoch, step in
           [(0, 0), (0, 4), (1, 9), (1, 20), (2, 30), (3, 40), (5, 50)]}
     assert at == pytest.approx({(0, 0): 0.5 * 0.1, (0, 4): 0.5 * 0.5, (1, 9): 1.0, (1, 20): 1.0,
                                 (2, 30): 1.0, (3, 40): 0.1, (5, 50): 0.01})
+
+
+def test_the_cosine_schedule_falls_from_the_lr_to_near_zero_over_the_epochs():
+    optim = config.from_dict({"optim": {"lr": 2.0, "schedule": "cosine", "warmup_steps": 2}}).optim
+    at = [learning_rate(optim, epoch, step, 4) for epoch, step in [(0, 0), (0, 5), (1, 9), (2, 12), (3, 20)]]
+    # (1 + cos(pi e / 4)) / 2 of the lr in epoch e: 1, 0.854, 0.5, 0.146; halved at the first update
+    assert at == pytest.approx([1.0, 2.0, 1.7071, 1.0, 0.2929], abs=1e-4)
+    with pytest.raises(ConfigError, match="optim.milestones"):
+        config.from_dict({"optim": {"schedule": "cosine", "milestones": [3]}}).validate()
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        config.from_dict({"optim": {"schedule": "linear"}}).validate()
 
 
 def test_steps_per_epoch_ends_each_epoch_after_that_many_steps():

@@ -24,6 +24,7 @@ from distcluster.core.objectives import (
     nt_xent,
     sinkhorn,
 )
+from distcluster.core.objectives.crlc import view_pairs
 
 
 def reference_iic(z_a: np.ndarray, z_b: np.ndarray, lamb: float) -> float:
@@ -175,6 +176,20 @@ def test_crlc_cluster_nce_handles_subhead_axis():
     assert stacked.shape == (3,)
     for s in range(3):
         assert stacked[s].item() == pytest.approx(crlc_cluster_nce(p_a[s], p_b[s]).item(), rel=1e-6)
+
+
+def test_crlc_on_three_crops_is_the_mean_of_its_two_crop_losses_over_the_three_pairs():
+    """Multi-crop CRLC contrasts crop 2 with crops 0 and 1 and averages the balance over the views:
+    with three crops every view is in two of the three pairs, so the loss is exactly the mean of
+    the paper's two-crop loss over the pairs."""
+    torch.manual_seed(0)
+    crlc = CRLC(8, 4, subheads=2, hidden=16, projection_dim=6).double()
+    views = [torch.randn(10, 8, dtype=torch.float64) for _ in range(3)]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    two_crop = [crlc.loss([views[i], views[j]]).loss for i, j in pairs]
+    assert crlc.loss(views).loss.item() == pytest.approx(torch.stack(two_crop).mean().item(), rel=1e-9)
+    assert view_pairs(2) == ([0], [1])
+    assert view_pairs(4) == ([0, 0, 1, 0, 1], [1, 2, 2, 3, 3])
 
 
 OBJECTIVE_SECTIONS = [(IIC, "iic", IICArguments), (IMCSwAV, "imc_swav", IMCSwAVArguments),

@@ -45,7 +45,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.8, 0.999)
     momentum: float = 0.9
     weight_decay: float = 1e-5
-    milestones: list[int] = field(default_factory=list)  # epochs where lr *= gamma
+    schedule: str = "step"  # step: lr *= gamma at each milestone; cosine: half a cosine to 0 over the epochs
+    milestones: list[int] = field(default_factory=list)  # epochs where lr *= gamma (schedule: step)
     gamma: float = 0.4
     warmup_epochs: int = 0
     warmup_steps: int = 0  # lr rises linearly over the first N updates (IMC-SwAV's authors: 500)
@@ -59,6 +60,9 @@ class OptimConfig:
                "must be in [0, 1)")
         check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         check(0 < self.gamma <= 1, "optim.gamma", self.gamma, "must be in (0, 1]")
+        check(self.schedule in ("step", "cosine"), "optim.schedule", self.schedule, "must be step or cosine")
+        check(self.schedule == "step" or not self.milestones, "optim.milestones", self.milestones,
+               "must be empty under optim.schedule: cosine (the cosine decays the lr itself)")
         check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs,
                "must be >= 0")
         check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")

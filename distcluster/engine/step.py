@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,13 +150,18 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def learning_rate(optim: OptimConfig, epoch: int, step: int) -> float:
+def learning_rate(optim: OptimConfig, epoch: int, step: int, epochs: int) -> float:
     """The one learning-rate schedule, for update `step` (counted from 0, skipped updates
-    included) in `epoch` (from 0): optim.lr, times gamma at each milestone epoch, rising
-    linearly over the first warmup_epochs epochs ((epoch + 1) / warmup_epochs) and over the
-    first warmup_steps updates ((step + 1) / warmup_steps, as IMC-SwAV's code does). A pure
-    function of the config and the counters: a resumed run gets the lr its config says."""
-    scale = optim.gamma ** sum(epoch >= m for m in optim.milestones)
+    included) in `epoch` (from 0) of `epochs`: optim.lr, times gamma at each milestone epoch
+    (schedule: step) or times (1 + cos(pi * epoch / epochs)) / 2 (schedule: cosine, from 1 in
+    the first epoch towards 0 in the last), rising linearly over the first warmup_epochs epochs
+    ((epoch + 1) / warmup_epochs) and over the first warmup_steps updates ((step + 1) /
+    warmup_steps, as IMC-SwAV's code does). A pure function of the config and the counters:
+    a resumed run gets the lr its config says."""
+    if optim.schedule == "cosine":
+        scale = (1 + math.cos(math.pi * epoch / max(1, epochs))) / 2
+    else:
+        scale = optim.gamma ** sum(epoch >= m for m in optim.milestones)
     if optim.warmup_epochs:
         scale *= min(1.0, (epoch + 1) / optim.warmup_epochs)
     if optim.warmup_steps:
@@ -164,7 +170,7 @@ def learning_rate(optim: OptimConfig, epoch: int, step: int) -> float:
 
 
 def set_learning_rate(state: TrainingState) -> None:
-    state.lr = learning_rate(state.cfg.optim, state.epoch, state.step)
+    state.lr = learning_rate(state.cfg.optim, state.epoch, state.step, state.cfg.epochs)
     for group in state.optimizer.param_groups:
         group["lr"] = state.lr
 

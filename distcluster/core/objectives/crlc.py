@@ -76,7 +76,7 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def nt_xent(r_a: torch.Tensor, r_b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """SimCLR's NT-Xent; r_a, r_b: (B, d) L2-normalised features of two views."""
+    """SimCLR's NT-Xent; r_a, r_b: (..., B, d) L2-normalised features of two views -> (...)."""
     return _two_view_nce(wide(r_a), wide(r_b), lambda q, k: q @ k.transpose(-2, -1) / temperature)
 
 
@@ -87,6 +87,14 @@ def crlc_cluster_nce(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
     """
     return _two_view_nce(wide(p_a), wide(p_b),
                          lambda q, k: (q @ k.transpose(-2, -1)).clamp_min(EPS).log())
+
+
+def view_pairs(views: int) -> tuple[list[int], list[int]]:
+    """The pairs of crops CRLC contrasts, as (first, second) index lists: the first two crops
+    with each other and every later crop (multi-crop, as SwAV's small crops) with each of the
+    first two. Two crops give the paper's one pair."""
+    later = range(2, views)
+    return [0] + [i for _ in later for i in (0, 1)], [1] + [j for j in later for _ in (0, 1)]
 
 
 def global_mean_probs(probs: torch.Tensor) -> torch.Tensor:
@@ -113,6 +121,8 @@ class CRLC(ObjectiveModule):
     towards uniform by `smoothing`, minus entropy_weight * (H(mean p_a) + H(mean p_b)) / 2
     on the unsmoothed ones (one marginal per view, over the global batch), plus
     logit_penalty * violation_penalty(logits, logit_bound). The defaults are the paper's.
+    With more than two crops both InfoNCE terms are averaged over the pairs of `view_pairs`
+    and the balance term over all views (our multi-crop extension; two crops: the paper's).
     """
 
     def __init__(self, feature_dim: int, clusters: int, arguments: CRLCArguments | None = None, *,
@@ -129,17 +139,18 @@ class CRLC(ObjectiveModule):
         self.prior = ClusterPrior(clusters, prior, args.subheads)
 
     def loss(self, features: list[torch.Tensor], step: int = 0, epoch: int = 0) -> ObjectiveResult:
-        f_a, f_b = features[0], features[1]  # CRLC contrasts two views
-        r_a = F.normalize(self.representation(f_a), dim=-1)
-        r_b = F.normalize(self.representation(f_b), dim=-1)
-        feature_nce = nt_xent(r_a, r_b, self.temperature)
+        views = torch.stack(features)  # (V, b, D): the crops, of any sizes, in crop order
+        first, second = view_pairs(len(features))
+        r = F.normalize(self.representation(views), dim=-1)  # (V, b, d)
+        feature_nce = nt_xent(r[first], r[second], self.temperature).mean()
 
-        logits = wide(torch.stack([self.cluster(f_a), self.cluster(f_b)]))  # (2, S, b, K)
+        logits = wide(torch.stack([self.cluster(f) for f in features]))  # (V, S, b, K)
         probs = logits.softmax(-1)
-        cluster_nce = crlc_cluster_nce(*self._smooth(probs).unbind(0))  # (S,)
-        marginals = global_mean_probs(probs)  # (2, S, K): one per view
-        balance = entropy(marginals).mean(0)  # (S,): mean over the two views
-        sizes = self.prior.correction(marginals)  # (2, S), zeros under the uniform prior: prior.py
+        smoothed = self._smooth(probs)
+        cluster_nce = crlc_cluster_nce(smoothed[first], smoothed[second]).mean(0)  # (S,)
+        marginals = global_mean_probs(probs)  # (V, S, K): one per view
+        balance = entropy(marginals).mean(0)  # (S,): mean over the views
+        sizes = self.prior.correction(marginals)  # (V, S), zeros under the uniform prior: prior.py
         penalty = violation_penalty(logits, self.logit_bound).mean(0)  # (S,)
         per_head = (cluster_nce - self.entropy_weight * balance + self.entropy_weight * sizes.mean(0)
                     + self.logit_penalty * penalty)
