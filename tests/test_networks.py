@@ -23,6 +23,24 @@ def test_each_stage_doubles_the_channels_and_halves_the_side(stages, side):
     assert net.feature_dim == features and net(torch.rand(2, 3, side, side)).shape == (2, features)
 
 
+@pytest.mark.parametrize("pool", [1, 2, 3])
+def test_the_final_pool_gives_pool_squared_times_the_last_channels(pool):
+    net = build_backbone(ModelConfig(backbone="small_cnn", width=8, stages=2, pool=pool), in_channels=3)
+    images = torch.rand(2, 3, 12, 12)
+    assert net.feature_dim == pool * pool * 16 and net(images).shape == (2, pool * pool * 16)
+    if pool == 1:  # the global average of the last stage: the 2x2 grid's mean
+        grid = build_backbone(ModelConfig(backbone="small_cnn", width=8, stages=2), in_channels=3)
+        grid.load_state_dict(net.state_dict())
+        net.eval(), grid.eval()
+        torch.testing.assert_close(net(images), grid(images).view(2, 16, 4).mean(-1))
+
+
+@pytest.mark.parametrize("pool", [0, 5, 1.5])
+def test_an_impossible_pool_is_a_user_error(pool):
+    with pytest.raises(UserError, match="model.pool"):
+        ModelConfig(backbone="small_cnn", pool=pool).validate()
+
+
 def test_the_default_keeps_the_layout_models_were_saved_with():
     # Models logged before `model.stages` existed hold these keys: they still load.
     keys = list(build_backbone(ModelConfig(backbone="small_cnn", width=8), 3).state_dict())
@@ -42,6 +60,8 @@ def test_more_stages_than_the_smallest_crop_can_halve_is_a_user_error():
     from_dict({**values, "model": {**values["model"], "stages": 3}}).validate()
     with pytest.raises(UserError, match="'model.stages'.*at least 16 px \\(the smallest is 8\\)"):
         from_dict({**values, "model": {**values["model"], "stages": 4}}).validate()
+    with pytest.raises(UserError, match="'model.stages'.*pool 3 needs crops of at least 12 px"):
+        from_dict({**values, "model": {**values["model"], "stages": 3, "pool": 3}}).validate()
 
 
 def test_sobel_sees_a_vertical_edge_in_x_only_and_nothing_in_flat_colour():

@@ -126,14 +126,17 @@ def test_the_config_comparison_allows_what_is_safe_and_names_what_is_not():
             "backbone": "resnet18"}}), trained_epochs=4)
 
 
-def test_a_checkpoint_from_before_model_stages_counts_as_two_stages():
+def test_a_checkpoint_from_before_model_stages_and_pool_counts_as_two_stages_and_a_2x2_grid():
     current = config.from_dict(config.load_recipe("digits-crlc"))
     older = current.to_dict()
-    del older["model"]["stages"], older["model"]["sobel"]  # as a checkpoint written before the keys
+    del older["model"]["stages"], older["model"]["sobel"], older["model"]["pool"]  # written before the keys
     assert config.resume_changes(older, current, trained_epochs=1).changed == {}
     deeper = config.from_dict({**current.to_dict(), "model": {**current.to_dict()["model"], "stages": 3}})
     with pytest.raises(ConfigError, match="'model.stages'.*trained with 2"):
         config.resume_changes(older, deeper, trained_epochs=1)
+    pooled = config.from_dict({**current.to_dict(), "model": {**current.to_dict()["model"], "pool": 1}})
+    with pytest.raises(ConfigError, match="'model.pool'.*trained with 2"):
+        config.resume_changes(older, pooled, trained_epochs=1)
 
 
 def _agree(rank: int, world: int, init_file: str, folder: str) -> None:

@@ -34,7 +34,7 @@ class ResumeChanges:
 
 # Network keys added after checkpoints were written, with the value those checkpoints were
 # trained with: a resume that changes them is refused like any other network change.
-SAVED_BEFORE_THEY_EXISTED = {"model.sobel": False, "model.stages": 2}
+SAVED_BEFORE_THEY_EXISTED = {"model.sobel": False, "model.stages": 2, "model.pool": 2}
 
 
 def resume_changes(saved: dict[str, Any], current: Config, trained_epochs: int) -> ResumeChanges:

@@ -172,10 +172,12 @@ class Config:
                    self.augment.crops[0].count, "imc_swav needs 2 large crops in the first group")
         for section in (self.model, self.optim, self.speed):
             section.validate()
-        if self.model.backbone == "small_cnn":  # stages - 1 halvings, then a 2x2 pool
+        if self.model.backbone == "small_cnn":  # stages - 1 halvings, then a pool x pool grid
             smallest = min(crop.size for crop in self.augment.crops)
-            check(smallest >= 2 ** self.model.stages, "model.stages", self.model.stages,
-                   f"needs crops of at least {2 ** self.model.stages} px (the smallest is {smallest})")
+            needed = 2 ** (self.model.stages - 1) * self.model.pool
+            check(smallest >= needed, "model.stages", self.model.stages,
+                   f"with model.pool {self.model.pool} needs crops of at least {needed} px "
+                   f"(the smallest is {smallest})")
         for name in OBJECTIVES:
             check_objective_section(name, getattr(self, name))
         self.augment.validate(image_size)

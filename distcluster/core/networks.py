@@ -24,6 +24,7 @@ class ModelConfig:
     backbone: str = "resnet18"
     width: int = 64  # small_cnn only: channels of the first stage
     stages: int = 2  # small_cnn only: stages of two conv layers, each after the first at half size
+    pool: int = 2  # small_cnn only: side of the final average-pooled grid (1: global average)
     # The backbone sees the images' edges alone (SobelEdges): no colour to cluster by, as IIC
     # feeds CIFAR. Off by default.
     sobel: bool = False
@@ -38,6 +39,8 @@ class ModelConfig:
         check(self.width >= 4, "model.width", self.width, "must be >= 4")
         check(type(self.stages) is int and 1 <= self.stages <= 4, "model.stages", self.stages,
                "must be an integer from 1 to 4")
+        check(type(self.pool) is int and 1 <= self.pool <= 4, "model.pool", self.pool,
+               "must be an integer from 1 to 4")
         check(isinstance(self.sobel, bool), "model.sobel", self.sobel, "must be true or false")
         check(isinstance(self.sync_batchnorm, bool) or self.sync_batchnorm == "auto",
                "model.sync_batchnorm", self.sync_batchnorm, "must be true, false or auto")
@@ -45,14 +48,14 @@ class ModelConfig:
 
 class SmallConvNet(nn.Module):
     """Stages of two 3x3 conv layers for tiny images (digits' 8x8, CIFAR crops of 16-24 px):
-    stage s has width * 2**s channels and, after the first, half the previous side; D = 4 x
-    the last stage's channels.
+    stage s has width * 2**s channels and, after the first, half the previous side; a final
+    average pool to a pool x pool grid gives D = pool**2 x the last stage's channels.
 
-    A final 2x2 pooling keeps coarse position, which tiny images need to tell
-    shapes apart (a 6 and a 9 differ mainly in where the loop sits).
+    The default 2x2 grid keeps coarse position, which tiny images need to tell shapes apart
+    (a 6 and a 9 differ mainly in where the loop sits); pool 1 is the global average.
     """
 
-    def __init__(self, in_channels: int, width: int = 32, stages: int = 2) -> None:
+    def __init__(self, in_channels: int, width: int = 32, stages: int = 2, pool: int = 2) -> None:
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:
@@ -63,8 +66,8 @@ class SmallConvNet(nn.Module):
         for stage in range(1, stages):
             cin, cout = width * 2 ** (stage - 1), width * 2 ** stage
             layers += [nn.MaxPool2d(2), *block(cin, cout), *block(cout, cout)]
-        self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())
-        self.feature_dim = 4 * width * 2 ** (stages - 1)
+        self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(pool), nn.Flatten())
+        self.feature_dim = pool * pool * width * 2 ** (stages - 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(images)
@@ -113,7 +116,7 @@ def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
     if cfg.sobel:
         return OnEdges(build_backbone(replace(cfg, sobel=False), 2))
     if cfg.backbone == "small_cnn":
-        return SmallConvNet(in_channels, cfg.width, cfg.stages)
+        return SmallConvNet(in_channels, cfg.width, cfg.stages, cfg.pool)
     return cifar_resnet(int(cfg.backbone.removeprefix("resnet")), in_channels)
 
 
