@@ -84,6 +84,10 @@ def test_a_fitted_prior_sets_new_target_sizes_after_every_epoch(objective, prior
     assert float(target.sum()) == pytest.approx(1)
     assert torch.equal(target, target.sort(descending=True).values)
     assert target.min() >= floor - 1e-6 and (target - 1 / cfg.clusters).abs().max() > 0.01
+    logged = recorder.epochs[-1]  # what the run logs of the profile (MLflow metrics)
+    assert logged["prior/departure"] == pytest.approx(0.5 * float((target - 1 / cfg.clusters).abs().sum()))
+    assert logged["prior/largest_share"] == float(target[0])
+    assert logged["prior/smallest_share"] == float(target[-1])
     if prior == "calibrated":
         shift = weights["objective.prior.assignment_shift"]
         subheads = getattr(getattr(cfg, cfg.objective), "subheads", 1)

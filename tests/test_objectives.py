@@ -240,6 +240,17 @@ def test_the_uniform_prior_adds_nothing_and_keeps_no_state():
     assert torch.equal(ClusterPrior(3, "uniform").correction(marginals), torch.zeros(1))
     assert not list(ClusterPrior(3, "uniform").buffers())  # its checkpoints are as before
     torch.testing.assert_close(ClusterPrior(3, "estimated").correction(marginals), torch.zeros(1))
+    assert ClusterPrior(3, "uniform").profile_metrics() == {}  # nothing to log
+
+
+def test_the_logged_profile_metrics_have_known_values():
+    from distcluster.core.objectives.prior import ClusterPrior
+
+    prior = ClusterPrior(4, "estimated")
+    assert prior.profile_metrics()["prior/departure"] == 0  # equal sizes until the first estimate
+    prior.target.copy_(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    assert prior.profile_metrics() == pytest.approx(
+        {"prior/departure": 0.2, "prior/largest_share": 0.4, "prior/smallest_share": 0.1})
 
 
 def test_the_estimated_prior_pulls_the_sorted_sizes_towards_the_profile_whichever_cluster_holds_which():

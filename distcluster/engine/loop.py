@@ -200,7 +200,8 @@ def _train_epoch(state: TrainingState, source: ImageSource, augment: MultiCrop,
     elapsed = time.perf_counter() - started
     metrics.update({"train/images_per_second": logs.steps * cfg.batch_size / elapsed,
                     "train/epoch_seconds": elapsed, "train/lr": state.lr,
-                    "train/head": state.head, "train/skipped_steps": skipped})
+                    "train/head": state.head, "train/skipped_steps": skipped,
+                    **state.model.objective.prior.profile_metrics()})
     return metrics
 
 

@@ -87,6 +87,16 @@ class ClusterPrior(nn.Module):
         sizes = torch.bincount(found, minlength=clusters).sort(descending=True).values / len(found)
         self.target.copy_((1 - weight) / clusters + weight * sizes.to(self.target))
 
+    def profile_metrics(self) -> dict[str, float]:
+        """The profile pulled towards, for the run's log: its largest and smallest shares and its
+        departure from equal sizes (half the L1 distance to 1/K: 0 for equal, towards 1 for one
+        cluster holding all); nothing under the uniform prior."""
+        if self.prior == "uniform":
+            return {}
+        departure = 0.5 * float((self.target - 1 / len(self.target)).abs().sum())
+        return {"prior/departure": departure, "prior/largest_share": float(self.target[0]),
+                "prior/smallest_share": float(self.target[-1])}
+
     def assigned(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (S, B, K) of the sub-heads, shifted for assignment (unchanged unless calibrated)."""
         if self.prior != "calibrated":
