@@ -41,6 +41,16 @@ def features_and_logits(model, loaded, source) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(features), torch.cat(logits, 1)
 
 
+def model_and_labelled_images(model: str, data: str):
+    """The trained model and the labelled images a benchmark scores it on (UserError without labels)."""
+    torch.set_flush_denormal(True)
+    loaded = load_model(Path(model))
+    source = open_source(resolve_data(data))
+    if source.labels is None:
+        raise UserError(f"{data}: needs labels")
+    return loaded, source
+
+
 def head_rows(logits: torch.Tensor, labels, chosen: int) -> list[str]:
     rows = []
     for s, head in enumerate(logits):
@@ -61,16 +71,13 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="labelled images SPEC the model never trained on")
     parser.add_argument("--name", default="model", help="section name in RESULTS.md")
     args = parser.parse_args()
-    torch.set_flush_denormal(True)
-    loaded = load_model(Path(args.model))
-    source = open_source(resolve_data(args.data))
-    if source.labels is None:
-        raise UserError(f"{args.data}: needs labels")
+    loaded, source = model_and_labelled_images(args.model, args.data)
     labels = source.labels.numpy()
     features, logits = features_and_logits(loaded.model, loaded, source)
     found = spherical_kmeans(features, loaded.clusters, torch.Generator().manual_seed(0))
     kmeans = cluster_scores(labels, found.numpy())
-    kmeans_sizes = " ".join(map(str, torch.bincount(found).sort(descending=True).values.tolist()))
+    kmeans_sizes = torch.bincount(found, minlength=loaded.clusters).sort(descending=True).values
+    kmeans_sizes = " ".join(map(str, kmeans_sizes.tolist()))
     table = "\n".join([
         "| clusters from | ACC | NMI | ACC, argmax shifted to the soft shares | argmax sizes | soft sizes |",
         "|---|---|---|---|---|---|", *head_rows(logits, labels, loaded.head),

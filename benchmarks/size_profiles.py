@@ -30,14 +30,13 @@ from sklearn.metrics import adjusted_mutual_info_score
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_section  # noqa: E402
-from heads_or_features import features_and_logits  # noqa: E402
+from heads_or_features import features_and_logits, model_and_labelled_images  # noqa: E402
 from subsets import class_sizes, subset  # noqa: E402
 
 from distcluster.commands.cli import run_command  # noqa: E402
 from distcluster.common.errors import UserError  # noqa: E402
 from distcluster.core.objectives.prior import spherical_kmeans  # noqa: E402
 from distcluster.data.sources import open_source, resolve_data  # noqa: E402
-from distcluster.engine.exported import load_model  # noqa: E402
 
 OVER_CLUSTERING = 10  # fine k-means clusters per group before the Ward merge
 
@@ -89,11 +88,9 @@ def main() -> None:
     parser.add_argument("--imbalance", type=float, default=10.0)
     parser.add_argument("--name", default="model", help="section name in RESULTS.md")
     args = parser.parse_args()
-    torch.set_flush_denormal(True)
-    loaded = load_model(Path(args.model))
-    source = open_source(resolve_data(args.data))
-    if source.labels is None:
-        raise UserError(f"{args.data}: needs labels")
+    if args.per_class < 1 or args.imbalance < 1:
+        raise UserError("--per-class must be >= 1 and --imbalance >= 1")
+    loaded, source = model_and_labelled_images(args.model, args.data)
     classes = sorted(set(source.labels.tolist()) - {-1})
     if len(classes) != loaded.clusters:
         raise UserError(f"{args.data} has {len(classes)} classes, the model {loaded.clusters} clusters")

@@ -24,6 +24,15 @@ def test_flags_and_overrides_apply_in_order():
     assert cfg.model.backbone == "small_cnn"  # the digits-crlc recipe
 
 
+@pytest.mark.parametrize("written, value", [("1e-3", 1e-3), ("3E-4", 3e-4), ("-2.5e+2", -250.0),
+                                            (".5e-1", 0.05), ("1.0e-4", 1e-4), ("0.01", 0.01)])
+def test_numbers_in_exponent_form_are_numbers_without_a_dot_too(written, value):
+    """YAML 1.1 reads 1e-3 as a string; `--set optim.lr=1e-3`, recipes and tune spaces take it as 0.001."""
+    assert config_from_args(["--set", f"optim.lr={written}"]).optim.lr == value
+    assert config.safe_yaml(f"lr: [{written}]", "test") == {"lr": [value]}
+    assert config.safe_yaml("1e", "test") == "1e"  # not a number: stays a string
+
+
 def test_set_indexes_lists_as_tune_spaces_do():
     cfg = config_from_args(["--set", "augment.crops.1.size=5", "--set", "augment.crops.0.count=3"])
     assert (cfg.augment.crops[1].size, cfg.augment.crops[0].count) == (5, 3)
@@ -49,6 +58,9 @@ def test_unknown_keys_are_named(override, key):
     ("augment.crops=[{count: 2, size: 8, scale: [0.9, 0.1]}]", "augment.crops[0].scale"),
     ("epochs=ten", "epochs"),
     ("objective=kmeans", "objective"),
+    ("optim.momentum=-1", "optim.momentum"),
+    ("optim.momentum=1", "optim.momentum"),
+    ("experiment=' '", "experiment"),
 ])
 def test_impossible_values_are_named(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
@@ -151,6 +163,8 @@ def test_crop_larger_than_the_image_is_refused():
     (["--config", "/no/such/file.yaml"], "config file not found"),
     (["--data", "/no/such/data.npz"], "data not found"),
     (["--data", "/no/such/photos/"], "data not found"),
+    (["--data", "cifar10:/no/such/root"], "data not found"),
+    (["--experiment", ""], "'experiment'"),
     (["--data", "/etc/hostname"], "unknown data format"),
     (["--data", "/no/such/file.beton"], "data file not found"),
     (["--epochs", "many"], "invalid int value"),

@@ -269,6 +269,17 @@ def test_the_estimated_prior_pulls_the_sorted_sizes_towards_the_profile_whicheve
     torch.testing.assert_close(gradient, torch.full_like(gradient, 1 - math.log(3)))  # equal: no pull
 
 
+def test_features_that_are_not_finite_leave_the_profile_as_it_was():
+    from distcluster.core.objectives.prior import ClusterPrior
+
+    prior = ClusterPrior(3, "estimated")
+    prior.target.copy_(torch.tensor([0.5, 0.3, 0.2]))
+    features = torch.randn(30, 4)
+    features[7, 2] = float("nan")
+    prior.update(features, weight=0.75, generator=torch.Generator().manual_seed(0))
+    assert prior.target.tolist() == pytest.approx([0.5, 0.3, 0.2])
+
+
 def test_calibrated_assignments_give_each_cluster_its_soft_share_of_the_images():
     """Two sub-heads whose argmax favours a cluster more than their probabilities do (the first
     head: 0.68 of the images for 0.56 of the mass): after `calibrate`, argmax of each head's

@@ -75,12 +75,14 @@ def test_imagefolder_directory_round_trips_pixels_labels_and_class_names(class_f
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
-def test_zip_archive_gives_the_same_data_as_the_folder(class_folder, tmp_path):
+@pytest.mark.parametrize("stored_as", ["{}", "./{}"])  # `zip -r pets.zip ./cats ./dogs` keeps the './'
+def test_zip_archive_gives_the_same_data_as_the_folder(class_folder, tmp_path, stored_as):
     root, _ = class_folder
     archive = tmp_path / "pets.zip"
     with zipfile.ZipFile(archive, "w") as out:
         for path in sorted(root.rglob("*.png")):
-            out.write(path, path.relative_to(root).as_posix())
+            name = stored_as.format(path.relative_to(root).as_posix())
+            out.writestr(zipfile.ZipInfo(name), path.read_bytes())
     prepare(root, tmp_path / "dir.beton")
     prepare(archive, tmp_path / "zip.beton")
     for a, b in zip(read_back(tmp_path / "dir.beton"), read_back(tmp_path / "zip.beton"), strict=True):
@@ -153,6 +155,10 @@ def test_npz_and_digits_round_trip_with_greyscale_kept_as_one_channel(tmp_path):
     images, labels = read_back(tmp_path / "a.beton")
     np.testing.assert_array_equal(images, x)
     assert labels.tolist() == [0, 1, 2, 3, 4]
+    with open(tmp_path / "A.NPZ", "wb") as upper_case:  # the suffix in capitals is an .npz too
+        np.savez(upper_case, x=x, y=np.arange(5))
+    prepare(tmp_path / "A.NPZ", tmp_path / "A.beton")
+    np.testing.assert_array_equal(read_back(tmp_path / "A.beton")[0], x)
     meta = prepare("digits", tmp_path / "d.beton")
     images, labels = read_back(tmp_path / "d.beton")
     digits, targets = digits_arrays()
@@ -235,6 +241,18 @@ def test_corrupt_image_is_skipped_counted_and_listed_on_request(folder_with_corr
     assert meta["skipped"][0]["path"].endswith("a/broken.jpg")
 
 
+def encrypted_zip(path: Path) -> Path:
+    """A zip whose one image is marked encrypted: Python writes no encryption, so the flag (bit
+    0 of the general-purpose flags, what readers go by) is set in the written headers."""
+    with zipfile.ZipFile(path, "w") as out:
+        out.writestr("a.png", b"not really encrypted")
+    data = bytearray(path.read_bytes())
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local, central header
+        data[data.index(signature) + flags_at] |= 0x1
+    path.write_bytes(bytes(data))
+    return path
+
+
 @pytest.mark.parametrize("case, needle", [
     ("missing", "not found"),
     ("empty", "no images found"),
@@ -244,6 +262,7 @@ def test_corrupt_image_is_skipped_counted_and_listed_on_request(folder_with_corr
     ("bad-format-flag", "invalid choice"),
     ("bad-resolution", "--max-resolution"),
     ("bad-out", "must end in .beton"),
+    ("encrypted-zip", "is encrypted"),
 ])
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, needle):
@@ -256,6 +275,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, needle):
         "text-file": (tmp_path / "notes.txt", [], "o.beton"),
         "cifar-without-files": (f"cifar10:{tmp_path / 'empty'}", [], "o.beton"),
         "npz-without-x": (tmp_path / "no_x.npz", [], "o.beton"),
+        "encrypted-zip": (encrypted_zip(tmp_path / "locked.zip"), [], "o.beton"),
         "bad-format-flag": ("digits", ["--format", "tiff-stack"], "o.beton"),
         "bad-resolution": ("digits", ["--max-resolution", "1"], "o.beton"),
         "bad-out": ("digits", [], "o.npy"),
@@ -342,13 +362,19 @@ def test_subset_indices_are_sorted_distinct_fixed_and_all_when_count_is_zero_or_
     assert subset_indices(5, 0).tolist() == subset_indices(5, 9).tolist() == [0, 1, 2, 3, 4]
 
 
-def test_files_under_lists_nested_and_linked_files_but_does_not_enter_linked_folders(tmp_path):
+def test_files_under_lists_nested_and_linked_files_and_folders_without_going_round_a_loop(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.png").write_bytes(b"1")
     (tmp_path / "top.png").write_bytes(b"2")
     (tmp_path / "linked.png").symlink_to(tmp_path / "top.png")
     (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)  # a cycle, not followed
-    assert sorted(name for name, _ in files_under(tmp_path)) == ["a/b/x.png", "linked.png", "top.png"]
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    (elsewhere / "c").mkdir(parents=True)
+    (elsewhere / "c" / "y.png").write_bytes(b"3")
+    (elsewhere / "c" / "back").symlink_to(tmp_path / "a", target_is_directory=True)  # a longer cycle
+    (tmp_path / "dogs").symlink_to(elsewhere / "c", target_is_directory=True)  # a linked class folder
+    assert sorted(name for name, _ in files_under(tmp_path)) == [
+        "a/b/x.png", "dogs/back/b/x.png", "dogs/y.png", "linked.png", "top.png"]
 
 
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
@@ -415,6 +441,46 @@ def test_an_images_size_from_its_header_is_the_size_it_decodes_to(tmp_path):
         sizes = {name: collection.size(i) for i, name in enumerate(collection.members)}
         assert sizes == {name: collection.read(i).shape[:2] for i, name in enumerate(collection.members)}
         assert sizes["turned.jpg"] == sizes["turned.png"] == (32, 16) and sizes["mirrored.webp"] == (16, 32)
+
+
+@pytest.mark.parametrize("pixels, mode, byte", [
+    (np.full((2, 2), 3, np.uint16), "I;16", 0),  # near black stays near black, not stretched to white
+    (np.full((2, 2), 65535, np.uint16), "I;16", 255),
+    (np.full((2, 2), 32896, np.int32), "I", 128),  # a 16-bit PNG as older Pillows open it
+    (np.full((2, 2), -100, np.int32), "I", 0),  # out of the 16-bit range: clipped
+    (np.full((2, 2), 0.5, np.float32), "F", 128),  # floats in 0..1
+    (np.full((2, 2), 300.0, np.float32), "F", 255),  # floats beyond 1: 0..255, clipped
+])
+def test_deep_images_become_bytes_by_the_range_their_format_declares(pixels, mode, byte):
+    from distcluster.data.images import rgb_image
+
+    image = Image.fromarray(pixels, mode) if mode != "I;16" else Image.fromarray(pixels)
+    assert image.mode == mode
+    assert np.asarray(rgb_image(image)).tolist() == np.full((2, 2, 3), byte).tolist()
+
+
+def test_fitting_takes_the_centre_square_as_resizing_then_cropping_would_and_strips_stay_cheap():
+    from distcluster.data.images import fit_image
+
+    wide = rng_images(1, (40, 100))[0]
+    resized = np.asarray(Image.fromarray(wide).resize((40, 16), Image.Resampling.BICUBIC))  # shorter side 16
+    np.testing.assert_array_equal(fit_image(wide, 16), resized[:, 12:28])  # its centre 16 columns
+    strip = rng_images(1, (1, 20_000))[0]  # resized whole first, this was 256 x 5,120,000 pixels
+    assert fit_image(strip, 256).shape == (256, 256, 3)
+
+
+def test_a_file_name_that_is_not_utf8_is_prepared_and_printed_with_escapes(tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 must not stop the cache's fingerprint,
+    and predict's tables (CSV, Parquet) show it with \\xNN escapes."""
+    from distcluster.data.sources import fingerprint
+    from distcluster.inference.batch import printable
+
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # 'café' in Latin-1
+    Image.fromarray(rng_images(1)[0]).save(folder / name)
+    assert len(fingerprint(folder)) == 16
+    assert printable(name) == "caf\\xe9.png" and printable("café.png") == "café.png"
 
 
 def exif_orientation(value: int) -> Image.Exif:

@@ -97,6 +97,8 @@ BAD_SPACES = {
     "reversed-range": ("space: {optim.lr: {uniform: [0.1, 0.01]}}", "'optim.lr'.*low < high"),
     "log-of-zero": ("space: {optim.lr: {loguniform: [0, 0.01]}}", "'optim.lr'.*low > 0"),
     "float-randint": ("space: {seed: {randint: [0, 2.5]}}", "'seed'.*integer ends"),
+    "fractions-for-an-integer": ("space: {clusters: {uniform: [8, 12]}}", "'clusters'.*fractions.*randint"),
+    "exponent-form-range": ("space: {optim.lr: {loguniform: [1e-4, 1e-2]}}\nsweep: {samples: 0}", "samples"),
     "unknown-kind": ("space: {clusters: {normal: [10, 2]}}", "'clusters'.*must be one of"),
     "impossible-value": ("space: {clusters: {choice: [1, 10]}}", "'clusters'.*K must be in \\[2"),
     "impossible-end": ("space: {imc_swav.temperature: {uniform: [-0.1, 0.3]}}", "'imc_swav.temperature'"),

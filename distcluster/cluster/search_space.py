@@ -152,8 +152,23 @@ def _parse(name: str, raw: Any) -> SearchSpace:
                         _sweep(name, _mapping(name, raw, "sweep")))
     for cfg in space.extreme_configs():
         cfg.validate()
+    _check_ranges_draw_fractions_only_for_numbers(space)
     space.check_search(space.sweep.search)
     return space
+
+
+def _check_ranges_draw_fractions_only_for_numbers(space: SearchSpace) -> None:
+    """uniform and loguniform draw fractions: on an integer key (clusters, epochs) every trial
+    would fail when it starts, so the space is refused now, with what to use instead."""
+    for dim in space.dimensions:
+        if dim.kind in ("uniform", "loguniform"):
+            low, high = dim.values
+            inside = (low + high) / 2 if dim.kind == "uniform" else math.sqrt(low * high)
+            try:
+                space.trial_config({dim.key: inside})
+            except ConfigError as exc:
+                _fail(space.name, dim.key, f"{dim.kind} draws fractions such as {inside:g}, which it "
+                      f"refuses ({exc}); use randint or choice")
 
 
 def _mapping(name: str, raw: dict[str, Any], section: str) -> dict[str, Any]:

@@ -32,15 +32,15 @@ def evaluate(argv: list[str] | None = None) -> dict:
         check_writable_target(gallery, "--gallery")
     inputs = open_inputs(args)
     loaded, source = inputs.model, inputs.source
+    if source.labels is None and gallery is None:  # refused before any image is assigned
+        raise UserError(f"'{args.data}' has no labels to evaluate against (use predict, or --gallery)")
     rows = list(assign_all(inputs, args))
     clusters, confidence = (np.concatenate([r[key] for r in rows]) for key in ("cluster", "confidence"))
     if gallery is not None:
         from distcluster.tracking.plots import source_gallery
 
         source_gallery(source, clusters, confidence, loaded.clusters, gallery)
-    if source.labels is None:
-        if gallery is None:
-            raise UserError(f"'{args.data}' has no labels to evaluate against (use predict, or --gallery)")
+    if source.labels is None:  # the gallery is all there is to give
         return {}
     from distcluster.core.metrics import cluster_scores
 

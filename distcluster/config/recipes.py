@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,12 @@ class _BoundedLoader(yaml.SafeLoader):
             if self.aliases > MAX_YAML_ALIASES:
                 raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name)")
         return super().compose_node(parent, index)
+
+
+# YAML 1.1 reads 1e-3 (no dot) as a string; YAML 1.2 and every user read it as a number.
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 
 def safe_yaml(text: str, what: str) -> Any:

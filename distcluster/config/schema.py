@@ -58,6 +58,7 @@ class OptimConfig:
         check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         check(all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
                "must be in [0, 1)")
+        check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)")
         check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         check(0 < self.gamma <= 1, "optim.gamma", self.gamma, "must be in (0, 1]")
         check(self.schedule in ("step", "cosine"), "optim.schedule", self.schedule, "must be step or cosine")
@@ -161,6 +162,7 @@ class Config:
                "must be >= 0")
         if self.register:
             check_model_name(self.register)
+        check(bool(self.experiment.strip()), "experiment", self.experiment, "must not be blank")
         check(self.run_name == "" or (self.run_name not in (".", "..") and not any(
             c in self.run_name for c in "/\\\0")), "run_name", self.run_name,
             "must be one folder name: no '/', '\\', '.' or '..'")

@@ -163,7 +163,7 @@ def load_source(spec: str, max_samples: int = 0) -> ArraySource:
     """An in-memory source for `digits` or a `.npz` file (other SPECs go through FFCV)."""
     if spec == "digits":
         source = load_digits_source()
-    elif spec.endswith(".npz"):
+    elif spec.lower().endswith(".npz"):
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"data file not found: {spec}")

@@ -161,6 +161,7 @@ class FileCollection:
         return state
 
 
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _UNREADABLE = (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError)
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that exif_transpose turns by 90 degrees
 
@@ -201,11 +202,22 @@ def rgb_image(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        values = np.asarray(image, dtype=np.float64)
-        scaled = values * (255.0 / max(values.max(), 1.0))
-        return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return Image.fromarray(_bytes_of_depth(image)).convert("RGB")
     return image.convert("RGB")
+
+
+def _bytes_of_depth(image: Image.Image) -> np.ndarray:
+    """Pixels of a 16-bit, 32-bit integer or floating-point image as uint8, by the range its
+    format declares, the same for every image (so a dark picture stays dark): 0..65535 for
+    16 bits and for 32-bit integers within that range (16-bit PNGs open so in older Pillows),
+    0..1 for floats that stay within it, else 0..255 clipped."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.min() >= 0 and values.max() <= 65535):
+        values = values * (255 / 65535)
+    elif image.mode == "F" and values.min() >= 0 and values.max() <= 1:
+        values = values * 255
+    return np.clip(np.nan_to_num(values).round(), 0, 255).astype(np.uint8)
 
 
 def to_rgb_array(image: np.ndarray) -> np.ndarray:
@@ -244,17 +256,18 @@ def target_size(sizes: np.ndarray, max_resolution: int) -> int | None:
 
 
 def fit_image(image: np.ndarray, side: int | None) -> np.ndarray:
-    """Resize (antialiased bicubic) so the shorter side is `side`, then centre-crop a square."""
+    """The centre square of the image, resized (antialiased bicubic) to side x side: what
+    resizing the shorter side to `side` and centre-cropping gives, without resizing the parts
+    the crop drops (a 1 x 3,000 strip would first become 256 x 768,000 pixels, 2 GB)."""
     if side is None:
         return image
     height, width = image.shape[:2]
     if (height, width) == (side, side):
         return image
-    scale = side / min(height, width)
-    new_w, new_h = max(side, round(width * scale)), max(side, round(height * scale))
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
-    top, left = (new_h - side) // 2, (new_w - side) // 2
-    return np.ascontiguousarray(resized[top:top + side, left:left + side])
+    square = min(height, width)
+    left, top = (width - square) / 2, (height - square) / 2
+    box = (left, top, left + square, top + square)
+    return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC, box=box))
 
 
 def _parts(name: str) -> list[str]:
@@ -308,33 +321,57 @@ def _folder_layout(names: Iterable[str], source: str) -> tuple[list[str], list[i
 
 def files_under(folder: Path) -> Iterator[tuple[str, os.DirEntry]]:
     """(path relative to `folder`, with '/', and its directory entry) of every file below it,
-    in no particular order. Linked files count; linked folders are not entered (no cycles)."""
-    pending = [(str(folder), "")]
+    in no particular order. Linked files and linked folders count (class folders are often links
+    to where the images live), as `find -L` lists them: a folder reached again along one path,
+    through a link back to where that path came from, is not entered (no cycles)."""
+    pending = [(str(folder), "", (_identity(os.stat(folder)),))]
     while pending:
-        top, prefix = pending.pop()
+        top, prefix, route = pending.pop()
         try:
             with os.scandir(top) as entries:
                 for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append((entry.path, f"{prefix}{entry.name}/"))
+                    if entry.is_dir():
+                        identity = _identity(entry.stat())
+                        if identity not in route:
+                            pending.append((entry.path, f"{prefix}{entry.name}/", (*route, identity)))
                     elif entry.is_file():
                         yield f"{prefix}{entry.name}", entry
         except OSError as exc:
             raise UserError(f"{top}: cannot list this folder ({exc.strerror})") from None
 
 
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
 def open_imagefolder(path: Path) -> FileCollection:
     if path.is_dir():
         names = [name for name, _ in files_under(path)]
     elif zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = [info.filename for info in archive.infolist() if not info.is_dir()]
+        names = _zip_image_members(path)
     elif path.is_file() and _is_image(path.name):  # one image: a folder of one, unlabelled
         return FileCollection(path.parent, [path.name], [-1], str(path), None)
     else:
         raise UserError(f"{path}: not a directory, a .zip archive or an image file")
     members, labels, class_names = _folder_layout(names, str(path))
+    if path.is_file():  # a zip opens './a/b.png' by that name, not by the normalised 'a/b.png'
+        as_stored = {"/".join(_parts(name)): name for name in names}
+        members = [as_stored[member] for member in members]
     return FileCollection(path, members, labels, str(path), class_names)
+
+
+def _zip_image_members(path: Path) -> list[str]:
+    """The names of a zip's files, refusing (one line) an archive Python's zipfile cannot open:
+    encrypted members or a compression method it lacks (deflate64, for one)."""
+    with zipfile.ZipFile(path) as archive:
+        infos = [info for info in archive.infolist() if not info.is_dir()]
+    for info in infos:
+        if info.flag_bits & 0x1:
+            raise UserError(f"{path}: {info.filename} is encrypted; unzip the archive and give the folder")
+        if info.compress_type not in _ZIP_METHODS:
+            raise UserError(f"{path}: {info.filename} uses zip compression method {info.compress_type}, "
+                            "which cannot be read here; unzip the archive and give the folder")
+    return [info.filename for info in infos]
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -433,13 +470,16 @@ def detect_format(spec: str) -> tuple[str, Path | None]:
         return "digits", None
     for fmt in ("cifar10", "cifar100-20"):
         if spec.startswith(fmt + ":"):
-            return fmt, Path(spec[len(fmt) + 1:])
+            root = Path(spec[len(fmt) + 1:])
+            if not root.is_dir():
+                raise UserError(f"data not found: {spec} ({root} is not a folder)")
+            return fmt, root
     path = Path(spec)
     if not path.exists():
         raise UserError(f"data not found: {spec}")
     if not (path.is_dir() or path.is_file()):  # a FIFO or a device (/dev/zero) never ends
         raise UserError(f"{spec}: not a regular file or a folder")
-    if path.suffix == ".npz":
+    if path.suffix.lower() == ".npz":
         return "npz", path
     if path.is_dir():
         for fmt, (folder, *_rest) in _CIFAR.items():

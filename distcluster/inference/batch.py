@@ -78,7 +78,7 @@ def assign_all(inputs: Inputs, args: argparse.Namespace) -> Iterator[Rows]:
                         args.gpu)
     paths = inputs.source.paths()
     for part in rows:
-        names = [paths[int(i)] for i in part["index"]] if paths else [None] * len(part["index"])
+        names = [printable(paths[int(i)]) for i in part["index"]] if paths else [None] * len(part["index"])
         yield {"index": part["index"], "path": np.array(names, dtype=object), "cluster": part["cluster"],
                "confidence": part["confidence"]}
 
@@ -164,6 +164,12 @@ def table_writer(out: Path) -> Iterator[Callable[[Rows], None]]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def printable(path: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) written as
+    \\xNN escapes, which CSV and Parquet can hold."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class _ArrowWriter:

@@ -80,7 +80,7 @@ class ClusterPrior(nn.Module):
     def update(self, features: torch.Tensor, weight: float, generator: torch.Generator) -> None:
         """A new profile from features (n, D) of a sample: (1 - weight) u + weight * the k-means
         cluster sizes, largest first."""
-        if self.prior == "uniform":
+        if self.prior == "uniform" or not torch.isfinite(features).all():  # keep the last profile
             return
         clusters = len(self.target)
         found = spherical_kmeans(features.cpu(), clusters, generator)  # the CPU generator's device
