@@ -244,11 +244,21 @@ def test_corrupt_image_is_skipped_counted_and_listed_on_request(folder_with_corr
 def encrypted_zip(path: Path) -> Path:
     """A zip whose one image is marked encrypted: Python writes no encryption, so the flag (bit
     0 of the general-purpose flags, what readers go by) is set in the written headers."""
+    return _patched_zip(path, flags_at=(6, 8), value=0x1)
+
+
+def deflate64_zip(path: Path) -> Path:
+    """A zip whose one image declares compression method 9 (deflate64), which Python cannot read."""
+    return _patched_zip(path, flags_at=(8, 10), value=9)
+
+
+def _patched_zip(path: Path, flags_at: tuple[int, int], value: int) -> Path:
+    """A one-image zip with a byte of its local and central headers (offsets in each) ORed with value."""
     with zipfile.ZipFile(path, "w") as out:
-        out.writestr("a.png", b"not really encrypted")
+        out.writestr("a.png", b"not really compressed so")
     data = bytearray(path.read_bytes())
-    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local, central header
-        data[data.index(signature) + flags_at] |= 0x1
+    for signature, offset in zip((b"PK\x03\x04", b"PK\x01\x02"), flags_at, strict=True):
+        data[data.index(signature) + offset] |= value
     path.write_bytes(bytes(data))
     return path
 
@@ -263,6 +273,7 @@ def encrypted_zip(path: Path) -> Path:
     ("bad-resolution", "--max-resolution"),
     ("bad-out", "must end in .beton"),
     ("encrypted-zip", "is encrypted"),
+    ("deflate64-zip", "compression method 9"),
 ])
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, needle):
@@ -276,6 +287,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, needle):
         "cifar-without-files": (f"cifar10:{tmp_path / 'empty'}", [], "o.beton"),
         "npz-without-x": (tmp_path / "no_x.npz", [], "o.beton"),
         "encrypted-zip": (encrypted_zip(tmp_path / "locked.zip"), [], "o.beton"),
+        "deflate64-zip": (deflate64_zip(tmp_path / "deflate64.zip"), [], "o.beton"),
         "bad-format-flag": ("digits", ["--format", "tiff-stack"], "o.beton"),
         "bad-resolution": ("digits", ["--max-resolution", "1"], "o.beton"),
         "bad-out": ("digits", [], "o.npy"),
