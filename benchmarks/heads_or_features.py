@@ -43,7 +43,6 @@ def features_and_logits(model, loaded, source) -> tuple[torch.Tensor, torch.Tens
 
 def model_and_labelled_images(model: str, data: str):
     """The trained model and the labelled images a benchmark scores it on (UserError without labels)."""
-    torch.set_flush_denormal(True)
     loaded = load_model(Path(model))
     source = open_source(resolve_data(data))
     if source.labels is None:
@@ -71,6 +70,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="labelled images SPEC the model never trained on")
     parser.add_argument("--name", default="model", help="section name in RESULTS.md")
     args = parser.parse_args()
+    torch.set_flush_denormal(True)
     loaded, source = model_and_labelled_images(args.model, args.data)
     labels = source.labels.numpy()
     features, logits = features_and_logits(loaded.model, loaded, source)

@@ -90,6 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.per_class < 1 or args.imbalance < 1:
         raise UserError("--per-class must be >= 1 and --imbalance >= 1")
+    torch.set_flush_denormal(True)
     loaded, source = model_and_labelled_images(args.model, args.data)
     classes = sorted(set(source.labels.tolist()) - {-1})
     if len(classes) != loaded.clusters:

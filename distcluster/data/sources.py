@@ -9,7 +9,6 @@ modification times of its files, and read from there.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import sys
@@ -34,12 +33,11 @@ def cache_dir() -> Path:
 def fingerprint(path: Path) -> str:
     """Changes when any file under `path` (a folder or one file) is added, removed, resized or
     touched: one stat per file, on every run."""
-    as_bytes = functools.partial(str.encode, encoding="utf-8", errors="surrogateescape")  # any file name
-    digest = hashlib.sha256(as_bytes(f"{CACHE_VERSION}:{path.resolve()}"))
+    digest = hashlib.sha256(os.fsencode(f"{CACHE_VERSION}:{path.resolve()}"))  # any file name's bytes
     files = sorted(files_under(path)) if path.is_dir() else [("", path)]
     for name, file in files:
         stat = file.stat()
-        digest.update(as_bytes(f"{name}:{stat.st_size}:{stat.st_mtime_ns}"))
+        digest.update(os.fsencode(f"{name}:{stat.st_size}:{stat.st_mtime_ns}"))
     return digest.hexdigest()[:16]
 
 

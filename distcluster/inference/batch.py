@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -169,7 +170,7 @@ def table_writer(out: Path) -> Iterator[Callable[[Rows], None]]:
 def printable(path: str) -> str:
     """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) written as
     \\xNN escapes, which CSV and Parquet can hold."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 class _ArrowWriter:
