@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -25,6 +26,12 @@ def machine() -> str:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {gpu}"
+
+
+def provenance(about: str) -> str:
+    """'Machine: ... Date: ...' and, when given, what the measured model is (a section's first lines)."""
+    model = f" The model: {about}" if about else ""
+    return f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.{model}"
 
 
 def write_section(name: str, body: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_section  # noqa: E402
+from common import provenance, write_section  # noqa: E402
 
 from distcluster.commands.cli import run_command  # noqa: E402
 from distcluster.common.errors import UserError  # noqa: E402
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a model folder (OUT/model) or checkpoint folder")
     parser.add_argument("--data", required=True, help="labelled images SPEC the model never trained on")
     parser.add_argument("--name", default="model", help="section name in RESULTS.md")
+    parser.add_argument("--about", default="", help="what the model is and what it trained on, "
+                        "for RESULTS.md (the section is rewritten whole on every run)")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     loaded, source = model_and_labelled_images(args.model, args.data)
@@ -84,7 +86,7 @@ def main() -> None:
         f"| k-means on the features | {kmeans['acc']:.4f} | {kmeans['nmi']:.4f} | | {kmeans_sizes} | |"])
     print(table)
     write_section(f"heads-or-features-{args.name}",
-                  f"## Sub-heads or features: {args.name}\n\nMachine: {machine()}.\nCommand: "
+                  f"## Sub-heads or features: {args.name}\n\n{provenance(args.about)}\nCommand: "
                   f"`.venv/bin/python benchmarks/heads_or_features.py --model {args.model} "
                   f"--data {args.data} --name {args.name}` ({len(labels):,} images).\n\n{table}")
 

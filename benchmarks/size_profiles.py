@@ -29,7 +29,7 @@ from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_mutual_info_score
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_section  # noqa: E402
+from common import provenance, write_section  # noqa: E402
 from heads_or_features import features_and_logits, model_and_labelled_images  # noqa: E402
 from subsets import class_sizes, subset  # noqa: E402
 
@@ -55,6 +55,8 @@ def merged_kmeans(features: torch.Tensor, clusters: int, generator: torch.Genera
     """k-means with OVER_CLUSTERING x clusters groups, their centres merged to `clusters` by Ward."""
     fine = spherical_kmeans(features, OVER_CLUSTERING * clusters, generator, restarts=1).numpy()
     used = np.unique(fine)
+    if len(used) <= clusters:  # nothing to merge: k-means left no more groups occupied than wanted
+        return np.searchsorted(used, fine)
     unit = F.normalize(features.double(), dim=-1).numpy()
     centres = np.stack([unit[fine == c].mean(0) for c in used])
     merged = AgglomerativeClustering(n_clusters=clusters, linkage="ward").fit_predict(centres)
@@ -87,6 +89,8 @@ def main() -> None:
                         help="images of every class (balanced) or of the largest (long-tailed)")
     parser.add_argument("--imbalance", type=float, default=10.0)
     parser.add_argument("--name", default="model", help="section name in RESULTS.md")
+    parser.add_argument("--about", default="", help="what the model is and what it trained on, "
+                        "for RESULTS.md (the section is rewritten whole on every run)")
     args = parser.parse_args()
     if args.per_class < 1 or args.imbalance < 1:
         raise UserError("--per-class must be >= 1 and --imbalance >= 1")
@@ -109,7 +113,7 @@ def main() -> None:
                f"--per-class {args.per_class} --imbalance {args.imbalance:g} --name {args.name}")
     write_section(f"size-profiles-{args.name}",
                   f"## Group sizes seen by label-free estimators: {args.name} (issue 32)\n\n"
-                  f"Machine: {machine()}.\nCommand: `{command}`\n\n{table}")
+                  f"{provenance(args.about)}\nCommand: `{command}`\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def test_unknown_keys_are_named(override, key):
     ("optim.momentum=-1", "optim.momentum"),
     ("optim.momentum=1", "optim.momentum"),
     ("experiment=' '", "experiment"),
+    ("augment.crops=[]", "augment.crops"),
 ])
 def test_impossible_values_are_named(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):

@@ -58,9 +58,9 @@ def test_an_impossible_stage_count_is_a_user_error(stages):
 def test_more_stages_than_the_smallest_crop_can_halve_is_a_user_error():
     values = load_recipe("digits-crlc")  # 8 px crops: 3 stages (2 halvings to 2x2), not 4
     from_dict({**values, "model": {**values["model"], "stages": 3}}).validate()
-    with pytest.raises(UserError, match="'model.stages'.*at least 16 px \\(the smallest is 8\\)"):
+    with pytest.raises(UserError, match="'model.stages'.*at least 16 px and the smallest is 8: lower"):
         from_dict({**values, "model": {**values["model"], "stages": 4}}).validate()
-    with pytest.raises(UserError, match="'model.stages'.*pool 3 needs crops of at least 12 px"):
+    with pytest.raises(UserError, match="'model.stages'.*pool 3 need crops of at least 12 px"):
         from_dict({**values, "model": {**values["model"], "stages": 3, "pool": 3}}).validate()
 
 

@@ -134,6 +134,22 @@ def test_a_finished_run_given_more_epochs_continues_to_the_uninterrupted_runs_st
     assert summary["start_epochs"] == [EPOCHS // 2]
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_a_run_goes_on_from_its_newest_checkpoint_when_it_switches_between_in_process_and_ray(
+        tmp_path, ray_cluster):
+    """In-process for 2 epochs, 2 Ray workers to 4, in-process again to 5: each invocation
+    starts where the last one's checkpoints end, in the same MLflow run, every epoch once."""
+    for workers, epochs, start in (("0", 2, 0), ("2", 4, 2), ("0", 5, 4)):
+        done = run_train(tmp_path, "run", *RUN, "--workers", workers, "--epochs", str(epochs),
+                         env=ray_cluster.env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = summary_of(tmp_path, "run")
+        assert (summary["epochs"], summary["start_epochs"]) == (epochs, [start]), done.stdout[-2000:]
+    lrs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(summary["mlflow"]["run_id"],
+                                                                           "train/lr")
+    assert sorted(m.step for m in lrs) == [1, 2, 3, 4, 5]
+
+
 def intact_checkpoints(folder: Path) -> dict[int, Path]:
     """{epoch: folder} of the run's committed checkpoints that verify (Ray may be copying one)."""
     intact = {}

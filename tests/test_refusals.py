@@ -15,7 +15,7 @@ from distcluster import config
 from distcluster.cluster.ray_train import check_ray_address, warn_if_oversubscribed
 from distcluster.commands import prepare, train
 from distcluster.common.errors import UserError
-from distcluster.common.files import file_sha256, write_json_atomic
+from distcluster.common.files import file_sha256, write_atomic_dir, write_json_atomic
 from distcluster.data.images import read_member
 from distcluster.engine.checkpoint import (
     CHECKPOINT_FILE,
@@ -36,6 +36,16 @@ def test_atomic_writes_never_follow_a_link_planted_at_a_temporary_name(tmp_path)
     write_json_atomic(tmp_path / "summary.json", {"a": 1})
     assert victim.read_text() == "keep me"
     assert json.loads((tmp_path / "summary.json").read_text()) == {"a": 1}
+
+
+def test_a_folder_written_atomically_has_the_permissions_of_any_folder_made_here(tmp_path):
+    old = os.umask(0o022)
+    try:
+        written = write_atomic_dir(tmp_path / "model", lambda folder: (folder / "w").write_text("x"))
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    assert written.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
 
 
 def test_an_output_folder_with_the_users_files_is_refused_and_kept(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Resuming (issue 30): the checkpoint's config is compared with the new one, a resumed run equals
 the uninterrupted one bit for bit, and every rank resumes from the checkpoint rank 0 chose."""
 
+import json
 import os
 import signal
 import subprocess
@@ -18,12 +19,14 @@ from training_runs import assert_same_training
 from distcluster import config
 from distcluster.commands import train
 from distcluster.common.errors import ConfigError
+from distcluster.common.files import file_sha256
 from distcluster.engine.checkpoint import (
     CorruptCheckpoint,
     agreed_resume_state,
     save_checkpoint,
     verified_checkpoint,
 )
+from distcluster.tracking.registry import fetch_model
 
 # digits, 4 steps an epoch, a small network: about a second an epoch in-process
 SMALL = ["--workers", "0", "--batch-size", "128", "--seed", "5", "--set", "max_samples=512",
@@ -50,6 +53,24 @@ def test_a_run_stopped_cleanly_and_continued_equals_the_uninterrupted_one(tmp_pa
     assert train.main(argv(tmp_path, "run", "--epochs", "2")) == 0  # finished at 2 epochs
     assert train.main(argv(tmp_path, "run", "--epochs", "4")) == 0  # more epochs: it goes on
     assert_same_training(final_state(tmp_path, "run"), uninterrupted)
+
+
+def test_a_version_keeps_its_model_when_the_run_goes_on_and_a_finished_run_can_still_be_registered(
+        tmp_path, capsys):
+    weights = tmp_path / "run" / "model" / "artifacts" / "model" / "weights.safetensors"
+    assert train.main(argv(tmp_path, "run", "--epochs", "1", "--register", "m")) == 0
+    after_one = file_sha256(weights)
+    assert train.main(argv(tmp_path, "run", "--epochs", "2")) == 0  # goes on, registers nothing
+    assert train.main(argv(tmp_path, "run", "--epochs", "2", "--register", "m")) == 0  # finished
+    assert "registered models:/m/2" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["mlflow"]["registered_model"], summary["mlflow"]["version"]) == ("m", "2")
+    assert after_one != file_sha256(weights)
+    for version, expected in (("1", after_one), ("2", file_sha256(weights))):
+        folder, scratch = fetch_model(f"models:/m/{version}", f"sqlite:///{tmp_path}/mlflow.db",
+                                      progress=False)
+        assert file_sha256(folder / "artifacts" / "model" / "weights.safetensors") == expected, version
+        scratch.cleanup()
 
 
 def test_a_killed_run_resumed_equals_the_uninterrupted_one(tmp_path, uninterrupted):

@@ -136,6 +136,7 @@ def test_a_typo_exits_2_with_one_line_before_ray_or_mlflow_start(tmp_path):
     (["--space", "digits-smoke", "--samples", "0"], "'samples' must be an integer >= 1"),
     (["--space", "digits-smoke", "--set", "epochz=3"], "'epochz': unknown config key"),
     (["--space", "digits-smoke", "--register", "a:b"], "config key 'register'"),
+    (["--space", "digits-smoke", "--register", "a@b"], "config key 'register'"),
 ])
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_other_mistakes_exit_2_with_one_line_and_leave_nothing(argv, needle, tmp_path, monkeypatch, capsys):
@@ -144,6 +145,24 @@ def test_other_mistakes_exit_2_with_one_line_and_leave_nothing(argv, needle, tmp
     error = capsys.readouterr().err.strip()
     assert needle in error and len(error.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("existing", ["file", "folder"])
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_an_output_that_is_a_file_or_holds_other_files_is_refused_and_kept(existing, tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    if existing == "file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    assert tune_main(["--space", "digits-smoke", "--output", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert ("is a file" if existing == "file" else "is not empty") in error and len(error.splitlines()) == 1
+    assert (out if existing == "file" else out / "notes.txt").read_text() == "mine"
+    assert not (out / "ray").exists()
 
 
 @pytest.mark.parametrize("held_out, needle", [

@@ -243,14 +243,15 @@ class _RayReporter:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
-def _resume_state(run_dir: Path) -> dict[str, Any] | None:
+def _resume_state(run_dir: Path, earlier: list[Path]) -> dict[str, Any] | None:
     """The newest verified checkpoint rank 0 sees, on every rank: among the one Ray offers
-    (after a worker-group restart, or when Ray restored its list from storage) and every
+    (after a worker-group restart, or when Ray restored its list from storage), every
     checkpoint folder of this run on disk (a driver killed before Ray recorded its latest
-    ones). Damaged ones are passed over."""
+    ones) and `earlier` (the run's checkpoints from before it used Ray). Damaged ones are
+    passed over."""
 
     def newest() -> dict[str, Any] | None:
-        folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+        folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()] + earlier
         offered = ray.train.get_checkpoint()
         with offered.as_directory() if offered else contextlib.nullcontext() as folder:
             found = newest_valid_checkpoint(folders + ([Path(folder)] if folder else []))
@@ -280,7 +281,7 @@ def _train(loop_config: dict[str, Any], rank: int, size: int) -> None:
     cfg = from_dict(loop_config["config"])
     source = open_source(loop_config["data"], cfg.max_samples, loop_config["threads"])
     ctx = WorkerContext(rank, size, ray.train.torch.get_device())
-    start = _resume_state(Path(loop_config["run_dir"]))
+    start = _resume_state(Path(loop_config["run_dir"]), [Path(p) for p in loop_config["earlier"]])
     reporter = _RayReporter(rank, loop_config["tracking"])
     if rank == 0:
         epoch = start["epoch"] if start else 0
@@ -460,10 +461,11 @@ def _interrupt_watch() -> Iterator[Callable[[], bool]]:
 
 
 def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: str,
-        callbacks: tuple = (), offered_cpus: float = 0.0) -> RayRun:
+        callbacks: tuple = (), offered_cpus: float = 0.0, earlier: list[Path] = ()) -> RayRun:
     """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data.
     `callbacks`: Ray Train UserCallbacks (Tune's TuneReportCallback in a sweep); `offered_cpus`:
-    each worker's share of the cluster when others run beside it (see cpus_per_worker)."""
+    each worker's share of the cluster when others run beside it (see cpus_per_worker);
+    `earlier`: checkpoints of this run written without Ray, to resume from when newer."""
     init_ray()
     resources = ray.cluster_resources()
     warn_if_oversubscribed(cfg, resources)
@@ -472,7 +474,8 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     monitor = RunMonitor.options(scheduling_strategy=here).remote()
     loop_config = {"config": cfg.to_dict(), "data": data, "tracking": tracking, "monitor": monitor,
-                   "threads": worker_threads(cpus), "run_dir": str(storage.resolve() / name)}
+                   "threads": worker_threads(cpus), "run_dir": str(storage.resolve() / name),
+                   "earlier": [str(p.resolve()) for p in earlier]}
     with _printed_worker_output(here) as output, _interrupt_watch() as interrupted:
         trainer = _trainer(cfg, {**loop_config, "output": output}, cpus, storage, name, callbacks)
         try:

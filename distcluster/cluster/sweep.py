@@ -203,7 +203,10 @@ def run_tuner(sweep: Sweep, settings: SweepSettings, concurrent: int, out: Path)
                                   callbacks=[trial_progress(trial_count(sweep.space, settings.samples),
                                                        sweep.metric)]),
     )
-    return tuner.fit()
+    results = tuner.fit()
+    if results.num_terminated + results.num_errors < trial_count(sweep.space, settings.samples):
+        raise KeyboardInterrupt  # Ctrl-C: Tune stops its trials and returns what had ended
+    return results
 
 
 @dataclass

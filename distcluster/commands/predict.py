@@ -21,7 +21,7 @@ PROG = "distcluster.predict"
 
 
 def check_out(out: Path) -> None:
-    if out.suffix and out.suffix not in (".csv", ".parquet"):
+    if out.suffix and out.suffix.lower() not in (".csv", ".parquet"):
         raise UserError(f"--out must end in .csv or .parquet, or name a new folder (got {out})")
     check_writable_target(out, "--out", "file" if out.suffix else "folder")
 

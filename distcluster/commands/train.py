@@ -130,32 +130,37 @@ def fit(cfg: Config, source: ImageSource, data: str, tracker: RunTracker, out: P
     checkpoints of this run."""
     if cfg.workers == 0:
         reporter = _LocalReporter(tracker, out / "checkpoints")
-        found = newest_valid_checkpoint(checkpoint_folders(cfg, out, name))
+        found = newest_valid_checkpoint(checkpoint_folders(out, name))
         start = found[0] if found else None
         if start:
             print(f"resuming from epoch {start['epoch']}", flush=True)
         device = torch.device("cuda" if cfg.gpu else "cpu")
         started = {"time": time.time(), "epoch": start["epoch"] if start else 0, "workers": 1}
         train_loop(cfg, source, WorkerContext(device=device), reporter, start=start)
-        return TrainedRun(_newest_state(checkpoint_folders(cfg, out, name)), [started])
+        return TrainedRun(_newest_state(checkpoint_folders(out, name)), [started])
     from distcluster.cluster import ray_train
 
     run = ray_train.fit(cfg, data, {"uri": tracker.tracking_uri, "run_id": tracker.run_id},
-                        out / "ray", name)
+                        out / "ray", name, earlier=_in_process_checkpoints(out))
     return TrainedRun(_newest_state(run.checkpoint_dirs), run.starts)
 
 
-def checkpoint_folders(cfg: Config, out: Path, name: str) -> list[Path]:
-    """Where this run's checkpoints are: out/checkpoints (--workers 0) or Ray Train's folders."""
-    if cfg.workers == 0:
-        return sorted((out / "checkpoints").glob("epoch-*"))
-    return [p for p in (out / "ray" / name).glob("checkpoint_*") if p.is_dir()]
+def _in_process_checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("epoch-*"))
+
+
+def checkpoint_folders(out: Path, name: str) -> list[Path]:
+    """This run's checkpoints, whichever --workers wrote them: out/checkpoints (--workers 0)
+    and Ray Train's out/ray/NAME. A run resumes from the newest, so a run started in-process
+    goes on with Ray workers and the other way round."""
+    with_ray = [p for p in (out / "ray" / name).glob("checkpoint_*") if p.is_dir()]
+    return _in_process_checkpoints(out) + with_ray
 
 
 def _resume_point(cfg: Config, out: Path, name: str) -> tuple[int, configuration.ResumeChanges] | None:
     """The epoch the run resumes at and what changed since its checkpoint (None: no checkpoint);
     ConfigError, before anything starts, for a change a checkpoint cannot take."""
-    found = newest_valid_checkpoint(checkpoint_folders(cfg, out, name), warn=lambda _: None)
+    found = newest_valid_checkpoint(checkpoint_folders(out, name), warn=lambda _: None)
     if found is None:
         return None
     state = found[0]
@@ -226,7 +231,9 @@ def train(cfg: Config) -> dict[str, Any]:
     if finished:  # (with no checkpoint left to continue from, its summary stands)
         print(f"run '{name}' already finished: {out / 'summary.json'} (more --epochs continue it, "
               "a new --run-name trains again)")
-        return json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())
+        return _register_finished(cfg, summary, _open_tracker(cfg, record, out, name), out) \
+            if cfg.register else summary
     tracker = _open_tracker(cfg, record, out, name)
     if resumed is not None and resumed[1].changed:
         epoch, changes = resumed
@@ -241,7 +248,7 @@ def train(cfg: Config) -> dict[str, Any]:
         found = final_assignments(state, source)
         scores = clustering_scores(found, source.labels)
         log_model_and_plots(tracker, state, out, source, found)
-        registered = _register(cfg, tracker)
+        registered = _register(cfg, tracker, out, state["epoch"])
         summary = _summary(cfg, source, state, scores, tracker, out, trained.starts,
                            wall=time.perf_counter() - started, fit_seconds=fit_seconds)
         summary["mlflow"].update(registered)
@@ -252,16 +259,29 @@ def train(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def _register(cfg: Config, tracker: RunTracker) -> dict[str, str | None]:
-    """--register NAME: a new version of NAME (models:/NAME@latest resolves to it)."""
+def _register(cfg: Config, tracker: RunTracker, out: Path, epoch: int) -> dict[str, str | None]:
+    """--register NAME: a new version of NAME (models:/NAME@latest resolves to it), from a copy
+    of out/model of its own: more epochs later re-export the run's `model`, never a version."""
     if not cfg.register:
         return {"registered_model": None, "version": None}
     if tracker.lost:
         print(f"warning: MLflow was lost; model not registered as {cfg.register}", file=sys.stderr)
         return {"registered_model": None, "version": None}
-    version = register(tracker, cfg.register)
+    copy = f"registered/epoch-{epoch:05d}"
+    tracker.log_artifacts(out / "model", copy)
+    version = register(tracker, cfg.register, copy)
     print(f"registered models:/{cfg.register}/{version} (models:/{cfg.register}@latest)")
     return {"registered_model": cfg.register, "version": version}
+
+
+def _register_finished(cfg: Config, summary: dict[str, Any], tracker: RunTracker,
+                       out: Path) -> dict[str, Any]:
+    """--register on a run that had already finished: its model, registered now."""
+    with tracker.ending():
+        summary["mlflow"].update(_register(cfg, tracker, out, summary["epochs"]))
+        write_json_atomic(out / "summary.json", summary)
+        tracker.log_artifact(out / "summary.json")
+    return summary
 
 
 def _summary(cfg: Config, source: ImageSource, state: dict[str, Any], scores: dict[str, Any],

@@ -210,8 +210,7 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
     check_reachable(uri)
     ray_train.use_fast_controller_poll(os.environ)  # a bad value said before anything is written
     out = Path(args.output or f"runs/tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "tune_summary.json").exists():
-        raise UserError(f"{out} already holds a finished sweep; choose another --output")
+    _check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     experiment = args.experiment or space.base["experiment"]
     tracker = RunTracker.start(uri, experiment, f"sweep-{space.name}", tags={"distcluster.space": space.name})
@@ -253,6 +252,17 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                 ray.shutdown()
     _print_result(summary, out)
     return summary
+
+
+def _check_output(out: Path) -> None:
+    """A new or empty folder: a sweep is never resumed, and nothing of the user's is mixed in."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a folder")
+    if (out / "tune_summary.json").exists():
+        raise UserError(f"{out} already holds a finished sweep; choose another --output")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--output {out} is not empty (an interrupted sweep is started again, "
+                        "not resumed): name a new or empty folder")
 
 
 def _summary(space: SearchSpace, select: str, ranked_by: str, records: list[TrialRecord], best: TrialRecord,

@@ -21,8 +21,7 @@ def write_atomic_dir(target: Path, fill: Callable[[Path], object]) -> Path:
 
     A reader never sees a half-written folder: either the old one or the new one.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = staging_dir(target)
     try:
         fill(staging)
         if target.exists():
@@ -41,6 +40,16 @@ def write_atomic_dir(target: Path, fill: Callable[[Path], object]) -> Path:
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # the process's umask: reading it means setting it, so set it straight back
+
+
+def staging_dir(target: Path) -> Path:
+    """A new empty folder beside `target` (unpredictable name) to fill and then rename to it,
+    with the permissions any folder made here gets (mkdtemp makes 0700: a serving account
+    could not read a model or a checkpoint written on shared storage)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o777 & ~_UMASK)
+    return staging
 
 
 @contextlib.contextmanager

@@ -31,11 +31,12 @@ def check_objective_section(section: str, arguments: Any) -> None:
 
 
 def check_model_name(name: str) -> None:
-    """MLflow's rule for registered model names, checked before any training starts."""
-    ok = bool(name.strip()) and not any(c in name for c in "/:") and name != "." \
+    """MLflow's rule for registered model names, checked before any training starts, and no '@'
+    (models:/NAME@ALIAS could not name the model)."""
+    ok = bool(name.strip()) and not any(c in name for c in "/:@") and name != "." \
         and not name.startswith("..")
-    check(ok, "register", name, "a registered model name must not be blank, contain '/' or ':', "
-                          "or be '.' or start with '..'")
+    check(ok, "register", name, "a registered model name must not be blank, contain '/', ':' or "
+                          "'@', or be '.' or start with '..'")
 
 
 @dataclass
@@ -166,6 +167,7 @@ class Config:
         check(self.run_name == "" or (self.run_name not in (".", "..") and not any(
             c in self.run_name for c in "/\\\0")), "run_name", self.run_name,
             "must be one folder name: no '/', '\\', '.' or '..'")
+        self.augment.validate(image_size)  # first: the checks below read the crop groups
         if self.objective in ("crlc", "iic"):
             check(self.augment.num_crops >= 2, "augment.crops", self.augment.num_crops,
                    f"{self.objective} needs at least 2 crops")
@@ -178,11 +180,11 @@ class Config:
             smallest = min(crop.size for crop in self.augment.crops)
             needed = 2 ** (self.model.stages - 1) * self.model.pool
             check(smallest >= needed, "model.stages", self.model.stages,
-                   f"with model.pool {self.model.pool} needs crops of at least {needed} px "
-                   f"(the smallest is {smallest})")
+                   f"{self.model.stages} stages with model.pool {self.model.pool} need crops of "
+                   f"at least {needed} px and the smallest is {smallest}: lower model.stages or "
+                   "model.pool, or make the crops larger")
         for name in OBJECTIVES:
             check_objective_section(name, getattr(self, name))
-        self.augment.validate(image_size)
         return self
 
     def _validate_workers(self) -> None:

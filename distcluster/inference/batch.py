@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from distcluster.common.errors import UserError
-from distcluster.common.files import atomic_file
+from distcluster.common.files import atomic_file, staging_dir
 from distcluster.data.arrays import ImageSource
 from distcluster.engine.exported import LoadedModel, load_model, model_files, probabilities
 
@@ -153,11 +153,11 @@ def table_writer(out: Path) -> Iterator[Callable[[Rows], None]]:
     """A function taking Rows that writes them to `out` (.csv, .parquet, or a folder of
     parquet shards of SHARD_ROWS rows) as they come; `out` appears, whole, only when the
     block ends without an error."""
-    if out.suffix in (".csv", ".parquet"):
-        with atomic_file(out) as staging, _ArrowWriter(staging, out.suffix) as writer:
+    if out.suffix.lower() in (".csv", ".parquet"):
+        with atomic_file(out) as staging, _ArrowWriter(staging, out.suffix.lower()) as writer:
             yield writer.write
         return
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_dir(out)
     try:
         with _ShardWriter(staging) as writer:
             yield writer.write
