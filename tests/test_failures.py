@@ -137,6 +137,28 @@ def test_a_killed_worker_restarts_in_place_and_ctrl_c_then_ends_the_run_like_in_
     assert not (tmp_path / "ctrl-c" / "summary.json").exists()
 
 
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_sigterm_ends_a_ray_run_like_ctrl_c_with_exit_143(tmp_path, ray_cluster):
+    """What timeout, systemd and Kubernetes send: Ray's own handler would end the driver on the
+    spot, skipping its clean-up (a local instance's temp folder stayed behind)."""
+    process = subprocess.Popen(train_command(tmp_path, "term", *RUN, "--workers", "1"), cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **ray_cluster.env, **PACED}, start_new_session=True)
+    errors = Output(process, process.stderr)
+    try:
+        wait_while_running(process, lambda: len(ray_checkpoints(tmp_path, "term")) >= 1, "a checkpoint",
+                           errors)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        kill_driver(process)
+    assert process.returncode == 143, errors.text()[-3000:]
+    assert errors.text().strip().splitlines()[-1] == "distcluster.train: terminated"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("distcluster").experiment_id])[0]
+    assert run.info.status == "KILLED"
+
+
 def group_starts(printed: Output) -> list[int]:
     """The epoch each start of the worker group resumed at, as the worker printed it."""
     starts = re.findall(r"training on 1 worker from epoch (\d+)", printed.so_far())

@@ -158,6 +158,8 @@ def test_a_pickle_that_would_run_code_is_refused_and_the_code_never_runs(registe
     ("missing-out-folder", "does not exist"),
     ("bad-out-suffix", "must end in .csv or .parquet"),
     ("missing-local-model", "model not found"),
+    ("a-file-as-model", "is a file: name the folder that holds it"),
+    ("mistyped-store", "no MLflow database at"),
     ("mismatched-model", "model config and weights do not match"),
 ])
 def test_bad_input_exits_2_with_one_line(registered, tmp_path, case, needle, capsys, monkeypatch):
@@ -183,11 +185,15 @@ def test_bad_input_exits_2_with_one_line(registered, tmp_path, case, needle, cap
                                            "--out", str(tmp_path / "no/x.csv")]),
         "bad-out-suffix": ("predict", ["--model", str(folder / "out"), "--out", str(tmp_path / "x.txt")]),
         "missing-local-model": ("evaluate", ["--model", str(tmp_path / "nothing")]),
+        "a-file-as-model": ("evaluate", ["--model", str(folder / "out" / "checkpoint" / "checkpoint.pt")]),
+        "mistyped-store": ("evaluate", ["--model", f"models:/{NAME}@latest", "--tracking-uri",
+                                        f"sqlite:///{tmp_path}/typo.db"]),
         "mismatched-model": ("evaluate", ["--model", str(mismatched)]),
     }[case]
     if "--data" not in argv:
         argv += ["--data", "digits"]
     assert needle in refused({"evaluate": evaluate, "predict": predict}[command], [*argv, "--quiet"], capsys)
+    assert not (tmp_path / "typo.db").exists()
 
 
 ALIAS = "served"  # set by the tests below (the error cases above need champion unset)

@@ -48,7 +48,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distcluster.cluster.ray_messages import route_driver_messages
 from distcluster.cluster.run_monitor import RunMonitor
-from distcluster.common.errors import ResumeRefused, RunFailed, UserError
+from distcluster.common.errors import ResumeRefused, RunFailed, Terminated, UserError
 from distcluster.config import Config, from_dict
 from distcluster.data.sources import open_source
 from distcluster.engine.build import WorkerContext, set_cpu_speedups
@@ -106,6 +106,19 @@ def init_ray() -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         _own_ray_temp_dir()
         ray.init(address="local", configure_logging=False, runtime_env=runtime_env, log_to_driver=False)
+    _end_on_sigterm()
+
+
+def _end_on_sigterm() -> None:
+    """SIGTERM ends the command as Ctrl-C does, its clean-up included (the local instance's
+    processes and temp folder): Ray's core worker replaces the handler ray.init sets with one
+    that ends the process on the spot."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def ray_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -433,27 +446,30 @@ def _trainer(cfg: Config, loop_config: dict[str, Any], cpus: float, storage: Pat
 
 
 @contextlib.contextmanager
-def _interrupt_watch() -> Iterator[Callable[[], bool]]:
-    """A function telling whether SIGINT (Ctrl-C) arrived. Ray Train puts its own SIGINT
-    handler in place during fit (it aborts the run and the process then exits 1), so the
-    signal is seen through the wakeup file descriptor, which any handler leaves intact."""
+def _interrupt_watch() -> Iterator[Callable[[], None]]:
+    """A function raising KeyboardInterrupt once SIGINT (Ctrl-C) has arrived, Terminated once
+    SIGTERM has. Ray Train puts its own SIGINT handler in place during fit (it aborts the run
+    and the process then exits 1) and turns what a handler raises into its own exceptions, so
+    the signals are seen through the wakeup file descriptor, which any handler leaves intact."""
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: None
         return
     read, write = os.pipe()
     os.set_blocking(read, False)
     os.set_blocking(write, False)
     previous = signal.set_wakeup_fd(write)
-    seen = False
+    seen: set[int] = set()
 
-    def interrupted() -> bool:
-        nonlocal seen
+    def raise_if_stopped() -> None:
         with contextlib.suppress(BlockingIOError):
-            seen = seen or signal.SIGINT in os.read(read, 4096)
-        return seen
+            seen.update(os.read(read, 4096))
+        if signal.SIGTERM in seen:
+            raise Terminated
+        if signal.SIGINT in seen:
+            raise KeyboardInterrupt
 
     try:
-        yield interrupted
+        yield raise_if_stopped
     finally:
         signal.set_wakeup_fd(previous)
         os.close(read)
@@ -476,16 +492,14 @@ def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: s
     loop_config = {"config": cfg.to_dict(), "data": data, "tracking": tracking, "monitor": monitor,
                    "threads": worker_threads(cpus), "run_dir": str(storage.resolve() / name),
                    "earlier": [str(p.resolve()) for p in earlier]}
-    with _printed_worker_output(here) as output, _interrupt_watch() as interrupted:
+    with _printed_worker_output(here) as output, _interrupt_watch() as raise_if_stopped:
         trainer = _trainer(cfg, {**loop_config, "output": output}, cpus, storage, name, callbacks)
         try:
             result = trainer.fit()
         except BaseException:
-            if interrupted():  # Ray ends its own way on Ctrl-C; say it as --workers 0 does
-                raise KeyboardInterrupt from None
+            raise_if_stopped()  # Ray ends its own way on a signal; say it as --workers 0 does
             raise
-        if interrupted():
-            raise KeyboardInterrupt
+        raise_if_stopped()
     starts, failure, mistake = ray.get(monitor.summary.remote())
     if mistake:
         raise UserError(mistake)

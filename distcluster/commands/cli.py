@@ -7,7 +7,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from distcluster.common.errors import CorruptImage, RunFailed, UserError
+from distcluster.common.errors import CorruptImage, RunFailed, Terminated, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -55,6 +55,9 @@ def run_command(prog: str, body: Callable[[], object], corrupt_hint: str = SKIP_
     except RunFailed as exc:
         print(f"{prog}: failed: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

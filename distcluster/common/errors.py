@@ -35,6 +35,11 @@ class ResumeRefused(ConfigError):
     0's, broadcast), so workers end the run with it instead of being restarted."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, Kubernetes): the command ends as on Ctrl-C, clean-up included,
+    with exit 143."""
+
+
 class RunFailed(RuntimeError):
     """Training stopped for a reason worth one clear line (exit 1, no traceback)."""
 

@@ -40,11 +40,18 @@ def fetch_model(uri: str, tracking_uri: str = "",
     without `progress`, MLflow draws no download bar."""
     if not uri.startswith(REMOTE_PREFIXES):
         folder = Path(uri)
+        if folder.is_file():
+            raise UserError(f"--model {uri} is a file: name the folder that holds it (a run's output, "
+                            "its model/ or its checkpoint/)")
         if not folder.is_dir():
             raise UserError(f"model not found: {uri} (expected models:/NAME@ALIAS, models:/NAME/VERSION, "
                             "runs:/RUN_ID/model or a folder)")
         return folder, None
     tracking = resolve_tracking_uri(tracking_uri)
+    store = Path(tracking.removeprefix("sqlite:///"))
+    if tracking.startswith("sqlite:///") and not store.exists():  # do not create an empty one
+        raise UserError(f"cannot load {uri}: no MLflow database at {store} (--tracking-uri or "
+                        "MLFLOW_TRACKING_URI names the store the model was logged to)")
     check_reachable(tracking)
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
