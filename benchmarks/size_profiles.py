@@ -35,6 +35,7 @@ from subsets import class_sizes, subset  # noqa: E402
 
 from distcluster.commands.cli import run_command  # noqa: E402
 from distcluster.common.errors import UserError  # noqa: E402
+from distcluster.core.metrics import departure_from_equal  # noqa: E402
 from distcluster.core.objectives.prior import spherical_kmeans  # noqa: E402
 from distcluster.data.sources import open_source, resolve_data  # noqa: E402
 
@@ -44,11 +45,6 @@ OVER_CLUSTERING = 10  # fine k-means clusters per group before the Ward merge
 def shares(groups: np.ndarray, clusters: int) -> np.ndarray:
     """The share of the images in each group, largest first."""
     return np.sort(np.bincount(groups, minlength=clusters))[::-1] / len(groups)
-
-
-def departure(groups: np.ndarray, clusters: int) -> float:
-    """Half the L1 distance between the sorted shares and equal ones (0: equal sizes)."""
-    return 0.5 * float(np.abs(shares(groups, clusters) - 1 / clusters).sum())
 
 
 def merged_kmeans(features: torch.Tensor, clusters: int, generator: torch.Generator) -> np.ndarray:
@@ -77,8 +73,9 @@ def estimates(loaded, images: np.ndarray, labels: np.ndarray, folder: Path) -> d
 
 def row(drawn: str, estimator: str, groups: np.ndarray, labels: np.ndarray, clusters: int) -> str:
     ami = "" if estimator == "classes" else f"{adjusted_mutual_info_score(labels, groups):.3f}"
-    largest_first = " ".join(f"{s:.3f}" for s in shares(groups, clusters))
-    return f"| {drawn} | {estimator} | **{departure(groups, clusters):.3f}** | {ami} | {largest_first} |"
+    found = shares(groups, clusters)
+    largest_first = " ".join(f"{s:.3f}" for s in found)
+    return f"| {drawn} | {estimator} | **{departure_from_equal(found):.3f}** | {ami} | {largest_first} |"
 
 
 def main() -> None:

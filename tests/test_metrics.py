@@ -6,6 +6,7 @@ import pytest
 from distcluster.core.metrics import (
     adjusted_rand_index,
     cluster_scores,
+    departure_from_equal,
     label_free_scores,
     matched_sizes,
     normalized_mutual_info,
@@ -262,3 +263,9 @@ def test_the_plot_of_the_label_free_score_against_acc_is_written(tmp_path):
     plots.label_free_vs_acc(points, "c", "held_out_acc", 1.0, tmp_path / "s.png")
     plots.label_free_vs_acc(points, "a", "acc", None, tmp_path / "none.png")  # too few to rank
     assert Image.open(tmp_path / "s.png").size[0] > 200 and (tmp_path / "none.png").stat().st_size > 0
+
+
+def test_departure_from_equal_sizes_has_known_answers():
+    assert departure_from_equal([0.25] * 4) == 0
+    assert departure_from_equal([1.0, 0.0, 0.0, 0.0]) == pytest.approx(0.75)
+    assert departure_from_equal([0.5, 0.3, 0.2]) == pytest.approx(0.5 * (1 / 6 + 1 / 30 + 2 / 15))

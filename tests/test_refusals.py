@@ -39,13 +39,10 @@ def test_atomic_writes_never_follow_a_link_planted_at_a_temporary_name(tmp_path)
 
 
 def test_a_folder_written_atomically_has_the_permissions_of_any_folder_made_here(tmp_path):
-    old = os.umask(0o022)
-    try:
-        written = write_atomic_dir(tmp_path / "model", lambda folder: (folder / "w").write_text("x"))
-        (tmp_path / "plain").mkdir()
-    finally:
-        os.umask(old)
-    assert written.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
+    """(mkdtemp alone makes 0700: different from mkdir's under any umask but 077.)"""
+    written = write_atomic_dir(tmp_path / "model", lambda folder: (folder / "w").write_text("x"))
+    (tmp_path / "plain").mkdir()
+    assert written.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_an_output_folder_with_the_users_files_is_refused_and_kept(tmp_path, capsys):

@@ -147,22 +147,22 @@ def test_other_mistakes_exit_2_with_one_line_and_leave_nothing(argv, needle, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("existing", ["file", "folder"])
+@pytest.mark.parametrize("existing, output, needle", [
+    ("out", "out", "is a file"),
+    ("out", "out/sweep", "out is not a writable folder"),
+    ("out/notes.txt", "out", "is not empty"),
+])
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
-def test_an_output_that_is_a_file_or_holds_other_files_is_refused_and_kept(existing, tmp_path, monkeypatch,
-                                                                           capsys):
+def test_an_output_that_is_or_is_under_a_file_or_holds_other_files_is_refused_and_kept(
+        existing, output, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    out = tmp_path / "out"
-    if existing == "file":
-        out.write_text("mine")
-    else:
-        out.mkdir()
-        (out / "notes.txt").write_text("mine")
-    assert tune_main(["--space", "digits-smoke", "--output", str(out)]) == 2
+    mine = tmp_path / existing
+    mine.parent.mkdir(exist_ok=True)
+    mine.write_text("mine")
+    assert tune_main(["--space", "digits-smoke", "--output", str(tmp_path / output)]) == 2
     error = capsys.readouterr().err.strip()
-    assert ("is a file" if existing == "file" else "is not empty") in error and len(error.splitlines()) == 1
-    assert (out if existing == "file" else out / "notes.txt").read_text() == "mine"
-    assert not (out / "ray").exists()
+    assert needle in error and len(error.splitlines()) == 1
+    assert mine.read_text() == "mine" and not (tmp_path / "out" / "ray").exists()
 
 
 @pytest.mark.parametrize("held_out, needle", [

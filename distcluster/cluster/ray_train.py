@@ -35,7 +35,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -477,7 +477,7 @@ def _interrupt_watch() -> Iterator[Callable[[], None]]:
 
 
 def fit(cfg: Config, data: str, tracking: dict[str, str], storage: Path, name: str,
-        callbacks: tuple = (), offered_cpus: float = 0.0, earlier: list[Path] = ()) -> RayRun:
+        callbacks: tuple = (), offered_cpus: float = 0.0, earlier: Sequence[Path] = ()) -> RayRun:
     """Train on Ray workers; `data` is what sources.resolve_data returned for cfg.data.
     `callbacks`: Ray Train UserCallbacks (Tune's TuneReportCallback in a sweep); `offered_cpus`:
     each worker's share of the cluster when others run beside it (see cpus_per_worker);

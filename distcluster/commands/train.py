@@ -24,7 +24,7 @@ import torch
 from distcluster import config as configuration
 from distcluster.commands.cli import ArgumentParser, run_command
 from distcluster.common.errors import ConfigError, UserError
-from distcluster.common.files import write_atomic_dir, write_json_atomic
+from distcluster.common.files import check_output_folder, write_atomic_dir, write_json_atomic
 from distcluster.config import Config
 from distcluster.data.arrays import ImageSource
 from distcluster.data.sources import open_source, resolve_data
@@ -171,14 +171,12 @@ def _previous_run(out: Path, name: str) -> dict[str, Any] | None:
     """This run's record in out/run.json, if an earlier invocation started it. An output that
     is not a folder, or a non-empty folder that distcluster did not write, is refused: nothing
     of the user's is ever replaced."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file, not a folder")
+    check_output_folder(out)
     path = out / RUN_RECORD
     if not path.is_file():
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"--output {out} is not empty and holds no distcluster run: "
                             "name a new or empty folder")
-        _check_writable(out)
         return None
     try:
         record = json.loads(path.read_text())
@@ -189,13 +187,6 @@ def _previous_run(out: Path, name: str) -> dict[str, Any] | None:
         raise UserError(f"{out} holds run '{record['run_name']}'; use --run-name {record['run_name']} "
                         "to resume it, or another --output")
     return record
-
-
-def _check_writable(out: Path) -> None:
-    """Stop with one line before any training when `out` cannot be created or written."""
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to --output {out}: {existing} is not a writable folder")
 
 
 def _open_tracker(cfg: Config, record: dict[str, Any] | None, out: Path, name: str) -> RunTracker:

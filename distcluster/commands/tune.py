@@ -36,7 +36,7 @@ from distcluster.cluster.sweep import (
 )
 from distcluster.commands.cli import PREPARE_HINT, ArgumentParser, run_command
 from distcluster.common.errors import ConfigError, UserError
-from distcluster.common.files import write_atomic_dir, write_json_atomic
+from distcluster.common.files import check_output_folder, write_atomic_dir, write_json_atomic
 from distcluster.config import apply_override
 from distcluster.core.metrics import selection_quality
 from distcluster.data.arrays import ImageSource
@@ -256,8 +256,7 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_output(out: Path) -> None:
     """A new or empty folder: a sweep is never resumed, and nothing of the user's is mixed in."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file, not a folder")
+    check_output_folder(out)
     if (out / "tune_summary.json").exists():
         raise UserError(f"{out} already holds a finished sweep; choose another --output")
     if out.is_dir() and any(out.iterdir()):

@@ -135,6 +135,16 @@ def spread_sample(count: int, samples: int) -> list[int]:
     return [round(i * (count - 1) / (samples - 1)) for i in range(samples)]
 
 
+def check_output_folder(out: Path, flag: str = "--output") -> None:
+    """UserError (one line) unless `out` is a folder, or can be made one, that this process
+    may write into."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file, not a folder")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {flag} {out}: {existing} is not a writable folder")
+
+
 def check_writable_target(path: Path, flag: str, kind: str = "file") -> None:
     """UserError (one line) unless `path` can be written as a new `kind`: a "file" (an existing
     file is replaced, a folder is not) or a "folder" (must not exist yet), in an existing folder

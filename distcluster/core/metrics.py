@@ -188,6 +188,13 @@ def matched_sizes(y_true: np.ndarray, y_pred: np.ndarray, clusters: int) -> dict
             "unmatched_sizes": np.sort(unmatched)[::-1]}
 
 
+def departure_from_equal(shares: ArrayLike) -> float:
+    """Half the L1 distance between K size shares (summing to 1) and equal ones, 1/K each: 0
+    for equal sizes, 1 - 1/K for one group holding everything."""
+    shares = np.asarray(shares, dtype=float)
+    return 0.5 * float(np.abs(shares - 1 / len(shares)).sum())
+
+
 def size_error(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """How far the cluster sizes are from the class sizes, whichever cluster holds which
     class: half the L1 distance between the two sorted lists of fractions (0: the same sizes;

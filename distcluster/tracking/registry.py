@@ -48,10 +48,9 @@ def fetch_model(uri: str, tracking_uri: str = "",
                             "runs:/RUN_ID/model or a folder)")
         return folder, None
     tracking = resolve_tracking_uri(tracking_uri)
-    store = Path(tracking.removeprefix("sqlite:///"))
-    if tracking.startswith("sqlite:///") and not store.exists():  # do not create an empty one
-        raise UserError(f"cannot load {uri}: no MLflow database at {store} (--tracking-uri or "
-                        "MLFLOW_TRACKING_URI names the store the model was logged to)")
+    if tracking.startswith("sqlite:///") and not Path(tracking.removeprefix("sqlite:///")).exists():
+        raise UserError(f"cannot load {uri}: no MLflow database at {tracking} (--tracking-uri or "
+                        "MLFLOW_TRACKING_URI names the store the model was logged to)")  # none created
     check_reachable(tracking)
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException

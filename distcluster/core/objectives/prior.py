@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distcluster.core.metrics import departure_from_equal
+
 PRIORS = ("uniform", "estimated", "calibrated")
 ESTIMATE_WEIGHT = 0.75  # the largest share of the k-means sizes in the target
 RAMP_SHARE = 0.25  # the share of the epochs over which that share rises from 0
@@ -93,8 +95,8 @@ class ClusterPrior(nn.Module):
         cluster holding all); nothing under the uniform prior."""
         if self.prior == "uniform":
             return {}
-        departure = 0.5 * float((self.target - 1 / len(self.target)).abs().sum())
-        return {"prior/departure": departure, "prior/largest_share": float(self.target[0]),
+        return {"prior/departure": departure_from_equal(self.target.double().cpu().numpy()),
+                "prior/largest_share": float(self.target[0]),
                 "prior/smallest_share": float(self.target[-1])}
 
     def assigned(self, logits: torch.Tensor) -> torch.Tensor:
