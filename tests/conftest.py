@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,17 +28,28 @@ def _private_cache(tmp_path_factory):
     os.environ["DISTCLUSTER_CACHE"] = str(tmp_path_factory.mktemp("distcluster-cache"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _quiet_threads():
-    # Two cores: keep each test process to its share so parallel pieces don't thrash. Under
-    # `make test` two test processes run side by side: one thread each (spinning OpenMP threads
-    # of two processes on two cores slow both many times over).
-    threads = 1 if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1" else 2
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    import torch
+def thread_share() -> int:
+    """Torch threads for one test process. Two cores: under `make test` two test processes run
+    side by side, one thread each (spinning OpenMP threads of two processes on two cores slow
+    both many times over)."""
+    return 1 if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1" else 2
 
-    torch.set_num_threads(threads)
+
+def pytest_configure(config):
+    # Before the test modules are imported: distcluster.data.ffcv_io records torch's thread count
+    # at import as the one its loaders use (and impose on torch).
+    os.environ.setdefault("OMP_NUM_THREADS", str(thread_share()))
+    torch.set_num_threads(thread_share())
     torch.set_flush_denormal(True)
+
+
+@pytest.fixture(autouse=True)
+def _thread_share_each_test():
+    """Each test starts at the process's share, whatever the last one left: FFCV sets torch's
+    thread count to its loader's whenever it builds one. (With the share set once, after
+    collection, test processes drifted to two threads: test_core's 15-epoch digits run took
+    100 s of CPU under `make test` against 17 s alone.)"""
+    torch.set_num_threads(thread_share())
 
 
 @pytest.fixture(scope="session")
