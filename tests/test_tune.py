@@ -4,6 +4,7 @@ champion model served by `predict`."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 from logged_model import assert_logged_model
 from mlflow.tracking import MlflowClient
-from servers import RAY, mlflow_server
+from servers import RAY, mlflow_server, wait_for
 
 from distcluster.cluster.search_space import load_space, space_names
 from distcluster.cluster.sweep import Sample, Sweep, TrialRecord, choose_clusters, param_space
@@ -219,6 +220,34 @@ def reserved_placement_groups(ray_cluster) -> list[dict]:
 @pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
 def test_the_ended_sweep_leaves_no_resources_reserved_on_the_cluster(sweep, ray_cluster):
     assert reserved_placement_groups(ray_cluster) == []  # the next job gets every CPU
+
+
+@pytest.mark.slow  # real processes, Ray, MLflow or FFCV: `make test`, not `make test-fast`
+def test_ctrl_c_after_a_trial_ended_ends_the_sweep_as_interrupted_not_finished(tmp_path, ray_cluster):
+    """Tune takes Ctrl-C itself and returns the trials that had ended: the sweep must not pass for
+    a finished one (exit 0 and a summary of the one trial) but end as interrupted, exit 130, with
+    no summary and its parent MLflow run KILLED."""
+    out, store = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, "-m", "distcluster.tune", "--space", "digits-smoke", "--set", "epochs=1",
+               "--output", str(out), "--tracking-uri", store]
+    process = subprocess.Popen(command, cwd=tmp_path, text=True, env={**os.environ, **ray_cluster.env},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:  # a trial's last file: its clusters of the consensus images
+        wait_for(lambda: process.poll() is not None or any(out.glob("trials/*/consensus/clusters.npy")),
+                 what="the first trial to end")
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "distcluster.tune: interrupted" and stdout == ""
+    assert not (out / "tune_summary.json").exists()
+    client = MlflowClient(store)
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert [run.info.status for run in runs if "mlflow.parentRunId" not in run.data.tags] == ["KILLED"]
 
 
 RELEASE = """
