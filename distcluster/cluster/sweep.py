@@ -191,6 +191,7 @@ def run_tuner(sweep: Sweep, settings: SweepSettings, concurrent: int, out: Path)
         search, limit = BasicVariantGenerator(random_state=seed, max_concurrent=concurrent), None
     # Tune's new output engine prints its banner on stdout even at verbose=0; the old one, nothing.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    trials = trial_count(sweep.space, settings.samples)
     tuner = tune.Tuner(
         # The driver only waits on its TorchTrainer: the workers hold the CPUs (Ray
         # refuses an empty request, hence a sliver).
@@ -200,11 +201,10 @@ def run_tuner(sweep: Sweep, settings: SweepSettings, concurrent: int, out: Path)
                                     search_alg=search, num_samples=settings.samples,
                                     max_concurrent_trials=limit),
         run_config=tune.RunConfig(name="tune", storage_path=str(out.resolve() / "ray"), verbose=0,
-                                  callbacks=[trial_progress(trial_count(sweep.space, settings.samples),
-                                                       sweep.metric)]),
+                                  callbacks=[trial_progress(trials, sweep.metric)]),
     )
     results = tuner.fit()
-    if results.num_terminated + results.num_errors < trial_count(sweep.space, settings.samples):
+    if results.num_terminated + results.num_errors < trials:
         raise KeyboardInterrupt  # Ctrl-C: Tune stops its trials and returns what had ended
     return results
 

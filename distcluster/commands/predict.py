@@ -15,13 +15,13 @@ from pathlib import Path
 from distcluster.commands.cli import model_arguments, run_command
 from distcluster.common.errors import UserError
 from distcluster.common.files import check_writable_target
-from distcluster.inference.batch import assign_all, open_inputs, table_writer
+from distcluster.inference.batch import TABLE_SUFFIXES, assign_all, open_inputs, table_writer
 
 PROG = "distcluster.predict"
 
 
 def check_out(out: Path) -> None:
-    if out.suffix and out.suffix.lower() not in (".csv", ".parquet"):
+    if out.suffix and out.suffix.lower() not in TABLE_SUFFIXES:
         raise UserError(f"--out must end in .csv or .parquet, or name a new folder (got {out})")
     check_writable_target(out, "--out", "file" if out.suffix else "folder")
 

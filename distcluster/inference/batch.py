@@ -34,6 +34,7 @@ from distcluster.engine.exported import LoadedModel, load_model, model_files, pr
 Rows = dict[str, np.ndarray]  # index, (path,) cluster, confidence: one entry per image
 CHUNK_BATCHES = 8  # an actor's task: at most this many batches of images
 SHARD_ROWS = 1_000_000  # rows per parquet file when the output is a folder
+TABLE_SUFFIXES = (".csv", ".parquet")  # a one-file --out, in any case (no suffix: a folder)
 
 
 @dataclass
@@ -153,7 +154,7 @@ def table_writer(out: Path) -> Iterator[Callable[[Rows], None]]:
     """A function taking Rows that writes them to `out` (.csv, .parquet, or a folder of
     parquet shards of SHARD_ROWS rows) as they come; `out` appears, whole, only when the
     block ends without an error."""
-    if out.suffix.lower() in (".csv", ".parquet"):
+    if out.suffix.lower() in TABLE_SUFFIXES:
         with atomic_file(out) as staging, _ArrowWriter(staging, out.suffix.lower()) as writer:
             yield writer.write
         return
